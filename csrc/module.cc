@@ -1,0 +1,22 @@
+// The Python extension: hands the FFI handler symbols to jaxq._ffi, which registers them with XLA.
+#include <nanobind/nanobind.h>
+
+#include "ffi/activation_quant.h"
+
+namespace nb = nanobind;
+
+namespace {
+template <typename Fn>
+nb::capsule Capsule(Fn* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+}  // namespace
+
+NB_MODULE(_jaxq_cuda, m) {
+  m.def("ffi_targets", []() {
+    nb::dict targets;
+    targets["jaxq_per_token_group_quant"] = Capsule(JaxqPerTokenGroupQuant);
+    targets["jaxq_scaled_fp4_quant"] = Capsule(JaxqScaledFp4Quant);
+    return targets;
+  });
+}

@@ -1,0 +1,26 @@
+"""jaxq: vLLM's quantization and quantized-GEMM kernels as JAX primitives.
+
+Every op runs under ``jax.jit``, ``vmap`` and sharding; on NVIDIA GPUs it lowers to a CUDA kernel
+through XLA FFI, elsewhere (and with ``JAXQ_DISABLE_KERNELS``) to its pure-jnp reference.
+"""
+
+from jaxq._ffi import cuda_available
+from jaxq._op import NotDifferentiableError
+from jaxq.ops.group_quant import per_token_group_fp8_quant, per_token_group_fp8_quant_packed
+from jaxq.ops.nvfp4 import (
+    nvfp4_dequantize,
+    scaled_fp4_quant,
+    swizzle_block_scales,
+    unswizzle_block_scales,
+)
+
+__all__ = [
+    "NotDifferentiableError",
+    "cuda_available",
+    "nvfp4_dequantize",
+    "per_token_group_fp8_quant",
+    "per_token_group_fp8_quant_packed",
+    "scaled_fp4_quant",
+    "swizzle_block_scales",
+    "unswizzle_block_scales",
+]

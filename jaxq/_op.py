@@ -1,0 +1,267 @@
+"""One mechanism that turns an op description into JAX primitives.
+
+Every op is declared once as an :class:`Op`: its output shapes, its pure-jnp reference, its FFI target
+and attributes, its Shardy sharding rule, and optionally a vjp and a batching rule. From that this
+module builds, as TransformerEngine-JAX does:
+
+* an *inner* primitive, device-local, lowered to the FFI custom call on CUDA (unless the kernel is
+  missing or disabled with ``JAXQ_DISABLE_KERNELS``) and to the reference on every other platform;
+* an *outer* primitive, the one users bind, lowered through ``custom_partitioning`` whose per-shard
+  function binds the inner one (with a ``psum`` over mesh axes that shard a reduction factor).
+  Batching sits on the outer primitive; so does the error for ops that are not differentiable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax._src import dispatch
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxq import _ffi
+
+Dims = tuple[tuple[str, ...], ...]  # per array dimension, its factors, major first
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRule:
+    """The Shardy sharding rule of one call, with the constraints jaxq's partitioner enforces.
+
+    ``operands`` and ``results`` give, per array and per dimension, the factor names of that dimension
+    (several for a compound dimension such as a packed or grouped one, major first). Only the major
+    factor of a dimension is ever sharded, so a mesh split never cuts a packed word or a group.
+    """
+
+    operands: tuple[Dims, ...]
+    results: tuple[Dims, ...]
+    factor_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)  # sizes of minor factors
+    reduction_factors: tuple[str, ...] = ()  # sharded => per-shard results are summed with psum
+    replicated_factors: tuple[str, ...] = ()  # never sharded in this call
+    granularity: Mapping[str, int] = dataclasses.field(default_factory=dict)  # local size multiple of
+
+    def einsum(self) -> str:
+        def array(dims: Dims) -> str:
+            return " ".join(f[0] if len(f) == 1 else "(" + " ".join(f) + ")" for f in dims)
+
+        return ", ".join(map(array, self.operands)) + " -> " + ", ".join(map(array, self.results))
+
+    def sdy_options(self, operand_shapes: Sequence[Sequence[int]]) -> dict[str, Any]:
+        # Shardy wants the size of exactly those factors that never span a whole dimension.
+        arrays = self.operands + self.results
+        whole = {f[0] for dims in arrays for f in dims if len(f) == 1}
+        compound_only = {f for dims in arrays for fs in dims if len(fs) > 1 for f in fs} - whole
+        sizes = {**self.major_factor_sizes(operand_shapes), **self.factor_sizes}
+        options: dict[str, Any] = {f: sizes[f] for f in sorted(compound_only)}
+        if self.reduction_factors:
+            options["reduction_factors"] = self.reduction_factors
+        if self.replicated_factors:
+            options["need_replication_factors"] = self.replicated_factors
+        return options
+
+    def major_factor_sizes(self, operand_shapes: Sequence[Sequence[int]]) -> dict[str, int]:
+        sizes = {}
+        for dims, shape in zip(self.operands, operand_shapes):
+            for factors, extent in zip(dims, shape):
+                minor = math.prod(self.factor_sizes[f] for f in factors[1:])
+                sizes[factors[0]] = extent // minor
+        return sizes
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _assign_mesh_axes(rule: ShardingRule, operand_shapes, operand_shardings, mesh) -> dict[str, tuple]:
+    """Mesh axes for each factor: taken from the first operand dimension that is sharded along that
+    factor, and kept only where every shard gets whole factors at the rule's granularity."""
+    sizes = rule.major_factor_sizes(operand_shapes)
+    assigned: dict[str, tuple[str, ...]] = {}
+    used: set[str] = set()
+    for dims, sharding in zip(rule.operands, operand_shardings):
+        if not isinstance(sharding, NamedSharding):
+            continue
+        spec = tuple(sharding.spec) + (None,) * (len(dims) - len(sharding.spec))
+        for factors, entry in zip(dims, spec):
+            axes = _mesh_axes(entry)
+            factor = factors[0]
+            if not axes or factor in assigned or factor in rule.replicated_factors or used & set(axes):
+                continue
+            shards = math.prod(mesh.shape[a] for a in axes)
+            if sizes[factor] % (shards * rule.granularity.get(factor, 1)) == 0:
+                assigned[factor] = axes
+                used.update(axes)
+    return assigned
+
+
+def _spec(dims: Dims, assigned: Mapping[str, tuple]) -> PartitionSpec:
+    entries = []
+    for factors in dims:
+        axes = assigned.get(factors[0], ())
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*entries)
+
+
+def _freeze(params: Mapping[str, Any]) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+class NotDifferentiableError(TypeError):
+    pass
+
+
+class Op:
+    """A jaxq operation: call it like a function of arrays with keyword parameters (static)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        shapes: Callable[..., Sequence[jax.ShapeDtypeStruct]],
+        reference: Callable[..., Sequence[jax.Array]],
+        sharding_rule: Callable[..., ShardingRule],
+        ffi_target: str | None = None,
+        ffi_attributes: Callable[..., dict[str, Any]] | None = None,
+        batching_rule: Callable | None = None,
+        vjp: Callable | None = None,
+    ):
+        """
+        Args:
+          name: the public op name (vLLM's); also what ``JAXQ_DISABLE_KERNELS`` matches.
+          shapes: ``(*avals, **params) -> output ShapeDtypeStructs``; any leading batch dims included.
+          reference: ``(*arrays, **params) -> outputs`` in pure jnp: the spec in code.
+          sharding_rule: ``(params, operand_shapes, result_shapes) -> ShardingRule``.
+          ffi_target: the CUDA FFI target registered by :mod:`jaxq._ffi`.
+          ffi_attributes: ``(**params) -> FFI attributes`` (numpy scalars of the handler's types).
+          batching_rule: ``(op, args, dims, **params) -> (outs, out_dims)``; the default treats all
+            leading dimensions of every operand as batch dimensions (moved to the front, unbatched
+            operands broadcast).
+          vjp: ``(args, cotangents, **params) -> input cotangents`` (None for integer inputs). Without
+            it the op is not differentiable and asking for a derivative raises.
+        """
+        self.name = name
+        self._shapes = shapes
+        self._reference = reference
+        self._sharding_rule = sharding_rule
+        self._ffi_target = ffi_target
+        self._ffi_attributes = ffi_attributes or (lambda **params: params)
+        self._vjp = vjp
+
+        self.inner = Primitive(f"jaxq_{name}")
+        self.outer = Primitive(f"jaxq_{name}_sharded")
+        for prim in (self.inner, self.outer):
+            prim.multiple_results = True
+            prim.def_abstract_eval(self._abstract_eval)
+        self.inner.def_impl(functools.partial(dispatch.apply_primitive, self.inner))
+        # Eager calls run on one device: nothing to partition.
+        self.outer.def_impl(self.inner.bind)
+        # The outer lowering emits custom_partitioning, which needs the device assignment.
+        dispatch.prim_requires_devices_during_lowering.add(self.outer)
+
+        reference_lowering = mlir.lower_fun(self._reference, multiple_results=True)
+        mlir.register_lowering(self.inner, reference_lowering)
+        mlir.register_lowering(self.inner, self._cuda_lowering(reference_lowering), platform="cuda")
+
+        self._partitioned = self._build_partitioned()
+        mlir.register_lowering(
+            self.outer,
+            mlir.lower_fun(lambda *args, **params: self._partitioned(_freeze(params), *args), multiple_results=True),
+        )
+        rule = batching_rule or _batch_leading_dims
+        batching.primitive_batchers[self.outer] = functools.partial(rule, self)
+        ad.primitive_jvps[self.outer] = self._not_differentiable
+
+    def __call__(self, *args, **params) -> tuple[jax.Array, ...]:
+        if self._vjp is None:
+            return tuple(self.outer.bind(*args, **params))
+        return self._differentiable(_freeze(params))(*args)
+
+    def bind(self, *args, **params) -> tuple[jax.Array, ...]:
+        """Binds the outer primitive directly (batching rules use this to stay below any vjp)."""
+        return tuple(self.outer.bind(*args, **params))
+
+    def _abstract_eval(self, *avals, **params):
+        return [jax.core.ShapedArray(s.shape, s.dtype) for s in self._shapes(*avals, **params)]
+
+    def _cuda_lowering(self, reference_lowering):
+        def lowering(ctx, *args, **params):
+            if _ffi.kernel_enabled(self.name, self._ffi_target):
+                call = jax.ffi.ffi_lowering(self._ffi_target)
+                return call(ctx, *args, **self._ffi_attributes(**params))
+            return reference_lowering(ctx, *args, **params)
+
+        return lowering
+
+    def _not_differentiable(self, primals, tangents, **params):
+        raise NotDifferentiableError(
+            f"jaxq.{self.name} is not differentiable: its outputs are quantized values and scales. "
+            "Stop the gradient before it (jax.lax.stop_gradient) if only other paths need one."
+        )
+
+    @functools.cache
+    def _differentiable(self, frozen_params: tuple):
+        params = dict(frozen_params)
+
+        @jax.custom_vjp
+        def call(*args):
+            return tuple(self.outer.bind(*args, **params))
+
+        def forward(*args):
+            return call(*args), args
+
+        def backward(args, cotangents):
+            return tuple(self._vjp(args, cotangents, **params))
+
+        call.defvjp(forward, backward)
+        return call
+
+    def _build_partitioned(self):
+        @functools.partial(custom_partitioning, static_argnums=(0,))
+        def partitioned(frozen_params, *args):
+            return tuple(self.inner.bind(*args, **dict(frozen_params)))
+
+        def rule_for(frozen_params, operand_shapes, result_shapes) -> ShardingRule:
+            return self._sharding_rule(dict(frozen_params), operand_shapes, result_shapes)
+
+        def sharding_rule(frozen_params, mesh, operand_types, result_types):
+            operand_shapes = [t.shape for t in operand_types]
+            rule = rule_for(frozen_params, operand_shapes, [t.shape for t in result_types])
+            return rule.einsum(), rule.sdy_options(operand_shapes)
+
+        def partition(frozen_params, mesh, operands, results):
+            operand_shapes = [o.shape for o in operands]
+            rule = rule_for(frozen_params, operand_shapes, [r.shape for r in results])
+            assigned = _assign_mesh_axes(rule, operand_shapes, [o.sharding for o in operands], mesh)
+            reduce_axes = tuple(a for f in rule.reduction_factors for a in assigned.get(f, ()))
+            params = dict(frozen_params)
+
+            def per_shard(*args):
+                outs = self.inner.bind(*args, **params)
+                return tuple(jax.lax.psum(o, reduce_axes) if reduce_axes else o for o in outs)
+
+            operand_shardings = tuple(NamedSharding(mesh, _spec(d, assigned)) for d in rule.operands)
+            result_shardings = tuple(NamedSharding(mesh, _spec(d, assigned)) for d in rule.results)
+            return mesh, per_shard, result_shardings, operand_shardings
+
+        partitioned.def_partition(partition=partition, sharding_rule=sharding_rule)
+        return partitioned
+
+
+def _batch_leading_dims(op: Op, args, dims, **params):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    moved = [
+        jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+        for a, d in zip(args, dims)
+    ]
+    outs = op.bind(*moved, **params)
+    return outs, (0,) * len(outs)

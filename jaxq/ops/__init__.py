@@ -1,0 +1,1 @@
+"""One module per op family; each declares its ops once through :class:`jaxq._op.Op`."""
