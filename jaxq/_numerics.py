@@ -9,6 +9,18 @@ import numpy as np
 FP8_E4M3_MAX = 448.0
 
 
+def divide(numerator, denominator) -> jax.Array:
+    """IEEE division, elementwise, as the CUDA kernels (and vLLM's) compute it.
+
+    XLA rewrites ``x / c`` and ``x / broadcast(y)`` into ``x * (1 / ...)``, which is off by an ulp at
+    times; a broadcast hidden behind an optimization barrier keeps the true division.
+    """
+    numerator = jnp.asarray(numerator)
+    shape = jnp.broadcast_shapes(numerator.shape, jnp.shape(denominator))
+    denominator = jax.lax.optimization_barrier(jnp.broadcast_to(denominator, shape).astype(numerator.dtype))
+    return numerator / denominator
+
+
 def ue8m0_exponent(scale: jax.Array) -> jax.Array:
     """uint32 biased exponent of ``2**ceil(log2(max(|scale|, 1e-10)))``, computed from the float32 bits
     (exponent field, plus one when the mantissa is non-zero) exactly as vLLM's kernels do."""

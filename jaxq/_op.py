@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax._src import dispatch
+from jax._src import dispatch, sharding_impls
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -54,17 +54,29 @@ class ShardingRule:
 
         return ", ".join(map(array, self.operands)) + " -> " + ", ".join(map(array, self.results))
 
-    def sdy_options(self, operand_shapes: Sequence[Sequence[int]]) -> dict[str, Any]:
-        # Shardy wants the size of exactly those factors that never span a whole dimension.
+    def sdy_options(self, operand_shapes: Sequence[Sequence[int]], mesh_axis_sizes: Sequence[int]) -> dict[str, Any]:
         arrays = self.operands + self.results
         whole = {f[0] for dims in arrays for f in dims if len(f) == 1}
         compound_only = {f for dims in arrays for fs in dims if len(fs) > 1 for f in fs} - whole
         sizes = {**self.major_factor_sizes(operand_shapes), **self.factor_sizes}
+        # Shardy wants the size of exactly those factors that never span a whole dimension.
         options: dict[str, Any] = {f: sizes[f] for f in sorted(compound_only)}
-        if self.reduction_factors:
-            options["reduction_factors"] = self.reduction_factors
-        if self.replicated_factors:
-            options["need_replication_factors"] = self.replicated_factors
+        # Only major factors are ever sharded (a split must not cut a packed word or a group), and only
+        # evenly: Shardy would otherwise pad, which neither the kernels' layouts nor JAX's decoding of the
+        # shardings allow.
+        minor = {f for dims in arrays for fs in dims for f in fs[1:]}
+        uneven = {
+            f for f, n in self.major_factor_sizes(operand_shapes).items()
+            if any(n % (a * self.granularity.get(f, 1)) for a in mesh_axis_sizes if a > 1)
+        }
+        # Shardy wants special factors in the order the rule first names them.
+        order = list(dict.fromkeys(f for dims in arrays for fs in dims for f in fs))
+        replicated = tuple(f for f in order if f in set(self.replicated_factors) | minor | uneven)
+        reduction = tuple(f for f in order if f in self.reduction_factors)
+        if reduction:
+            options["reduction_factors"] = reduction
+        if replicated:
+            options["need_replication_factors"] = replicated
         return options
 
     def major_factor_sizes(self, operand_shapes: Sequence[Sequence[int]]) -> dict[str, int]:
@@ -82,6 +94,19 @@ def _mesh_axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def _partition_spec(sharding, mesh) -> PartitionSpec:
+    """The mesh-axis spec of an operand sharding handed to the partitioner.
+
+    Shardings are decoded here rather than by custom_partitioning because Shardy may propose splits of
+    a mesh axis into sub-axes that JAX cannot name; such operands are taken as replicated (the partition
+    then asks for them replicated, and XLA reshards).
+    """
+    try:
+        return sharding_impls.parse_flatten_op_sharding(sharding._hlo_sharding, mesh)[0]
+    except (KeyError, ValueError, AssertionError):
+        return PartitionSpec()
+
+
 def _assign_mesh_axes(rule: ShardingRule, operand_shapes, operand_shardings, mesh) -> dict[str, tuple]:
     """Mesh axes for each factor: taken from the first operand dimension that is sharded along that
     factor, and kept only where every shard gets whole factors at the rule's granularity."""
@@ -89,9 +114,8 @@ def _assign_mesh_axes(rule: ShardingRule, operand_shapes, operand_shardings, mes
     assigned: dict[str, tuple[str, ...]] = {}
     used: set[str] = set()
     for dims, sharding in zip(rule.operands, operand_shardings):
-        if not isinstance(sharding, NamedSharding):
-            continue
-        spec = tuple(sharding.spec) + (None,) * (len(dims) - len(sharding.spec))
+        spec = tuple(_partition_spec(sharding, mesh))
+        spec += (None,) * (len(dims) - len(spec))
         for factors, entry in zip(dims, spec):
             axes = _mesh_axes(entry)
             factor = factors[0]
@@ -236,7 +260,7 @@ class Op:
         def sharding_rule(frozen_params, mesh, operand_types, result_types):
             operand_shapes = [t.shape for t in operand_types]
             rule = rule_for(frozen_params, operand_shapes, [t.shape for t in result_types])
-            return rule.einsum(), rule.sdy_options(operand_shapes)
+            return rule.einsum(), rule.sdy_options(operand_shapes, tuple(mesh.shape.values()))
 
         def partition(frozen_params, mesh, operands, results):
             operand_shapes = [o.shape for o in operands]
@@ -253,7 +277,7 @@ class Op:
             result_shardings = tuple(NamedSharding(mesh, _spec(d, assigned)) for d in rule.results)
             return mesh, per_shard, result_shardings, operand_shardings
 
-        partitioned.def_partition(partition=partition, sharding_rule=sharding_rule)
+        partitioned.def_partition(partition=partition, sharding_rule=sharding_rule, decode_shardings=False)
         return partitioned
 
 

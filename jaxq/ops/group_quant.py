@@ -50,12 +50,12 @@ def _reference(x, *, group_size, eps, scale_layout, ue8m0, out_dtype, row_alignm
     q_max = np.float32(_Q_MAX[jnp.dtype(out_dtype)])
     groups = x.shape[-1] // group_size
     xg = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, group_size)
-    scale = jnp.maximum(jnp.max(jnp.abs(xg), axis=-1), np.float32(eps)) / q_max
+    scale = _numerics.divide(jnp.maximum(jnp.max(jnp.abs(xg), axis=-1), np.float32(eps)), q_max)
     exponent = None
     if ue8m0 or scale_layout == PACKED_UE8M0:
         exponent = _numerics.ue8m0_exponent(scale)
         scale = _numerics.exponent_to_float(exponent)
-    clipped = jnp.clip(xg / scale[..., None], -q_max, q_max).reshape(x.shape)
+    clipped = jnp.clip(_numerics.divide(xg, scale[..., None]), -q_max, q_max).reshape(x.shape)
     q = clipped.astype(out_dtype)  # e4m3fn: round to nearest even; int8: truncation toward zero
 
     if scale_layout == ROW_MAJOR:

@@ -84,7 +84,8 @@ def _reference(x, global_scale):
     gs = global_scale[..., None, None]
     scale_e4m3 = _numerics.to_e4m3_saturating(gs * (amax * _RCP6))
     scale = scale_e4m3.astype(jnp.float32)
-    out_scale = jnp.where(scale != 0, np.float32(1) / (scale * (np.float32(1) / gs)), np.float32(0))
+    reciprocal_gs = _numerics.divide(np.float32(1), gs)
+    out_scale = jnp.where(scale != 0, _numerics.divide(np.float32(1), scale * reciprocal_gs), np.float32(0))
     codes = _e2m1_codes(blocks * out_scale[..., None]).reshape(*lead, m, k // 2, 2)
     q = codes[..., 0] | (codes[..., 1] << 4)
     return q, swizzle_block_scales(scale_e4m3)

@@ -1,0 +1,124 @@
+"""Independent NumPy oracle, written from shared/SPEC.md with different arithmetic than jaxq's jnp
+references: e4m3 and e2m1 by nearest-value search over decoded code tables, power-of-two scales via
+frexp, swizzled offsets from the explicit formula."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _e4m3fn_table() -> np.ndarray:
+    """Value of every e4m3fn code (bias 7, 3 mantissa bits, S.1111.111 is NaN)."""
+    values = np.empty(256, np.float64)
+    for code in range(256):
+        sign = -1.0 if code & 0x80 else 1.0
+        exponent, mantissa = (code >> 3) & 0xF, code & 0x7
+        if exponent == 0xF and mantissa == 0x7:
+            values[code] = np.nan
+        elif exponent == 0:
+            values[code] = sign * mantissa / 8 * 2.0**-6
+        else:
+            values[code] = sign * (1 + mantissa / 8) * 2.0 ** (exponent - 7)
+    return values
+
+
+E4M3_VALUES = _e4m3fn_table()
+_E4M3_POSITIVE = E4M3_VALUES[:127]  # codes 0..126: 0 .. 448, increasing
+
+
+def _nearest_even(magnitudes: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Index of the nearest grid value (ascending grid); ties go to the even index."""
+    idx = np.clip(np.searchsorted(grid, magnitudes), 1, len(grid) - 1)
+    lo, hi = grid[idx - 1], grid[idx]
+    d_lo, d_hi = magnitudes - lo, hi - magnitudes
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (idx % 2 == 0))
+    return np.where(pick_hi, idx, idx - 1)
+
+
+def e4m3_encode(v: np.ndarray) -> np.ndarray:
+    """float -> e4m3fn bits, round to nearest even, saturating at 448."""
+    v = np.asarray(v, np.float64)
+    a = np.minimum(np.abs(v), 448.0)
+    code = _nearest_even(a, _E4M3_POSITIVE).astype(np.uint8)
+    return code | (np.signbit(v).astype(np.uint8) << 7)
+
+
+E2M1_MAGNITUDES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
+
+
+def e2m1_encode(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    a = np.minimum(np.abs(v), 6.0)
+    code = _nearest_even(a, E2M1_MAGNITUDES).astype(np.uint8)
+    return code | (np.signbit(v).astype(np.uint8) << 3)
+
+
+def pow2_ceil(s: np.ndarray) -> np.ndarray:
+    """2**ceil(log2(max(s, 1e-10))) in float32, via frexp."""
+    s = np.maximum(np.abs(s.astype(np.float32)), np.float32(1e-10)).astype(np.float64)
+    frac, exp = np.frexp(s)  # s = frac * 2**exp, frac in [0.5, 1)
+    return np.ldexp(1.0, np.where(frac == 0.5, exp - 1, exp)).astype(np.float32)
+
+
+def group_quant(x: np.ndarray, group_size: int, eps: float, ue8m0: bool, int8: bool):
+    """Returns (q bits as uint8 [..., K], scales float32 [..., K/G])."""
+    xf = x.astype(np.float32)
+    g = xf.reshape(*xf.shape[:-1], -1, group_size)
+    amax = np.maximum(np.abs(g).max(axis=-1), np.float32(eps))
+    q_max = np.float32(127 if int8 else 448)
+    scale = (amax / q_max).astype(np.float32)
+    if ue8m0:
+        scale = pow2_ceil(scale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.clip(g / scale[..., None], -q_max, q_max).astype(np.float32)
+    if int8:
+        bits = np.trunc(ratio).astype(np.int8).view(np.uint8)
+    else:
+        bits = e4m3_encode(ratio)
+    return bits.reshape(x.shape), scale
+
+
+def column_major(scales: np.ndarray, padded_rows: int) -> np.ndarray:
+    *lead, m, groups = scales.shape
+    out = np.zeros((*lead, groups, padded_rows), np.float32)
+    out[..., :m] = np.swapaxes(scales, -1, -2)
+    return out
+
+
+def pack_ue8m0(scales: np.ndarray) -> np.ndarray:
+    """[MN, G] power-of-two scales -> int32 [ceil(G/4), round_up(MN, 4)] packed exponents."""
+    mn, groups = scales.shape
+    words, padded = -(-groups // 4), -(-mn // 4) * 4
+    exponents = (np.frexp(scales.astype(np.float64))[1] - 1 + 127).astype(np.uint8)
+    out = np.zeros((words, padded, 4), np.uint8)
+    for j in range(groups):
+        out[j // 4, :mn, j % 4] = exponents[:, j]
+    return out.view("<i4").reshape(words, padded)
+
+
+def nvfp4_quant(x: np.ndarray, global_scale: float):
+    """Returns (q uint8 [M, K/2], swizzled e4m3 scale bits uint8 [M_pad, K_pad], block scale bits [M, K/16])."""
+    m, k = x.shape
+    blocks = x.astype(np.float32).reshape(m, k // 16, 16)
+    amax = np.abs(blocks).max(axis=-1)
+    gs = np.float32(global_scale)
+    rcp6 = np.float32(1) / np.float32(6)
+    sf = (gs * (amax * rcp6)).astype(np.float32)
+    sf_bits = e4m3_encode(sf)
+    sf_value = E4M3_VALUES[sf_bits].astype(np.float32)
+    with np.errstate(divide="ignore"):
+        out_scale = np.where(sf_value != 0, np.float32(1) / (sf_value * (np.float32(1) / gs)), np.float32(0))
+    codes = e2m1_encode((blocks * out_scale.astype(np.float32)[..., None]).astype(np.float32)).reshape(m, k)
+    q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    return q, swizzle(sf_bits), sf_bits
+
+
+def swizzle(sf_bits: np.ndarray) -> np.ndarray:
+    m, kb = sf_bits.shape
+    mp, kp = -(-m // 128) * 128, -(-kb // 4) * 4
+    k_tiles = kp // 4
+    flat = np.zeros(mp * kp, np.uint8)
+    rows, cols = np.meshgrid(np.arange(m), np.arange(kb), indexing="ij")
+    offset = ((rows // 128) * k_tiles + cols // 4) * 512 + (rows % 32) * 16 + ((rows // 32) % 4) * 4 + cols % 4
+    flat[offset.ravel()] = sf_bits.ravel()
+    return flat.reshape(mp, kp)
