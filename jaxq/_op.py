@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax._src import dispatch, sharding_impls
+from jax._src.core import ShapedArray
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -215,7 +216,7 @@ class Op:
         return tuple(self.outer.bind(*args, **params))
 
     def _abstract_eval(self, *avals, **params):
-        return [jax.core.ShapedArray(s.shape, s.dtype) for s in self._shapes(*avals, **params)]
+        return [ShapedArray(s.shape, s.dtype) for s in self._shapes(*avals, **params)]
 
     def _cuda_lowering(self, reference_lowering):
         def lowering(ctx, *args, **params):

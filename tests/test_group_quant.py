@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxq
-from tests import oracle
-from tests.helpers import assert_bits_equal, random_activations
+import oracle
+from helpers import assert_bits_equal, random_activations
 
 FLOATS = [jnp.float16, jnp.bfloat16, jnp.float32]
 

@@ -1,0 +1,158 @@
+"""Benchmark of jaxq's ops against the same op written in plain jnp and compiled by XLA.
+
+    python -m jaxq.bench [--ops per_token_group_fp8_quant,...] [--quick]
+
+For each op and shape it prints the time per call, the achieved bandwidth (bytes read + written), that
+bandwidth as a share of the device-to-device copy bandwidth measured in the same run, and the speed-up
+over the jnp version. Each jitted program makes many calls, on inputs rotated so that L2 never holds
+them, and keeps every output alive so nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxq
+
+_ROTATE_BYTES = 256 << 20  # 5x the H100's 50 MB L2
+_MIN_CALLS, _MAX_CALLS = 12, 256
+
+
+def _time_per_call(fn: Callable, make_input: Callable[[int], tuple], bytes_per_call: int) -> float:
+    """Seconds per call of ``fn``, from one jitted program of many calls, each on its own input (XLA
+    would merge identical calls), enough of them that the program's data is several times the L2."""
+    calls = max(_MIN_CALLS, min(_MAX_CALLS, math.ceil(_ROTATE_BYTES / max(bytes_per_call, 1))))
+    inputs = [make_input(i) for i in range(calls)]
+
+    @jax.jit
+    def program(inputs):
+        return [fn(*args) for args in inputs]
+
+    jax.block_until_ready(program(inputs))
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(program(inputs))
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(total_bytes: int = 1 << 30) -> float:
+    """Bytes per second of a large device-to-device elementwise copy (read + write counted)."""
+    n = total_bytes // 4
+    seconds = _time_per_call(lambda x: x * 2.0, lambda i: (jnp.full((n,), float(i), jnp.float32),), 4 * n)
+    return 2 * 4 * n / seconds
+
+
+# The jnp versions a user would write (plain divisions, no bit-exactness care).
+def _jnp_group_quant(x, group_size, ue8m0=False):
+    xg = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, group_size)
+    s = jnp.maximum(jnp.max(jnp.abs(xg), axis=-1), 1e-10) / 448.0
+    if ue8m0:
+        s = jnp.exp2(jnp.ceil(jnp.log2(s)))
+    q = jnp.clip(xg / s[..., None], -448.0, 448.0).astype(jnp.float8_e4m3fn)
+    return q.reshape(x.shape), s
+
+
+def _jnp_group_quant_packed(x, group_size):
+    q, s = _jnp_group_quant(x, group_size, ue8m0=True)
+    e = (jax.lax.bitcast_convert_type(s, jnp.uint32) >> 23).reshape(s.shape[0], -1, 4)
+    packed = e[..., 0] | (e[..., 1] << 8) | (e[..., 2] << 16) | (e[..., 3] << 24)
+    return q, jax.lax.bitcast_convert_type(packed, jnp.int32).T
+
+
+def _jnp_fp4(x, gs):
+    m, k = x.shape
+    xb = x.astype(jnp.float32).reshape(m, k // 16, 16)
+    sf = jnp.clip(gs * jnp.max(jnp.abs(xb), axis=-1) / 6.0, 0, 448.0).astype(jnp.float8_e4m3fn)
+    out_scale = jnp.where(sf != 0, gs / sf.astype(jnp.float32), 0.0)
+    v = xb * out_scale[..., None]
+    a = jnp.abs(v)
+    code = sum((a > t).astype(jnp.uint8) for t in (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0))
+    code = (code | (jnp.signbit(v).astype(jnp.uint8) << 3)).reshape(m, k // 2, 2)
+    q = code[..., 0] | (code[..., 1] << 4)
+    return q, jaxq.swizzle_block_scales(sf)
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    label: str
+    shape: tuple[int, int]
+    dtype: jnp.dtype
+    ours: Callable
+    xla: Callable
+    needs_global_scale: bool = False
+
+    def bytes_moved(self, outputs) -> int:
+        m, k = self.shape
+        read = m * k * jnp.dtype(self.dtype).itemsize
+        return read + sum(o.size * o.dtype.itemsize for o in outputs)
+
+
+def cases(quick: bool) -> list[Case]:
+    shapes = [(16, 7168), (4096, 7168), (16384, 7168)] if not quick else [(256, 1024)]
+    out = []
+    for m, k in shapes:
+        bf16 = jnp.dtype(jnp.bfloat16)
+        out += [
+            Case("per_token_group_fp8_quant", "bf16 G128", (m, k), bf16,
+                 lambda x: jaxq.per_token_group_fp8_quant(x, 128), lambda x: _jnp_group_quant(x, 128)),
+            Case("per_token_group_fp8_quant", "bf16 G128 col-major ue8m0", (m, k), bf16,
+                 lambda x: jaxq.per_token_group_fp8_quant(x, 128, column_major_scales=True, scale_ue8m0=True),
+                 lambda x: tuple(o if i == 0 else o.T for i, o in enumerate(_jnp_group_quant(x, 128, True)))),
+            Case("per_token_group_fp8_quant_packed", "bf16 G128", (m, k), bf16,
+                 lambda x: jaxq.per_token_group_fp8_quant_packed(x, 128), lambda x: _jnp_group_quant_packed(x, 128)),
+            Case("scaled_fp4_quant", "bf16", (m, k), bf16, jaxq.scaled_fp4_quant, _jnp_fp4, needs_global_scale=True),
+        ]
+    return out
+
+
+def run(ops: set[str] | None, quick: bool) -> list[dict]:
+    copy = copy_bandwidth(64 << 20 if quick else 1 << 30)
+    print(f"device: {jax.devices()[0].device_kind}; kernels: {'CUDA' if jaxq.cuda_available() else 'jnp reference'}; "
+          f"copy bandwidth {copy / 1e9:.0f} GB/s (read + write)")
+    rows = []
+    for case in cases(quick):
+        if ops and case.op not in ops:
+            continue
+        m, k = case.shape
+
+        def make_input(i, case=case):
+            x = jax.random.normal(jax.random.key(i), case.shape, jnp.float32).astype(case.dtype)
+            return (x, jnp.float32(448.0 * 6.0 / 4.0)) if case.needs_global_scale else (x,)
+
+        outputs = jax.eval_shape(case.ours, *make_input(0))
+        moved = case.bytes_moved(outputs)
+        ours = _time_per_call(case.ours, make_input, moved)
+        xla = _time_per_call(case.xla, make_input, moved)
+        rows.append(dict(op=case.op, variant=case.label, shape=f"M{m} K{k}", us=ours * 1e6,
+                         gbps=moved / ours / 1e9, pct_copy=100 * moved / ours / copy,
+                         xla_us=xla * 1e6, speedup=xla / ours))
+    header = "| op | variant | shape | µs | GB/s | % of copy BW | XLA jnp µs | vs XLA |"
+    print(header + "\n|" + "---|" * 8)
+    for r in rows:
+        print(f"| {r['op']} | {r['variant']} | {r['shape']} | {r['us']:.1f} | {r['gbps']:.0f} | "
+              f"{r['pct_copy']:.1f}% | {r['xla_us']:.1f} | {r['speedup']:.2f}x |")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", default="", help="comma-separated op names (default: all)")
+    parser.add_argument("--quick", action="store_true", help="one small shape per op (smoke run)")
+    args = parser.parse_args(argv)
+    run({o.strip() for o in args.ops.split(",") if o.strip()} or None, args.quick)
+
+
+if __name__ == "__main__":
+    main()

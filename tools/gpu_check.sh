@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The project's GPU checks, the same every session: build, GPU tests, compute-sanitizer, benchmark.
+# Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
+#   stages: tests sanitizer bench (default: all three). The build runs first every time.
+# Logs go to $OUT (the device tool's output folder) or ./gpu-out.
+set -uo pipefail
+REPO=$PWD
+OUT=${OUT:-$REPO/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+stages=${*:-tests sanitizer bench}
+status=0
+
+echo "=== environment"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; nvcc --version | tail -1
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; } 2>&1 | tee "$OUT/env.log"
+
+echo "=== build"
+start=$SECONDS
+python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "built in $((SECONDS - start)) s"
+python3 -c "import jaxq; assert jaxq.cuda_available(), 'kernels not usable'; print('cuda_available: True')" || exit 1
+
+# Tests run from outside the checkout, so that the installed package (with its compiled module) is imported.
+for stage in $stages; do
+  case $stage in
+  tests)
+    echo "=== pytest -m gpu"
+    (cd /tmp && python3 -m pytest -m gpu -q -p no:cacheprovider "$REPO/tests" 2>&1) | tee "$OUT/gpu_tests.log" | tail -15
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+  sanitizer)
+    echo "=== compute-sanitizer on the kernels"
+    # Each buffer its own cudaMalloc (no pool), so memcheck sees accesses past a buffer's end.
+    san_tests="$REPO/tests/test_gpu.py::test_packed_kernel_batched $REPO/tests/test_gpu.py::test_nvfp4_kernel_batched_global_scales"
+    san_tests+=" $REPO/tests/test_gpu.py::test_group_quant_kernel_group_sizes"
+    for tool in memcheck racecheck; do
+      (cd /tmp && XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool $tool --target-processes all \
+         --print-limit 20 python3 -m pytest -q -p no:cacheprovider $san_tests -k "bfloat16 or batched" 2>&1) \
+         > "$OUT/sanitizer_$tool.log"
+      rc=$?
+      echo "$tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
+      [ $rc -eq 0 ] || status=1
+    done ;;
+  bench)
+    echo "=== benchmark"
+    (cd /tmp && python3 -m jaxq.bench 2>&1) | tee "$OUT/bench.log" | tail -20 ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+exit $status
