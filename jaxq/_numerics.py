@@ -9,16 +9,22 @@ import numpy as np
 FP8_E4M3_MAX = 448.0
 
 
-def divide(numerator, denominator) -> jax.Array:
-    """IEEE division, elementwise, as the CUDA kernels (and vLLM's) compute it.
+def opaque(x, shape) -> jax.Array:
+    """``x`` broadcast to ``shape`` behind an optimization barrier.
 
-    XLA rewrites ``x / c`` and ``x / broadcast(y)`` into ``x * (1 / ...)``, which is off by an ulp at
-    times; a broadcast hidden behind an optimization barrier keeps the true division.
+    XLA's algebraic simplifier rewrites arithmetic on broadcasts: ``x / broadcast(y)`` becomes
+    ``x * broadcast(1 / y)`` and products with broadcast operands are reassociated, each off by an ulp at
+    times. The kernels (like vLLM's) evaluate exactly as written; operands passed through here keep XLA
+    to that order.
     """
+    return jax.lax.optimization_barrier(jnp.broadcast_to(x, shape))
+
+
+def divide(numerator, denominator) -> jax.Array:
+    """IEEE division, elementwise, as the CUDA kernels compute it (see :func:`opaque`)."""
     numerator = jnp.asarray(numerator)
     shape = jnp.broadcast_shapes(numerator.shape, jnp.shape(denominator))
-    denominator = jax.lax.optimization_barrier(jnp.broadcast_to(denominator, shape).astype(numerator.dtype))
-    return numerator / denominator
+    return numerator / opaque(jnp.asarray(denominator, numerator.dtype), shape)
 
 
 def ue8m0_exponent(scale: jax.Array) -> jax.Array:

@@ -68,11 +68,14 @@ def test_swizzle_round_trip_and_layout():
 
 
 def test_vmap_with_batched_and_shared_global_scale():
-    x = random_activations(np.random.default_rng(3), (3, 5, 64), jnp.float16)
-    gs = jnp.asarray([1.0, 2.0, 300.0], jnp.float32)
+    x = random_activations(np.random.default_rng(12), (3, 130, 256), jnp.bfloat16)
+    gs = jnp.asarray([0.5, 3.0, 2000.0], jnp.float32)  # 3.0: inexact reciprocal; 2000: saturating scales
     q, s = jax.jit(jax.vmap(jaxq.scaled_fp4_quant))(x, gs)
-    assert q.shape == (3, 5, 32) and s.shape == (3, 128, 4)
+    assert q.shape == (3, 130, 128) and s.shape == (3, 256, 16)
     for i in range(3):
+        q_ref, s_ref, _ = oracle.nvfp4_quant(np.asarray(x[i].astype(jnp.float32)), float(gs[i]))
+        assert_bits_equal(q[i], q_ref)
+        assert_bits_equal(s[i], s_ref)
         qi, si = jaxq.scaled_fp4_quant(x[i], gs[i])
         assert_bits_equal(q[i], qi)
         assert_bits_equal(s[i], si)

@@ -19,7 +19,7 @@ echo "=== build"
 start=$SECONDS
 python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "built in $((SECONDS - start)) s"
-python3 -c "import jaxq; assert jaxq.cuda_available(), 'kernels not usable'; print('cuda_available: True')" || exit 1
+(cd /tmp && python3 -c "import jaxq; assert jaxq.cuda_available(), 'kernels not usable'; print('cuda_available: True')") || exit 1
 
 # Tests run from outside the checkout, so that the installed package (with its compiled module) is imported.
 for stage in $stages; do

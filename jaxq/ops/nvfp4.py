@@ -81,7 +81,7 @@ def _reference(x, global_scale):
     *lead, m, k = x.shape
     blocks = x.astype(jnp.float32).reshape(*lead, m, k // BLOCK, BLOCK)
     amax = jnp.max(jnp.abs(blocks), axis=-1)
-    gs = global_scale[..., None, None]
+    gs = _numerics.opaque(global_scale[..., None, None], amax.shape)
     scale_e4m3 = _numerics.to_e4m3_saturating(gs * (amax * _RCP6))
     scale = scale_e4m3.astype(jnp.float32)
     reciprocal_gs = _numerics.divide(np.float32(1), gs)
