@@ -24,15 +24,10 @@ import numpy as np
 import jaxq
 
 _ROTATE_BYTES = 256 << 20  # 5x the H100's 50 MB L2
-_MIN_CALLS, _MAX_CALLS = 12, 256
+_MIN_CALLS, _MAX_CALLS = 8, 256
 
 
-def _time_per_call(fn: Callable, make_input: Callable[[int], tuple], bytes_per_call: int) -> float:
-    """Seconds per call of ``fn``, from one jitted program of many calls, each on its own input (XLA
-    would merge identical calls), enough of them that the program's data is several times the L2."""
-    calls = max(_MIN_CALLS, min(_MAX_CALLS, math.ceil(_ROTATE_BYTES / max(bytes_per_call, 1))))
-    inputs = [make_input(i) for i in range(calls)]
-
+def _program_seconds(fn: Callable, inputs: list[tuple]) -> float:
     @jax.jit
     def program(inputs):
         return [fn(*args) for args in inputs]
@@ -42,8 +37,17 @@ def _time_per_call(fn: Callable, make_input: Callable[[int], tuple], bytes_per_c
     for _ in range(5):
         start = time.perf_counter()
         jax.block_until_ready(program(inputs))
-        samples.append((time.perf_counter() - start) / calls)
+        samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def _time_per_call(fn: Callable, make_input: Callable[[int], tuple], bytes_per_call: int) -> float:
+    """Seconds per call of ``fn``: the slope between a jitted program of n calls and one of 2n, each
+    call on its own input (XLA would merge identical calls), n large enough that the inputs are several
+    times the L2. The slope drops what a program costs once (dispatch, argument handling)."""
+    calls = max(_MIN_CALLS, min(_MAX_CALLS, math.ceil(_ROTATE_BYTES / max(bytes_per_call, 1))))
+    inputs = [make_input(i) for i in range(2 * calls)]
+    return (_program_seconds(fn, inputs) - _program_seconds(fn, inputs[:calls])) / calls
 
 
 def copy_bandwidth(total_bytes: int = 1 << 30) -> float:
@@ -99,8 +103,8 @@ class Case:
         return read + sum(o.size * o.dtype.itemsize for o in outputs)
 
 
-def cases(quick: bool) -> list[Case]:
-    shapes = [(16, 7168), (4096, 7168), (16384, 7168)] if not quick else [(256, 1024)]
+def cases(rows: list[int], hidden: int) -> list[Case]:
+    shapes = [(m, hidden) for m in rows]
     out = []
     for m, k in shapes:
         bf16 = jnp.dtype(jnp.bfloat16)
@@ -117,12 +121,12 @@ def cases(quick: bool) -> list[Case]:
     return out
 
 
-def run(ops: set[str] | None, quick: bool) -> list[dict]:
+def run(ops: set[str] | None, rows: list[int], hidden: int, quick: bool) -> list[dict]:
     copy = copy_bandwidth(64 << 20 if quick else 1 << 30)
     print(f"device: {jax.devices()[0].device_kind}; kernels: {'CUDA' if jaxq.cuda_available() else 'jnp reference'}; "
           f"copy bandwidth {copy / 1e9:.0f} GB/s (read + write)")
     rows = []
-    for case in cases(quick):
+    for case in cases(rows, hidden):
         if ops and case.op not in ops:
             continue
         m, k = case.shape
@@ -149,9 +153,12 @@ def run(ops: set[str] | None, quick: bool) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default="", help="comma-separated op names (default: all)")
+    parser.add_argument("--rows", default="16,4096,16384", help="comma-separated M values")
+    parser.add_argument("--hidden", type=int, default=7168, help="K")
     parser.add_argument("--quick", action="store_true", help="one small shape per op (smoke run)")
     args = parser.parse_args(argv)
-    run({o.strip() for o in args.ops.split(",") if o.strip()} or None, args.quick)
+    rows, hidden = ([256], 1024) if args.quick else ([int(m) for m in args.rows.split(",")], args.hidden)
+    run({o.strip() for o in args.ops.split(",") if o.strip()} or None, rows, hidden, args.quick)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's GPU checks, the same every session: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
-#   stages: tests sanitizer bench (default: all three). The build runs first every time.
+#   stages: tests sanitizer bench ncu (default: tests sanitizer bench). The build runs first every time.
 # Logs go to $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
 REPO=$PWD
@@ -44,6 +44,12 @@ for stage in $stages; do
   bench)
     echo "=== benchmark"
     (cd /tmp && python3 -m jaxq.bench 2>&1) | tee "$OUT/bench.log" | tail -20 ;;
+  ncu)
+    echo "=== ncu: kernel time and DRAM throughput at M=16384 K=7168 (clocks as found)"
+    (cd /tmp && ncu --clock-control none -k regex:"GroupQuant|Nvfp4" -c 12 \
+       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+       python3 -m jaxq.bench --rows 16384 2>&1) > "$OUT/ncu.log"
+    grep -E "GroupQuant|Nvfp4|gpu__time|dram__" "$OUT/ncu.log" | sed 's/(jaxq::.*//' | head -60 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

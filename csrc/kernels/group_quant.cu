@@ -75,11 +75,29 @@ __device__ __forceinline__ void QuantizeVec(const Vec16<T>& v, float scale, uint
 // A team of `lanes` consecutive threads quantizes one group. With kVecsPerLane > 0 each lane keeps its
 // kVecsPerLane 16-byte vectors in registers between the max and the quantize pass; with 0 (group sizes
 // whose vector count has no such split) each lane loops and reloads its vectors, which L1 still holds.
+//
+// Row-major scales: a block's teams take consecutive groups in memory order. Column-major and packed
+// scales: a block takes a tile of kTileGroups groups x (teams / kTileGroups) rows, so that its scale
+// writes (consecutive rows of one group column) fill whole 32-byte sectors instead of scattering 4 bytes.
+constexpr int kTileGroups = 4;
+
 template <typename T, typename Q, int kVecsPerLane>
 __global__ void __launch_bounds__(256, 4) GroupQuantKernel(GroupQuantParams p, int lanes, int64_t num_groups) {
   using V = Vec16<T>;
-  const int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / lanes;
-  if (group >= num_groups) return;  // whole teams leave together, so TeamMax's mask stays valid
+  const int team = threadIdx.x / lanes;
+  const int64_t groups_per_row = p.cols / p.group_size;
+  int64_t group;
+  if (p.layout == ScaleLayout::kRowMajor) {
+    group = static_cast<int64_t>(blockIdx.x) * (blockDim.x / lanes) + team;
+    if (group >= num_groups) return;  // whole teams leave together, so TeamMax's mask stays valid
+  } else {
+    const int64_t tile_rows = blockDim.x / lanes / kTileGroups;
+    const int64_t group_tiles = (groups_per_row + kTileGroups - 1) / kTileGroups;
+    const int64_t g = (blockIdx.x % group_tiles) * kTileGroups + team % kTileGroups;
+    const int64_t row = (blockIdx.x / group_tiles) * tile_rows + team / kTileGroups;
+    if (g >= groups_per_row || row >= p.batch * p.rows) return;
+    group = row * groups_per_row + g;
+  }
   const int lane = threadIdx.x & (lanes - 1);
   const T* x = static_cast<const T*>(p.x) + group * p.group_size;
   uint8_t* q = static_cast<uint8_t*>(p.q) + group * p.group_size;
@@ -138,10 +156,16 @@ cudaError_t LaunchTyped(const GroupQuantParams& p, cudaStream_t stream) {
   if (vecs_per_lane == 0) {
     while (vecs % lanes != 0) lanes >>= 1;
   }
-  const int64_t num_groups = p.batch * p.rows * (p.cols / p.group_size);
+  const int64_t groups_per_row = p.cols / p.group_size;
+  const int64_t num_groups = p.batch * p.rows * groups_per_row;
   if (num_groups == 0) return cudaSuccess;
-  const int64_t groups_per_block = kThreads / lanes;
-  const dim3 grid(static_cast<unsigned>((num_groups + groups_per_block - 1) / groups_per_block));
+  const int64_t teams = kThreads / lanes;
+  int64_t blocks = (num_groups + teams - 1) / teams;
+  if (p.layout != ScaleLayout::kRowMajor) {
+    const int64_t tile_rows = teams / kTileGroups;
+    blocks = (groups_per_row + kTileGroups - 1) / kTileGroups * ((p.batch * p.rows + tile_rows - 1) / tile_rows);
+  }
+  const dim3 grid(static_cast<unsigned>(blocks));
   switch (vecs_per_lane) {
     case 1: GroupQuantKernel<T, Q, 1><<<grid, kThreads, 0, stream>>>(p, lanes, num_groups); break;
     case 2: GroupQuantKernel<T, Q, 2><<<grid, kThreads, 0, stream>>>(p, lanes, num_groups); break;

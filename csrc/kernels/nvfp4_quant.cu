@@ -7,13 +7,22 @@ namespace jaxq {
 namespace {
 
 // e2m1 code of v, rounding to nearest even and saturating at 6 (Hopper has no e2m1 convert instruction).
-// Magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 are codes 0..7; the strict and non-strict comparisons put each
-// midpoint on the even code. Bit 3 is the sign of v, so negative values that round to zero give -0.
+// Magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 are codes 0..7; bit 3 is the sign of v (small negatives give -0).
+// The same function as the reference's threshold comparisons, in fewer instructions: from 1 up, codes
+// follow the float32 exponent and top mantissa bit, so an integer round-to-nearest-even of the bits at
+// mantissa bit 22 gives the code (clamped to 7); below 1 the step is 0.5, so the code is rint(2|v|).
+// NaN takes the second path and gives code 0, as the comparisons do.
 __device__ __forceinline__ uint32_t E2m1Code(float v) {
-  const float a = fabsf(v);
-  const uint32_t magnitude = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
-                             (a >= 3.5f) + (a > 5.f);
-  return magnitude | ((__float_as_uint(v) >> 31) << 3);
+  const uint32_t bits = __float_as_uint(v);
+  const uint32_t magnitude_bits = bits & 0x7fffffffu;
+  uint32_t magnitude;
+  if (__uint_as_float(magnitude_bits) >= 1.f) {
+    const uint32_t rounded = (magnitude_bits + 0x1fffffu + ((magnitude_bits >> 22) & 1u)) >> 22;
+    magnitude = min(rounded - 252u, 7u);  // 252 = (126 << 1): 1.0 (exponent 127, mantissa 0) -> code 2
+  } else {
+    magnitude = static_cast<uint32_t>(__float2int_rn(2.f * __uint_as_float(magnitude_bits)));
+  }
+  return magnitude | ((bits >> 31) << 3);
 }
 
 // Byte offset of scale (row, k) in the [rows/128, k_tiles, 32, 4, 4] tensor-core layout.
