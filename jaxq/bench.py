@@ -103,8 +103,8 @@ class Case:
         return read + sum(o.size * o.dtype.itemsize for o in outputs)
 
 
-def cases(rows: list[int], hidden: int) -> list[Case]:
-    shapes = [(m, hidden) for m in rows]
+def cases(token_counts: list[int], hidden: int) -> list[Case]:
+    shapes = [(m, hidden) for m in token_counts]
     out = []
     for m, k in shapes:
         bf16 = jnp.dtype(jnp.bfloat16)
@@ -121,12 +121,12 @@ def cases(rows: list[int], hidden: int) -> list[Case]:
     return out
 
 
-def run(ops: set[str] | None, rows: list[int], hidden: int, quick: bool) -> list[dict]:
+def run(ops: set[str] | None, token_counts: list[int], hidden: int, quick: bool) -> list[dict]:
     copy = copy_bandwidth(64 << 20 if quick else 1 << 30)
     print(f"device: {jax.devices()[0].device_kind}; kernels: {'CUDA' if jaxq.cuda_available() else 'jnp reference'}; "
           f"copy bandwidth {copy / 1e9:.0f} GB/s (read + write)")
     rows = []
-    for case in cases(rows, hidden):
+    for case in cases(token_counts, hidden):
         if ops and case.op not in ops:
             continue
         m, k = case.shape
@@ -157,8 +157,8 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=7168, help="K")
     parser.add_argument("--quick", action="store_true", help="one small shape per op (smoke run)")
     args = parser.parse_args(argv)
-    rows, hidden = ([256], 1024) if args.quick else ([int(m) for m in args.rows.split(",")], args.hidden)
-    run({o.strip() for o in args.ops.split(",") if o.strip()} or None, rows, hidden, args.quick)
+    token_counts, hidden = ([256], 1024) if args.quick else ([int(m) for m in args.rows.split(",")], args.hidden)
+    run({o.strip() for o in args.ops.split(",") if o.strip()} or None, token_counts, hidden, args.quick)
 
 
 if __name__ == "__main__":
