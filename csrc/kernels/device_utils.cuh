@@ -6,26 +6,50 @@
 
 namespace jaxq {
 
-// Loads one 16-byte vector of T and widens it to float.
+// One 16-byte vector of T kept as raw bits (4 registers) and widened to float element by element when
+// used, so that several vectors per thread fit in registers.
 template <typename T>
 struct Vec16 {
   static constexpr int kLen = 16 / sizeof(T);
-  float v[kLen];
+  uint4 raw;
 
-  __device__ __forceinline__ void Load(const T* p) {
-    uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < kLen; ++i) v[i] = ToFloat(e[i]);
+  __device__ __forceinline__ void Load(const T* p) { raw = __ldg(reinterpret_cast<const uint4*>(p)); }
+
+  __device__ __forceinline__ uint32_t Word(int w) const {
+    return w == 0 ? raw.x : w == 1 ? raw.y : w == 2 ? raw.z : raw.w;
   }
+
+  // Element i as float (i a compile-time constant after unrolling).
+  __device__ __forceinline__ float operator[](int i) const {
+    if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(Word(i));
+    } else {
+      const uint32_t word = Word(i / 2);
+      const uint16_t half_bits = static_cast<uint16_t>(i % 2 ? word >> 16 : word & 0xffffu);
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        return __uint_as_float(static_cast<uint32_t>(half_bits) << 16);
+      } else {
+        return __half2float(__ushort_as_half(half_bits));
+      }
+    }
+  }
+
+  // max(m, |elements|); 16-bit types compare in pairs (exact: the max is one of the inputs).
   __device__ __forceinline__ float AbsMax(float m) const {
+    if constexpr (sizeof(T) == 4) {
 #pragma unroll
-    for (int i = 0; i < kLen; ++i) m = fmaxf(m, fabsf(v[i]));
-    return m;
+      for (int i = 0; i < kLen; ++i) m = fmaxf(m, fabsf((*this)[i]));
+      return m;
+    } else {
+      using T2 = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, __nv_bfloat162, __half2>;
+      auto pair = [&](int w) {
+        const uint32_t word = Word(w);
+        return __habs2(*reinterpret_cast<const T2*>(&word));
+      };
+      const T2 top = __hmax2(__hmax2(pair(0), pair(1)), __hmax2(pair(2), pair(3)));
+      return fmaxf(m, fmaxf(static_cast<float>(top.x), static_cast<float>(top.y)));
+    }
   }
-  static __device__ __forceinline__ float ToFloat(float x) { return x; }
-  static __device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
 };
 
 // Max over the `lanes` consecutive lanes (a power of two <= 32) that share a group.

@@ -25,31 +25,31 @@ struct Quant8<int8_t> {
   }
 };
 
-__device__ void WriteScale(const GroupQuantParams& p, int64_t group, float scale, uint32_t exponent) {
-  const int64_t groups_per_row = p.cols / p.group_size;
-  const int64_t row = group / groups_per_row;
-  const int64_t g = group % groups_per_row;
+// Indices fit 32 bits (the launcher checks), which keeps the divisions below cheap.
+__device__ void WriteScale(const GroupQuantParams& p, uint32_t group, float scale, uint32_t exponent) {
   if (p.layout == ScaleLayout::kRowMajor) {
     static_cast<float*>(p.scales)[group] = scale;
     return;
   }
-  const int64_t b = row / p.rows;
-  const int64_t m = row % p.rows;
+  const uint32_t groups_per_row = static_cast<uint32_t>(p.cols / p.group_size);
+  const uint32_t rows = static_cast<uint32_t>(p.rows), padded_rows = static_cast<uint32_t>(p.padded_rows);
+  const uint32_t row = group / groups_per_row, g = group % groups_per_row;
+  const uint32_t b = row / rows, m = row % rows;
   // The last real row also clears the padding rows below it, so no separate memset is needed.
-  const int64_t m_end = m == p.rows - 1 ? p.padded_rows : m + 1;
+  const uint32_t m_end = m == rows - 1 ? padded_rows : m + 1;
   if (p.layout == ScaleLayout::kColumnMajor) {
-    float* column = static_cast<float*>(p.scales) + (b * groups_per_row + g) * p.padded_rows;
-    for (int64_t mm = m; mm < m_end; ++mm) column[mm] = mm == m ? scale : 0.f;
+    float* column = static_cast<float*>(p.scales) + (static_cast<int64_t>(b) * groups_per_row + g) * padded_rows;
+    for (uint32_t mm = m; mm < m_end; ++mm) column[mm] = mm == m ? scale : 0.f;
     return;
   }
-  const int64_t words_per_row = (groups_per_row + 3) / 4;
-  uint8_t* bytes = static_cast<uint8_t*>(p.scales) + b * words_per_row * p.padded_rows * 4;
-  auto byte_at = [&](int64_t mm, int64_t gg) -> uint8_t& {
-    return bytes[((gg / 4) * p.padded_rows + mm) * 4 + gg % 4];
+  const uint32_t words_per_row = (groups_per_row + 3) / 4;
+  uint8_t* bytes = static_cast<uint8_t*>(p.scales) + static_cast<int64_t>(b) * words_per_row * padded_rows * 4;
+  auto byte_at = [&](uint32_t mm, uint32_t gg) -> uint8_t& {
+    return bytes[(static_cast<int64_t>(gg / 4) * padded_rows + mm) * 4 + gg % 4];
   };
-  const int64_t g_end = g == groups_per_row - 1 ? words_per_row * 4 : g + 1;
-  for (int64_t mm = m; mm < m_end; ++mm) {
-    for (int64_t gg = g; gg < g_end; ++gg) {
+  const uint32_t g_end = g == groups_per_row - 1 ? words_per_row * 4 : g + 1;
+  for (uint32_t mm = m; mm < m_end; ++mm) {
+    for (uint32_t gg = g; gg < g_end; ++gg) {
       byte_at(mm, gg) = (mm == m && gg == g) ? static_cast<uint8_t>(exponent) : 0;
     }
   }
@@ -62,7 +62,7 @@ __device__ __forceinline__ void QuantizeVec(const Vec16<T>& v, float scale, uint
 #pragma unroll
   for (int i = 0; i < kLen; ++i) {
     // Division, not a reciprocal multiply: vLLM divides to stay exact at rounding boundaries.
-    const float q = fminf(fmaxf(v.v[i] / scale, -Quant8<Q>::kMax), Quant8<Q>::kMax);
+    const float q = fminf(fmaxf(v[i] / scale, -Quant8<Q>::kMax), Quant8<Q>::kMax);
     words[i / 4] |= Quant8<Q>::Encode(q) << (8 * (i % 4));
   }
   if constexpr (kLen == 8) {
@@ -72,35 +72,18 @@ __device__ __forceinline__ void QuantizeVec(const Vec16<T>& v, float scale, uint
   }
 }
 
-// A team of `lanes` consecutive threads quantizes one group. With kVecsPerLane > 0 each lane keeps its
-// kVecsPerLane 16-byte vectors in registers between the max and the quantize pass; with 0 (group sizes
-// whose vector count has no such split) each lane loops and reloads its vectors, which L1 still holds.
-//
-// Row-major scales: a block's teams take consecutive groups in memory order. Column-major and packed
-// scales: a block takes a tile of kTileGroups groups x (teams / kTileGroups) rows, so that its scale
-// writes (consecutive rows of one group column) fill whole 32-byte sectors instead of scattering 4 bytes.
-constexpr int kTileGroups = 4;
-
+// A team of `lanes` consecutive threads quantizes one group, the teams of a block consecutive groups.
+// With kVecsPerLane > 0 each lane keeps its kVecsPerLane 16-byte vectors in registers between the max
+// and the quantize pass (all loads issued before any use); with 0 (group sizes whose vector count has
+// no such split) each lane loops and reloads its vectors, which L1 still holds.
 template <typename T, typename Q, int kVecsPerLane>
-__global__ void __launch_bounds__(256, 4) GroupQuantKernel(GroupQuantParams p, int lanes, int64_t num_groups) {
+__global__ void __launch_bounds__(256) GroupQuantKernel(GroupQuantParams p, int lanes, uint32_t num_groups) {
   using V = Vec16<T>;
-  const int team = threadIdx.x / lanes;
-  const int64_t groups_per_row = p.cols / p.group_size;
-  int64_t group;
-  if (p.layout == ScaleLayout::kRowMajor) {
-    group = static_cast<int64_t>(blockIdx.x) * (blockDim.x / lanes) + team;
-    if (group >= num_groups) return;  // whole teams leave together, so TeamMax's mask stays valid
-  } else {
-    const int64_t tile_rows = blockDim.x / lanes / kTileGroups;
-    const int64_t group_tiles = (groups_per_row + kTileGroups - 1) / kTileGroups;
-    const int64_t g = (blockIdx.x % group_tiles) * kTileGroups + team % kTileGroups;
-    const int64_t row = (blockIdx.x / group_tiles) * tile_rows + team / kTileGroups;
-    if (g >= groups_per_row || row >= p.batch * p.rows) return;
-    group = row * groups_per_row + g;
-  }
+  const uint32_t group = blockIdx.x * (blockDim.x / lanes) + threadIdx.x / lanes;
+  if (group >= num_groups) return;  // whole teams leave together, so TeamMax's mask stays valid
   const int lane = threadIdx.x & (lanes - 1);
-  const T* x = static_cast<const T*>(p.x) + group * p.group_size;
-  uint8_t* q = static_cast<uint8_t*>(p.q) + group * p.group_size;
+  const T* x = static_cast<const T*>(p.x) + static_cast<int64_t>(group) * p.group_size;
+  uint8_t* q = static_cast<uint8_t*>(p.q) + static_cast<int64_t>(group) * p.group_size;
   const int vecs = static_cast<int>(p.group_size / V::kLen);
 
   float amax = p.eps;
@@ -143,10 +126,10 @@ template <typename T, typename Q>
 cudaError_t LaunchTyped(const GroupQuantParams& p, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t vecs = p.group_size / Vec16<T>::kLen;
-  // Prefer two vectors per lane (32 bytes in flight per thread), then one, then four.
+  // Prefer four vectors per lane (64 bytes in flight per thread), then two, then one.
   int vecs_per_lane = 0;
   int lanes = 32;
-  for (int candidate : {2, 1, 4}) {
+  for (int candidate : {4, 2, 1}) {
     if (vecs % candidate == 0 && IsPow2AtMost32(vecs / candidate)) {
       vecs_per_lane = candidate;
       lanes = static_cast<int>(vecs / candidate);
@@ -156,21 +139,17 @@ cudaError_t LaunchTyped(const GroupQuantParams& p, cudaStream_t stream) {
   if (vecs_per_lane == 0) {
     while (vecs % lanes != 0) lanes >>= 1;
   }
-  const int64_t groups_per_row = p.cols / p.group_size;
-  const int64_t num_groups = p.batch * p.rows * groups_per_row;
+  const int64_t num_groups = p.batch * p.rows * (p.cols / p.group_size);
   if (num_groups == 0) return cudaSuccess;
+  if (num_groups >= (int64_t{1} << 32) || p.batch * p.padded_rows >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   const int64_t teams = kThreads / lanes;
-  int64_t blocks = (num_groups + teams - 1) / teams;
-  if (p.layout != ScaleLayout::kRowMajor) {
-    const int64_t tile_rows = teams / kTileGroups;
-    blocks = (groups_per_row + kTileGroups - 1) / kTileGroups * ((p.batch * p.rows + tile_rows - 1) / tile_rows);
-  }
-  const dim3 grid(static_cast<unsigned>(blocks));
+  const dim3 grid(static_cast<unsigned>((num_groups + teams - 1) / teams));
+  const auto n = static_cast<uint32_t>(num_groups);
   switch (vecs_per_lane) {
-    case 1: GroupQuantKernel<T, Q, 1><<<grid, kThreads, 0, stream>>>(p, lanes, num_groups); break;
-    case 2: GroupQuantKernel<T, Q, 2><<<grid, kThreads, 0, stream>>>(p, lanes, num_groups); break;
-    case 4: GroupQuantKernel<T, Q, 4><<<grid, kThreads, 0, stream>>>(p, lanes, num_groups); break;
-    default: GroupQuantKernel<T, Q, 0><<<grid, kThreads, 0, stream>>>(p, lanes, num_groups); break;
+    case 1: GroupQuantKernel<T, Q, 1><<<grid, kThreads, 0, stream>>>(p, lanes, n); break;
+    case 2: GroupQuantKernel<T, Q, 2><<<grid, kThreads, 0, stream>>>(p, lanes, n); break;
+    case 4: GroupQuantKernel<T, Q, 4><<<grid, kThreads, 0, stream>>>(p, lanes, n); break;
+    default: GroupQuantKernel<T, Q, 0><<<grid, kThreads, 0, stream>>>(p, lanes, n); break;
   }
   return cudaGetLastError();
 }

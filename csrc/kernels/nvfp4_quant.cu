@@ -26,67 +26,87 @@ __device__ __forceinline__ uint32_t E2m1Code(float v) {
 }
 
 // Byte offset of scale (row, k) in the [rows/128, k_tiles, 32, 4, 4] tensor-core layout.
-__device__ __forceinline__ int64_t SwizzledOffset(int64_t row, int64_t k, int64_t k_tiles) {
-  return ((row / 128) * k_tiles + k / 4) * 512 + (row % 32) * 16 + ((row / 32) % 4) * 4 + k % 4;
+__device__ __forceinline__ int64_t SwizzledOffset(uint32_t row, uint32_t k, uint32_t k_tiles) {
+  return (static_cast<int64_t>(row / 128) * k_tiles + k / 4) * 512 + (row % 32) * 16 + ((row / 32) % 4) * 4 + k % 4;
 }
 
-// One thread per 16-element block: two 16-byte loads, one 8-byte store, one scale byte.
+// Quantizes one 16-element block held in two vectors; returns its e4m3 scale byte and writes 8 bytes of codes.
 template <typename T>
-__global__ void __launch_bounds__(256) Nvfp4QuantKernel(Nvfp4QuantParams p, int64_t num_blocks) {
-  using V = Vec16<T>;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= num_blocks) return;
-  const int64_t blocks_per_row = p.cols / 16;
-  const int64_t padded_row = t / blocks_per_row;  // over batch * padded_rows
-  const int64_t k = t % blocks_per_row;
-  const int64_t b = padded_row / p.padded_rows;
-  const int64_t r = padded_row % p.padded_rows;
-
-  uint8_t scale_byte = 0;
-  if (r < p.rows) {
-    const int64_t row = b * p.rows + r;
-    const T* x = static_cast<const T*>(p.x) + row * p.cols + k * 16;
-    V lo, hi;
-    lo.Load(x);
-    hi.Load(x + 8);
-    const float amax = hi.AbsMax(lo.AbsMax(0.f));
-    const float global_scale = p.global_scale[b];
-    // IEEE reciprocals where vLLM uses rcp.approx; the same operations in the same order otherwise.
-    const __nv_fp8_e4m3 scale_e4m3(global_scale * (amax * (1.f / 6.f)));
-    scale_byte = scale_e4m3.__x;
-    const float scale = static_cast<float>(scale_e4m3);
-    const float out_scale = scale != 0.f ? 1.f / (scale * (1.f / global_scale)) : 0.f;
-    uint32_t packed_lo = 0, packed_hi = 0;
+__device__ __forceinline__ uint8_t QuantizeBlock(const Vec16<T>& lo, const Vec16<T>& hi, float global_scale,
+                                                 uint2* out) {
+  const float amax = hi.AbsMax(lo.AbsMax(0.f));
+  // IEEE reciprocals where vLLM uses rcp.approx; the same operations in the same order otherwise.
+  const __nv_fp8_e4m3 scale_e4m3(global_scale * (amax * (1.f / 6.f)));
+  const float scale = static_cast<float>(scale_e4m3);
+  const float out_scale = scale != 0.f ? 1.f / (scale * (1.f / global_scale)) : 0.f;
+  uint32_t packed_lo = 0, packed_hi = 0;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      packed_lo |= E2m1Code(lo.v[i] * out_scale) << (4 * i);
-      packed_hi |= E2m1Code(hi.v[i] * out_scale) << (4 * i);
-    }
-    *reinterpret_cast<uint2*>(p.q + row * (p.cols / 2) + k * 8) = make_uint2(packed_lo, packed_hi);
+  for (int i = 0; i < 8; ++i) {
+    packed_lo |= E2m1Code(lo[i] * out_scale) << (4 * i);
+    packed_hi |= E2m1Code(hi[i] * out_scale) << (4 * i);
   }
-  // Padding rows get zero scales; the last real block of each row also clears the padding columns.
-  uint8_t* scales = p.scales + b * p.padded_rows * p.padded_scale_cols;
-  const int64_t k_tiles = p.padded_scale_cols / 4;
-  scales[SwizzledOffset(r, k, k_tiles)] = scale_byte;
-  if (k == blocks_per_row - 1) {
-    for (int64_t kk = k + 1; kk < p.padded_scale_cols; ++kk) scales[SwizzledOffset(r, kk, k_tiles)] = 0;
+  *out = make_uint2(packed_lo, packed_hi);
+  return scale_e4m3.__x;
+}
+
+// Each thread quantizes kBlocks consecutive 16-element blocks of a row (all loads issued first) and
+// writes their scale bytes. Threads over padding rows write zero scales; the thread holding a row's last
+// block also clears the row's padding columns. Indices fit 32 bits (the launcher checks).
+template <typename T, int kBlocks>
+__global__ void __launch_bounds__(256) Nvfp4QuantKernel(Nvfp4QuantParams p, uint32_t num_threads) {
+  using V = Vec16<T>;
+  const uint32_t t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= num_threads) return;
+  const uint32_t blocks_per_row = static_cast<uint32_t>(p.cols / 16);
+  const uint32_t threads_per_row = blocks_per_row / kBlocks;
+  const uint32_t padded_row = t / threads_per_row;  // over batch * padded_rows
+  const uint32_t k = (t % threads_per_row) * kBlocks;
+  const uint32_t padded_rows = static_cast<uint32_t>(p.padded_rows);
+  const uint32_t b = padded_row / padded_rows, r = padded_row % padded_rows;
+
+  uint8_t scale_bytes[kBlocks] = {};
+  if (r < p.rows) {
+    const int64_t row = static_cast<int64_t>(b) * p.rows + r;
+    const T* x = static_cast<const T*>(p.x) + row * p.cols + k * 16;
+    V v[2 * kBlocks];
+#pragma unroll
+    for (int i = 0; i < 2 * kBlocks; ++i) v[i].Load(x + 8 * i);
+    const float global_scale = p.global_scale[b];
+    uint2* out = reinterpret_cast<uint2*>(p.q + row * (p.cols / 2) + k * 8);
+#pragma unroll
+    for (int i = 0; i < kBlocks; ++i) scale_bytes[i] = QuantizeBlock(v[2 * i], v[2 * i + 1], global_scale, out + i);
   }
+  uint8_t* scales = p.scales + static_cast<int64_t>(b) * padded_rows * p.padded_scale_cols;
+  const uint32_t k_tiles = static_cast<uint32_t>(p.padded_scale_cols / 4);
+#pragma unroll
+  for (int i = 0; i < kBlocks; ++i) scales[SwizzledOffset(r, k + i, k_tiles)] = scale_bytes[i];
+  if (k + kBlocks == blocks_per_row) {
+    for (uint32_t kk = blocks_per_row; kk < p.padded_scale_cols; ++kk) scales[SwizzledOffset(r, kk, k_tiles)] = 0;
+  }
+}
+
+template <typename T>
+cudaError_t LaunchTyped(const Nvfp4QuantParams& p, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t blocks = p.batch * p.padded_rows * (p.cols / 16);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks >= (int64_t{1} << 32)) return cudaErrorInvalidValue;
+  // Two blocks per thread (64 bytes in flight) where rows have an even number of blocks.
+  if ((p.cols / 16) % 2 == 0) {
+    const auto n = static_cast<uint32_t>(blocks / 2);
+    Nvfp4QuantKernel<T, 2><<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(p, n);
+  } else {
+    const auto n = static_cast<uint32_t>(blocks);
+    Nvfp4QuantKernel<T, 1><<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(p, n);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t LaunchNvfp4Quant(const Nvfp4QuantParams& p, cudaStream_t stream) {
   if (p.cols % 16 != 0 || p.in_type == FloatType::kF32) return cudaErrorInvalidValue;
-  constexpr int kThreads = 256;
-  const int64_t num_blocks = p.batch * p.padded_rows * (p.cols / 16);
-  if (num_blocks == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((num_blocks + kThreads - 1) / kThreads));
-  if (p.in_type == FloatType::kF16) {
-    Nvfp4QuantKernel<__half><<<grid, kThreads, 0, stream>>>(p, num_blocks);
-  } else {
-    Nvfp4QuantKernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, num_blocks);
-  }
-  return cudaGetLastError();
+  return p.in_type == FloatType::kF16 ? LaunchTyped<__half>(p, stream) : LaunchTyped<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace jaxq
