@@ -45,11 +45,13 @@ for stage in $stages; do
     echo "=== benchmark"
     (cd /tmp && python3 -m jaxq.bench 2>&1) | tee "$OUT/bench.log" | tail -20 ;;
   ncu)
-    echo "=== ncu: kernel time and DRAM throughput at M=16384 K=7168 (clocks as found)"
-    (cd /tmp && ncu --clock-control none -k regex:"GroupQuant|Nvfp4" -c 12 \
-       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
-       python3 -m jaxq.bench --rows 16384 2>&1) > "$OUT/ncu.log"
-    grep -E "GroupQuant|Nvfp4|gpu__time|dram__" "$OUT/ncu.log" | sed 's/(jaxq::.*//' | head -60 ;;
+    echo "=== ncu: kernel time and DRAM traffic per op at M=16384 K=7168 (clocks as found)"
+    for op in per_token_group_fp8_quant per_token_group_fp8_quant_packed scaled_fp4_quant; do
+      (cd /tmp && ncu --clock-control none -k regex:"GroupQuant|Nvfp4" -c 2 \
+         --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active \
+         python3 -m jaxq.bench --rows 16384 --ops $op 2>&1) > "$OUT/ncu_$op.log"
+      echo "--- $op"; grep -E "^\s+(gpu__|dram__|sm__)" "$OUT/ncu_$op.log" | tail -8
+    done ;;
   *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

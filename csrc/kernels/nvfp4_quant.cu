@@ -8,21 +8,20 @@ namespace {
 
 // e2m1 code of v, rounding to nearest even and saturating at 6 (Hopper has no e2m1 convert instruction).
 // Magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 are codes 0..7; bit 3 is the sign of v (small negatives give -0).
-// The same function as the reference's threshold comparisons, in fewer instructions: from 1 up, codes
-// follow the float32 exponent and top mantissa bit, so an integer round-to-nearest-even of the bits at
-// mantissa bit 22 gives the code (clamped to 7); below 1 the step is 0.5, so the code is rint(2|v|).
-// NaN takes the second path and gives code 0, as the comparisons do.
+// The same function as the reference's threshold comparisons, in fewer instructions and no branches:
+// from 1 up, codes follow the float32 exponent and top mantissa bit, so an integer round-to-nearest-even
+// of the bits at mantissa bit 22 gives the code (clamped to 7); below 1 the step is 0.5, so the code is
+// rint(2|v|), read off the bits of 2|v| + 1.5 * 2^23. NaN fails both comparisons and gives 0, as the
+// thresholds do.
 __device__ __forceinline__ uint32_t E2m1Code(float v) {
   const uint32_t bits = __float_as_uint(v);
   const uint32_t magnitude_bits = bits & 0x7fffffffu;
-  uint32_t magnitude;
-  if (__uint_as_float(magnitude_bits) >= 1.f) {
-    const uint32_t rounded = (magnitude_bits + 0x1fffffu + ((magnitude_bits >> 22) & 1u)) >> 22;
-    magnitude = min(rounded - 252u, 7u);  // 252 = (126 << 1): 1.0 (exponent 127, mantissa 0) -> code 2
-  } else {
-    magnitude = static_cast<uint32_t>(__float2int_rn(2.f * __uint_as_float(magnitude_bits)));
-  }
-  return magnitude | ((bits >> 31) << 3);
+  const float a = __uint_as_float(magnitude_bits);
+  // (0x3f000000 = 126 << 23 makes 1.0, exponent 127 and mantissa 0, come out as code 2.)
+  const uint32_t from_one = min((magnitude_bits + (0x1fffffu - 0x3f000000u) + ((magnitude_bits >> 22) & 1u)) >> 22, 7u);
+  const uint32_t below_one = __float_as_uint(fmaf(2.f, a, 12582912.f)) - 0x4b400000u;
+  const uint32_t magnitude = a >= 1.f ? from_one : (a < 1.f ? below_one : 0u);
+  return magnitude | ((bits >> 28) & 8u);
 }
 
 // Byte offset of scale (row, k) in the [rows/128, k_tiles, 32, 4, 4] tensor-core layout.
