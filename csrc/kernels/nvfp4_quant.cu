@@ -1,7 +1,5 @@
 #include <cuda_fp8.h>
 
-#include <algorithm>
-
 #include "kernels/device_utils.cuh"
 #include "kernels/nvfp4_quant.h"
 
@@ -49,90 +47,57 @@ __device__ __forceinline__ uint8_t QuantizeBlock(const Vec16<T>& lo, const Vec16
   return scale_e4m3.__x;
 }
 
-// A work item is kBlocks consecutive 16-element blocks of one (padded) row.
+// Each thread quantizes kBlocks consecutive 16-element blocks of a row (all loads issued first) and
+// writes their scale bytes. Threads over padding rows write zero scales; the thread holding a row's last
+// block also clears the row's padding columns. Indices fit 32 bits (the launcher checks).
 template <typename T, int kBlocks>
-struct Nvfp4Item {
-  uint32_t b, r, k;  // batch entry, row (may be a padding row), first block
-  Vec16<T> v[2 * kBlocks];
+__global__ void __launch_bounds__(256) Nvfp4QuantKernel(Nvfp4QuantParams p, uint32_t num_threads) {
+  using V = Vec16<T>;
+  const uint32_t t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= num_threads) return;
+  const uint32_t blocks_per_row = static_cast<uint32_t>(p.cols / 16);
+  const uint32_t threads_per_row = blocks_per_row / kBlocks;
+  const uint32_t padded_row = t / threads_per_row;  // over batch * padded_rows
+  const uint32_t k = (t % threads_per_row) * kBlocks;
+  const uint32_t padded_rows = static_cast<uint32_t>(p.padded_rows);
+  const uint32_t b = padded_row / padded_rows, r = padded_row % padded_rows;
 
-  __device__ __forceinline__ void Load(const Nvfp4QuantParams& p, uint32_t item) {
-    const uint32_t blocks_per_row = static_cast<uint32_t>(p.cols / 16);
-    const uint32_t items_per_row = blocks_per_row / kBlocks;
-    const uint32_t padded_rows = static_cast<uint32_t>(p.padded_rows);
-    const uint32_t padded_row = item / items_per_row;  // over batch * padded_rows
-    k = (item % items_per_row) * kBlocks;
-    b = padded_row / padded_rows;
-    r = padded_row % padded_rows;
-    if (r < p.rows) {
-      const T* x = static_cast<const T*>(p.x) + (static_cast<int64_t>(b) * p.rows + r) * p.cols + k * 16;
+  uint8_t scale_bytes[kBlocks] = {};
+  if (r < p.rows) {
+    const int64_t row = static_cast<int64_t>(b) * p.rows + r;
+    const T* x = static_cast<const T*>(p.x) + row * p.cols + k * 16;
+    V v[2 * kBlocks];
 #pragma unroll
-      for (int i = 0; i < 2 * kBlocks; ++i) v[i].Load(x + 8 * i);
-    }
-  }
-
-  // Writes the codes and scale bytes; padding rows get zero scales, and the item holding a row's last
-  // block also clears the row's padding columns.
-  __device__ __forceinline__ void Store(const Nvfp4QuantParams& p) const {
-    uint8_t scale_bytes[kBlocks] = {};
-    if (r < p.rows) {
-      const int64_t row = static_cast<int64_t>(b) * p.rows + r;
-      uint2* out = reinterpret_cast<uint2*>(p.q + row * (p.cols / 2) + k * 8);
-      const float global_scale = p.global_scale[b];
+    for (int i = 0; i < 2 * kBlocks; ++i) v[i].Load(x + 8 * i);
+    const float global_scale = p.global_scale[b];
+    uint2* out = reinterpret_cast<uint2*>(p.q + row * (p.cols / 2) + k * 8);
 #pragma unroll
-      for (int i = 0; i < kBlocks; ++i) scale_bytes[i] = QuantizeBlock(v[2 * i], v[2 * i + 1], global_scale, out + i);
-    }
-    uint8_t* scales = p.scales + static_cast<int64_t>(b) * p.padded_rows * p.padded_scale_cols;
-    const uint32_t k_tiles = static_cast<uint32_t>(p.padded_scale_cols / 4);
+    for (int i = 0; i < kBlocks; ++i) scale_bytes[i] = QuantizeBlock(v[2 * i], v[2 * i + 1], global_scale, out + i);
+  }
+  uint8_t* scales = p.scales + static_cast<int64_t>(b) * padded_rows * p.padded_scale_cols;
+  const uint32_t k_tiles = static_cast<uint32_t>(p.padded_scale_cols / 4);
 #pragma unroll
-    for (int i = 0; i < kBlocks; ++i) scales[SwizzledOffset(r, k + i, k_tiles)] = scale_bytes[i];
-    if (k + kBlocks == p.cols / 16) {
-      for (uint32_t kk = k + kBlocks; kk < p.padded_scale_cols; ++kk) scales[SwizzledOffset(r, kk, k_tiles)] = 0;
-    }
+  for (int i = 0; i < kBlocks; ++i) scales[SwizzledOffset(r, k + i, k_tiles)] = scale_bytes[i];
+  if (k + kBlocks == blocks_per_row) {
+    for (uint32_t kk = blocks_per_row; kk < p.padded_scale_cols; ++kk) scales[SwizzledOffset(r, kk, k_tiles)] = 0;
   }
-};
-
-// Persistent grid: each thread walks items with a grid stride and loads the next item before rounding
-// the current one, so memory stays busy while the (integer-heavy) e2m1 rounding runs. Indices fit 32 bits
-// (the launcher checks).
-template <typename T, int kBlocks>
-__global__ void __launch_bounds__(256) Nvfp4QuantKernel(Nvfp4QuantParams p, uint32_t num_items) {
-  const uint32_t stride = gridDim.x * blockDim.x;
-  uint32_t item = blockIdx.x * blockDim.x + threadIdx.x;
-  if (item >= num_items) return;
-  Nvfp4Item<T, kBlocks> current, next;
-  current.Load(p, item);
-  for (; item < num_items; item += stride) {
-    const bool more = item + stride < num_items;
-    if (more) next.Load(p, item + stride);
-    current.Store(p);
-    if (more) current = next;
-  }
-}
-
-template <typename T, int kBlocks>
-cudaError_t LaunchPersistent(const Nvfp4QuantParams& p, uint32_t items, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  int device = 0, sms = 0, blocks_per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, Nvfp4QuantKernel<T, kBlocks>, kThreads, 0);
-  }
-  if (err != cudaSuccess) return err;
-  const uint32_t needed = (items + kThreads - 1) / kThreads;
-  const uint32_t grid = std::min<uint32_t>(needed, static_cast<uint32_t>(sms * std::max(blocks_per_sm, 1)));
-  Nvfp4QuantKernel<T, kBlocks><<<grid, kThreads, 0, stream>>>(p, items);
-  return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t LaunchTyped(const Nvfp4QuantParams& p, cudaStream_t stream) {
+  constexpr int kThreads = 256;
   const int64_t blocks = p.batch * p.padded_rows * (p.cols / 16);
   if (blocks == 0) return cudaSuccess;
   if (blocks >= (int64_t{1} << 32)) return cudaErrorInvalidValue;
-  // Two blocks per item (64 bytes per load batch) where rows have an even number of blocks.
-  if ((p.cols / 16) % 2 == 0) return LaunchPersistent<T, 2>(p, static_cast<uint32_t>(blocks / 2), stream);
-  return LaunchPersistent<T, 1>(p, static_cast<uint32_t>(blocks), stream);
+  // Two blocks per thread (64 bytes in flight) where rows have an even number of blocks.
+  if ((p.cols / 16) % 2 == 0) {
+    const auto n = static_cast<uint32_t>(blocks / 2);
+    Nvfp4QuantKernel<T, 2><<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(p, n);
+  } else {
+    const auto n = static_cast<uint32_t>(blocks);
+    Nvfp4QuantKernel<T, 1><<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(p, n);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
