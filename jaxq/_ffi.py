@@ -3,17 +3,40 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import logging
 import os
 
 import jax
 
-try:
-    from jaxq import _jaxq_cuda
-except ImportError:  # CPU-only install: nvcc was not found at build time.
-    _jaxq_cuda = None
-
 _log = logging.getLogger("jaxq")
+
+
+def _load_extension():
+    try:
+        from jaxq import _jaxq_cuda
+
+        return _jaxq_cuda
+    except ImportError:
+        pass
+    # A source checkout on sys.path (python -m ... from the repo root) shadows the installed package; its
+    # compiled module then sits beside the installed copy.
+    try:
+        files = importlib.metadata.distribution("jaxq").files or ()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name.startswith("_jaxq_cuda.") and file.suffix in (".so", ".pyd"):
+            spec = importlib.util.spec_from_file_location("jaxq._jaxq_cuda", file.locate())
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _log.info("jaxq: using the compiled module of the installed package, %s", file.locate())
+            return module
+    return None  # CPU-only install: nvcc was not found at build time.
+
+
+_jaxq_cuda = _load_extension()
 
 DISABLE_ENV = "JAXQ_DISABLE_KERNELS"
 
