@@ -20,10 +20,15 @@ __device__ __forceinline__ uint32_t E2m1Magnitude(float a) {
   return a >= 1.f ? from_one : (a < 1.f ? below_one : 0u);
 }
 
+// Byte offset of scale (row, k) in the [rows/128, k_tiles, 32, 4, 4] tensor-core layout.
+__device__ __forceinline__ int64_t SwizzledOffset(uint32_t row, uint32_t k, uint32_t k_tiles) {
+  return (static_cast<int64_t>(row / 128) * k_tiles + k / 4) * 512 + (row % 32) * 16 + ((row / 32) % 4) * 4 + k % 4;
+}
+
 // Quantizes one 16-element block held in two vectors; returns its e4m3 scale byte and writes 8 bytes of codes.
 template <typename T>
-__device__ __forceinline__ uint32_t QuantizeBlock(const Vec16<T>& lo, const Vec16<T>& hi, float global_scale,
-                                                  uint2* out) {
+__device__ __forceinline__ uint8_t QuantizeBlock(const Vec16<T>& lo, const Vec16<T>& hi, float global_scale,
+                                                 uint2* out) {
   const float amax = hi.AbsMax(lo.AbsMax(0.f));
   // IEEE reciprocals where vLLM uses rcp.approx; the same operations in the same order otherwise.
   const __nv_fp8_e4m3 scale_e4m3(global_scale * (amax * (1.f / 6.f)));
@@ -42,53 +47,56 @@ __device__ __forceinline__ uint32_t QuantizeBlock(const Vec16<T>& lo, const Vec1
   return scale_e4m3.__x;
 }
 
-// The swizzled scale layout is [row tiles of 128, k tiles of 4 blocks, 32, 4, 4]: the 4 scales of one row in
-// one k tile are 4 consecutive bytes, at (row % 32) * 16 + ((row / 32) % 4) * 4 inside the tile's 512 bytes.
-// So a CUDA block of 128 threads takes one row tile x one k tile, thread i row i of the tile: each thread
-// loads its row's 64 elements (128 bytes), writes 32 bytes of codes and one aligned 4-byte scale word, and
-// the block's scale words fill the 512-byte tile exactly. Rows past M and blocks past K/16 (the padding)
-// get zero scales and no codes. grid.x: batch x row tiles, grid.y: k tiles.
-template <typename T>
-__global__ void __launch_bounds__(128) Nvfp4QuantKernel(Nvfp4QuantParams p) {
+// Each thread quantizes kBlocks consecutive 16-element blocks of a row (all loads issued first) and
+// writes their scale bytes. Threads over padding rows write zero scales; the thread holding a row's last
+// block also clears the row's padding columns. Indices fit 32 bits (the launcher checks).
+template <typename T, int kBlocks>
+__global__ void __launch_bounds__(256) Nvfp4QuantKernel(Nvfp4QuantParams p, uint32_t num_threads) {
   using V = Vec16<T>;
-  const uint32_t row_tiles = static_cast<uint32_t>(p.padded_rows / 128);
-  const uint32_t b = blockIdx.x / row_tiles, row_tile = blockIdx.x % row_tiles;
-  const uint32_t k_tile = blockIdx.y, k_tiles = gridDim.y;
-  const uint32_t r = row_tile * 128 + threadIdx.x;
-  const int64_t blocks_per_row = p.cols / 16;
+  const uint32_t t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= num_threads) return;
+  const uint32_t blocks_per_row = static_cast<uint32_t>(p.cols / 16);
+  const uint32_t threads_per_row = blocks_per_row / kBlocks;
+  const uint32_t padded_row = t / threads_per_row;  // over batch * padded_rows
+  const uint32_t k = (t % threads_per_row) * kBlocks;
+  const uint32_t padded_rows = static_cast<uint32_t>(p.padded_rows);
+  const uint32_t b = padded_row / padded_rows, r = padded_row % padded_rows;
 
-  uint32_t scale_word = 0;
+  uint8_t scale_bytes[kBlocks] = {};
   if (r < p.rows) {
     const int64_t row = static_cast<int64_t>(b) * p.rows + r;
-    const T* x = static_cast<const T*>(p.x) + row * p.cols + k_tile * 64;
-    uint2* out = reinterpret_cast<uint2*>(p.q + row * (p.cols / 2) + k_tile * 32);
-    const int64_t remaining_blocks = blocks_per_row - int64_t{k_tile} * 4;
-    const int real_blocks = remaining_blocks < 4 ? static_cast<int>(remaining_blocks) : 4;
-    V v[8];
+    const T* x = static_cast<const T*>(p.x) + row * p.cols + k * 16;
+    V v[2 * kBlocks];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if (i / 2 < real_blocks) v[i].Load(x + 8 * i);
-    }
+    for (int i = 0; i < 2 * kBlocks; ++i) v[i].Load(x + 8 * i);
     const float global_scale = p.global_scale[b];
+    uint2* out = reinterpret_cast<uint2*>(p.q + row * (p.cols / 2) + k * 8);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (i < real_blocks) scale_word |= QuantizeBlock(v[2 * i], v[2 * i + 1], global_scale, out + i) << (8 * i);
-    }
+    for (int i = 0; i < kBlocks; ++i) scale_bytes[i] = QuantizeBlock(v[2 * i], v[2 * i + 1], global_scale, out + i);
   }
-  uint8_t* tile = p.scales + static_cast<int64_t>(b) * p.padded_rows * p.padded_scale_cols +
-                  (static_cast<int64_t>(row_tile) * k_tiles + k_tile) * 512;
-  *reinterpret_cast<uint32_t*>(tile + (threadIdx.x % 32) * 16 + (threadIdx.x / 32) * 4) = scale_word;
+  uint8_t* scales = p.scales + static_cast<int64_t>(b) * padded_rows * p.padded_scale_cols;
+  const uint32_t k_tiles = static_cast<uint32_t>(p.padded_scale_cols / 4);
+#pragma unroll
+  for (int i = 0; i < kBlocks; ++i) scales[SwizzledOffset(r, k + i, k_tiles)] = scale_bytes[i];
+  if (k + kBlocks == blocks_per_row) {
+    for (uint32_t kk = blocks_per_row; kk < p.padded_scale_cols; ++kk) scales[SwizzledOffset(r, kk, k_tiles)] = 0;
+  }
 }
 
 template <typename T>
 cudaError_t LaunchTyped(const Nvfp4QuantParams& p, cudaStream_t stream) {
-  const int64_t row_tiles = p.batch * (p.padded_rows / 128);
-  const int64_t k_tiles = p.padded_scale_cols / 4;
-  if (row_tiles == 0 || k_tiles == 0) return cudaSuccess;
-  if (row_tiles >= (int64_t{1} << 31) || k_tiles > 65535 || p.padded_rows % 128 || p.padded_scale_cols % 4) {
-    return cudaErrorInvalidValue;
+  constexpr int kThreads = 256;
+  const int64_t blocks = p.batch * p.padded_rows * (p.cols / 16);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks >= (int64_t{1} << 32)) return cudaErrorInvalidValue;
+  // Two blocks per thread (64 bytes in flight) where rows have an even number of blocks.
+  if ((p.cols / 16) % 2 == 0) {
+    const auto n = static_cast<uint32_t>(blocks / 2);
+    Nvfp4QuantKernel<T, 2><<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(p, n);
+  } else {
+    const auto n = static_cast<uint32_t>(blocks);
+    Nvfp4QuantKernel<T, 1><<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(p, n);
   }
-  Nvfp4QuantKernel<T><<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(k_tiles)), 128, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
