@@ -9,6 +9,10 @@ import numpy as np
 FP8_E4M3_MAX = 448.0
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def opaque(x, shape) -> jax.Array:
     """``x`` broadcast to ``shape`` behind an optimization barrier.
 

@@ -27,16 +27,12 @@ _INPUT_DTYPES = tuple(jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.floa
 _TMA_ROW_ALIGNMENT = 4  # DeepGEMM's TMA needs the scale columns 16-byte aligned: rows padded to 4
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _shapes(x, *, group_size, eps, scale_layout, ue8m0, out_dtype, row_alignment):
     groups = x.shape[-1] // group_size
     q = jax.ShapeDtypeStruct(x.shape, out_dtype)
     if scale_layout == ROW_MAJOR:
         return q, jax.ShapeDtypeStruct((*x.shape[:-1], groups), jnp.float32)
-    padded_rows = _round_up(x.shape[-2], row_alignment)
+    padded_rows = _numerics.round_up(x.shape[-2], row_alignment)
     if scale_layout == COLUMN_MAJOR:
         return q, jax.ShapeDtypeStruct((*x.shape[:-2], groups, padded_rows), jnp.float32)
     return q, jax.ShapeDtypeStruct((*x.shape[:-2], -(-groups // 4), padded_rows), jnp.int32)
@@ -60,7 +56,7 @@ def _reference(x, *, group_size, eps, scale_layout, ue8m0, out_dtype, row_alignm
 
     if scale_layout == ROW_MAJOR:
         return q, scale
-    padded_rows = _round_up(x.shape[-2], row_alignment)
+    padded_rows = _numerics.round_up(x.shape[-2], row_alignment)
     if scale_layout == COLUMN_MAJOR:
         return q, _pad_last(jnp.swapaxes(scale, -1, -2), padded_rows)
     words = -(-groups // 4)

@@ -34,10 +34,6 @@ _E2M1_UP = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, Fals
 E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _e2m1_codes(v: jax.Array) -> jax.Array:
     a = jnp.abs(v)
     magnitude = sum(((a >= t) if inclusive else (a > t)).astype(jnp.uint8) for t, inclusive in _E2M1_UP)
@@ -45,35 +41,37 @@ def _e2m1_codes(v: jax.Array) -> jax.Array:
     return magnitude | (sign << 3)
 
 
+def _tile_order(lead: int) -> tuple[int, ...]:
+    """Axis order between [..., tile, inner, outer, k_tile, k_inner] (row-major scales) and
+    [..., tile, k_tile, outer, inner, k_inner] (swizzled); it is its own inverse."""
+    return (*range(lead), lead, lead + 3, lead + 2, lead + 1, lead + 4)
+
+
 def swizzle_block_scales(scales: jax.Array) -> jax.Array:
     """``[..., M, K/16]`` block scales -> vLLM's swizzled ``[..., round_up(M,128), round_up(K/16,4)]``."""
     *lead, m, k = scales.shape
-    mp, kp = _round_up(m, 128), _round_up(k, 4)
+    mp, kp = _numerics.round_up(m, 128), _numerics.round_up(k, 4)
     padded = jnp.pad(scales, [(0, 0)] * len(lead) + [(0, mp - m), (0, kp - k)])
     # row = tile*128 + inner*32 + outer; column = k_tile*4 + k_inner  ->  [tile, k_tile, outer, inner, k_inner]
     tiles = padded.reshape(*lead, mp // 128, 4, 32, kp // 4, 4)
-    n = len(lead)
-    order = (*range(n), n, n + 3, n + 2, n + 1, n + 4)
-    return tiles.transpose(order).reshape(*lead, mp, kp)
+    return tiles.transpose(_tile_order(len(lead))).reshape(*lead, mp, kp)
 
 
 def unswizzle_block_scales(swizzled: jax.Array, m: int, k: int) -> jax.Array:
     """Inverse of :func:`swizzle_block_scales`: ``[..., M_pad, K_pad]`` -> ``[..., m, k // 16]``
     (``m`` rows and ``k`` elements per row of the quantized tensor)."""
     *lead, mp, kp = swizzled.shape
-    if k % BLOCK or mp != _round_up(m, 128) or kp != _round_up(k // BLOCK, 4):
+    if k % BLOCK or mp != _numerics.round_up(m, 128) or kp != _numerics.round_up(k // BLOCK, 4):
         raise ValueError(f"unswizzle_block_scales: scales {tuple(swizzled.shape)} do not fit m={m}, k={k}")
-    n = len(lead)
     tiles = swizzled.reshape(*lead, mp // 128, kp // 4, 32, 4, 4)
-    order = (*range(n), n, n + 3, n + 2, n + 1, n + 4)
-    return tiles.transpose(order).reshape(*lead, mp, kp)[..., :m, : k // BLOCK]
+    return tiles.transpose(_tile_order(len(lead))).reshape(*lead, mp, kp)[..., :m, : k // BLOCK]
 
 
 def _shapes(x, global_scale):
     *lead, m, k = x.shape
     return (
         jax.ShapeDtypeStruct((*lead, m, k // 2), jnp.uint8),
-        jax.ShapeDtypeStruct((*lead, _round_up(m, 128), _round_up(k // BLOCK, 4)), jnp.float8_e4m3fn),
+        jax.ShapeDtypeStruct((*lead, _numerics.round_up(m, 128), _numerics.round_up(k // BLOCK, 4)), jnp.float8_e4m3fn),
     )
 
 
