@@ -4,8 +4,11 @@ Every op runs under ``jax.jit``, ``vmap`` and sharding; on NVIDIA GPUs it lowers
 through XLA FFI, elsewhere (and with ``JAXQ_DISABLE_KERNELS``) to its pure-jnp reference.
 """
 
+from jaxq import formats
 from jaxq._ffi import cuda_available
 from jaxq._op import NotDifferentiableError
+from jaxq.ops.awq import awq_dequantize, awq_gemm
+from jaxq.ops.gptq import gptq_dequantize, gptq_gemm, gptq_shuffle
 from jaxq.ops.group_quant import per_token_group_fp8_quant, per_token_group_fp8_quant_packed
 from jaxq.ops.nvfp4 import (
     nvfp4_dequantize,
@@ -16,6 +19,12 @@ from jaxq.ops.nvfp4 import (
 
 __all__ = [
     "NotDifferentiableError",
+    "awq_dequantize",
+    "awq_gemm",
+    "formats",
+    "gptq_dequantize",
+    "gptq_gemm",
+    "gptq_shuffle",
     "cuda_available",
     "nvfp4_dequantize",
     "per_token_group_fp8_quant",

@@ -159,6 +159,9 @@ class Op:
         ffi_attributes: Callable[..., dict[str, Any]] | None = None,
         batching_rule: Callable | None = None,
         vjp: Callable | None = None,
+        workspace: Callable[..., jax.ShapeDtypeStruct | None] | None = None,
+        operand_names: Sequence[str] = (),
+        grad_operands: Sequence[int] = (0,),
     ):
         """
         Args:
@@ -173,6 +176,12 @@ class Op:
             operands broadcast).
           vjp: ``(args, cotangents, **params) -> input cotangents`` (None for integer inputs). Without
             it the op is not differentiable and asking for a derivative raises.
+          workspace: ``(*avals, **params) -> ShapeDtypeStruct or None``: scratch memory the kernel needs,
+            declared as one more result of the FFI call (so XLA allocates it and command buffers can
+            capture the call) and dropped before anything else sees it.
+          operand_names: names of the operands, for error messages.
+          grad_operands: the operands ``vjp`` differentiates; asking for the derivative of any other
+            (a quantized weight, its scales) raises :class:`NotDifferentiableError` naming it.
         """
         self.name = name
         self._shapes = shapes
@@ -181,19 +190,23 @@ class Op:
         self._ffi_target = ffi_target
         self._ffi_attributes = ffi_attributes or (lambda **params: params)
         self._vjp = vjp
+        self._workspace = workspace or (lambda *avals, **params: None)
+        self._operand_names = tuple(operand_names)
+        self._grad_operands = frozenset(grad_operands)
 
         self.inner = Primitive(f"jaxq_{name}")
         self.outer = Primitive(f"jaxq_{name}_sharded")
         for prim in (self.inner, self.outer):
             prim.multiple_results = True
-            prim.def_abstract_eval(self._abstract_eval)
+        self.inner.def_abstract_eval(self._inner_abstract_eval)
+        self.outer.def_abstract_eval(self._abstract_eval)
         self.inner.def_impl(functools.partial(dispatch.apply_primitive, self.inner))
         # Eager calls run on one device: nothing to partition.
-        self.outer.def_impl(self.inner.bind)
+        self.outer.def_impl(self._bind_inner)
         # The outer lowering emits custom_partitioning, which needs the device assignment.
         dispatch.prim_requires_devices_during_lowering.add(self.outer)
 
-        reference_lowering = mlir.lower_fun(self._reference, multiple_results=True)
+        reference_lowering = mlir.lower_fun(self._reference_with_workspace, multiple_results=True)
         mlir.register_lowering(self.inner, reference_lowering)
         mlir.register_lowering(self.inner, self._cuda_lowering(reference_lowering), platform="cuda")
 
@@ -218,6 +231,21 @@ class Op:
     def _abstract_eval(self, *avals, **params):
         return [ShapedArray(s.shape, s.dtype) for s in self._shapes(*avals, **params)]
 
+    def _inner_abstract_eval(self, *avals, **params):
+        workspace = self._workspace(*avals, **params)
+        extra = [] if workspace is None else [ShapedArray(workspace.shape, workspace.dtype)]
+        return self._abstract_eval(*avals, **params) + extra
+
+    def _reference_with_workspace(self, *args, **params):
+        outs = tuple(self._reference(*args, **params))
+        workspace = self._workspace(*args, **params)
+        return outs if workspace is None else outs + (jnp.zeros(workspace.shape, workspace.dtype),)
+
+    def _bind_inner(self, *args, **params):
+        """The inner primitive's results without its workspace."""
+        outs = self.inner.bind(*args, **params)
+        return outs if self._workspace(*args, **params) is None else outs[:-1]
+
     def _cuda_lowering(self, reference_lowering):
         def lowering(ctx, *args, **params):
             if _ffi.kernel_enabled(self.name, self._ffi_target):
@@ -241,19 +269,33 @@ class Op:
         def call(*args):
             return tuple(self.outer.bind(*args, **params))
 
-        def forward(*args):
-            return call(*args), args
+        def forward(*primals):
+            for i, p in enumerate(primals):
+                if p.perturbed and i not in self._grad_operands:
+                    name = self._operand_names[i] if i < len(self._operand_names) else f"operand {i}"
+                    raise NotDifferentiableError(
+                        f"jaxq.{self.name} has no gradient with respect to {name} (quantized weights and "
+                        "their scales are frozen); differentiate only the activations, or stop the gradient "
+                        f"of {name} (jax.lax.stop_gradient)."
+                    )
+            args = tuple(p.value for p in primals)
+            return tuple(self.outer.bind(*args, **params)), args
 
         def backward(args, cotangents):
+            outs = self._abstract_eval(*args, **params)
+            cotangents = tuple(
+                jnp.zeros(o.shape, o.dtype) if isinstance(c, jax.custom_derivatives.SymbolicZero) else c
+                for c, o in zip(cotangents, outs)
+            )
             return tuple(self._vjp(args, cotangents, **params))
 
-        call.defvjp(forward, backward)
+        call.defvjp(forward, backward, symbolic_zeros=True)
         return call
 
     def _build_partitioned(self):
         @functools.partial(custom_partitioning, static_argnums=(0,))
         def partitioned(frozen_params, *args):
-            return tuple(self.inner.bind(*args, **dict(frozen_params)))
+            return tuple(self._bind_inner(*args, **dict(frozen_params)))
 
         def rule_for(frozen_params, operand_shapes, result_shapes) -> ShardingRule:
             return self._sharding_rule(dict(frozen_params), operand_shapes, result_shapes)
@@ -271,7 +313,7 @@ class Op:
             params = dict(frozen_params)
 
             def per_shard(*args):
-                outs = self.inner.bind(*args, **params)
+                outs = self._bind_inner(*args, **params)
                 return tuple(jax.lax.psum(o, reduce_axes) if reduce_axes else o for o in outs)
 
             operand_shardings = tuple(NamedSharding(mesh, _spec(d, assigned)) for d in rule.operands)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxq
+from jaxq.ops import _weight_only, awq as awq_ops, gptq as gptq_ops
 
 _ROTATE_BYTES = 256 << 20  # 5x the H100's 50 MB L2
 _MIN_CALLS, _MAX_CALLS = 8, 256
@@ -149,15 +151,128 @@ def run(ops: set[str] | None, token_counts: list[int], hidden: int, quick: bool)
     return rows
 
 
+# ------------------------------------------------------------------------------- weight-only GEMMs
+
+WEIGHT_SHAPES = [(8192, 28672), (4096, 14336), (28672, 8192)]  # (K, N): Llama-3-8B/70B-like projections
+
+
+@dataclasses.dataclass
+class WeightCase:
+    family: str  # "awq" or "gptq"
+    bits: int
+    k: int
+    n: int
+    dtype: jnp.dtype = jnp.dtype(jnp.bfloat16)
+    group_size: int = 128
+
+    def make_weight(self, i: int) -> tuple:
+        """Random packed tensors (every bit pattern is a valid weight), scales near 1e-2."""
+        keys = jax.random.split(jax.random.key(10_000 + i), 3)
+        groups = self.k // self.group_size
+        scales = (jax.random.uniform(keys[2], (groups, self.n), jnp.float32, 0.5, 1.5) * 1e-2).astype(self.dtype)
+        if self.family == "awq":
+            qweight = jax.random.bits(keys[0], (self.k, self.n // 8), jnp.uint32).view(jnp.int32)
+            qzeros = jax.random.bits(keys[1], (groups, self.n // 8), jnp.uint32).view(jnp.int32)
+        else:
+            qweight = jax.random.bits(keys[0], (self.k * self.bits // 32, self.n), jnp.uint32).view(jnp.int32)
+            qzeros = jax.random.bits(keys[1], (groups, self.n * self.bits // 32), jnp.uint32).view(jnp.int32)
+        return qweight, qzeros, scales
+
+    def weight_bytes(self) -> int:
+        groups = self.k // self.group_size
+        return self.k * self.n * self.bits // 8 + groups * self.n * (2 + self.bits / 8)
+
+    def ours(self, x, qweight, qzeros, scales):
+        if self.family == "awq":
+            return jaxq.awq_gemm(x, qweight, scales, qzeros)
+        return jaxq.gptq_gemm(x, qweight, qzeros, scales, jnp.zeros((0,), jnp.int32), use_exllama=True, bits=self.bits)
+
+    def kernel(self, x, qweight, qzeros, scales):
+        """The kernel alone, for any M (crossover measurements)."""
+        if self.family == "awq":
+            return awq_ops._awq_gemm(x, qweight, qzeros, scales, split_k_hint=None)[0]
+        return gptq_ops._gptq_gemm(x, qweight, qzeros, scales, bits=self.bits, exllama=True, v2=False)[0]
+
+    def dequantize(self, qweight, qzeros, scales):
+        if self.family == "awq":
+            return jaxq.awq_dequantize(qweight, scales, qzeros)
+        return jaxq.gptq_dequantize(qweight, qzeros, scales, jnp.zeros((0,), jnp.int32), bits=self.bits, use_exllama=True)
+
+    def xla(self, x, qweight, qzeros, scales):
+        """What a user writes without jaxq: unpack in jnp, then jnp.dot."""
+        if self.family == "awq":
+            w = awq_ops.awq_dequantize_reference(qweight, qzeros, scales)
+        else:
+            w = gptq_ops.gptq_dequantize_reference(qweight, qzeros, scales, bits=self.bits, exllama=False, v2=False)
+        return jnp.dot(x, w)
+
+
+def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy: float) -> list[dict]:
+    cases = [WeightCase("awq", 4, k, n) for k, n in WEIGHT_SHAPES]
+    cases += [WeightCase("gptq", 4, k, n) for k, n in WEIGHT_SHAPES]
+    cases += [WeightCase("gptq", 8, 8192, 28672)]
+    out = []
+    for case in cases:
+        if f"{case.family}_gemm" not in families:
+            continue
+        moved = case.weight_bytes()
+        make_weight = functools.cache(case.make_weight)
+        for m in sorted(set(rows + (sweep if (case.k, case.n, case.bits) == (8192, 28672, 4) else []))):
+            if m >= 1024 and (case.k, case.n) != (8192, 28672):
+                continue
+
+            def make_input(i, m=m, case=case):
+                x = jax.random.normal(jax.random.key(i), (m, case.k), jnp.float32).astype(case.dtype)
+                return (x, *make_weight(i))
+
+            row = dict(op=f"{case.family}_gemm", variant=f"{case.bits}-bit G{case.group_size} bf16", shape=f"M{m} K{case.k} N{case.n}")
+            ours = _time_per_call(case.ours, make_input, moved)
+            row.update(us=ours * 1e6, gbps=moved / ours / 1e9, pct_copy=100 * moved / ours / copy)
+            if m <= 256:
+                xla = _time_per_call(case.xla, make_input, moved)
+                row.update(xla_us=xla * 1e6, speedup=xla / ours)
+            if m in sweep:  # both sides of the crossover
+                row["kernel_us"] = _time_per_call(case.kernel, make_input, moved) * 1e6
+                row["dequant_dot_us"] = _time_per_call(
+                    lambda x, *w, case=case: jnp.dot(x, case.dequantize(*w)), make_input, moved) * 1e6
+            if m >= 1024:  # against cuBLAS bf16 on an already dequantized weight
+                dense = functools.cache(lambda i, case=case: case.dequantize(*make_weight(i)))
+                bf16 = _time_per_call(lambda x, w: jnp.dot(x, w),
+                                      lambda i, m=m, case=case: (make_input(i)[0], dense(i)), moved * 4)
+                row.update(bf16_dot_us=bf16 * 1e6, vs_bf16=ours / bf16)
+            out.append(row)
+            print(row, flush=True)
+    print("| op | variant | shape | µs | weight GB/s | % of copy BW | XLA jnp µs | vs XLA | kernel µs | dequant+dot µs | bf16 dot µs | time / bf16 dot |")
+    print("|" + "---|" * 12)
+    for r in out:
+        f = lambda key, fmt: (fmt.format(r[key]) if key in r else "")
+        print(f"| {r['op']} | {r['variant']} | {r['shape']} | {r['us']:.1f} | {r['gbps']:.0f} | {r['pct_copy']:.1f}% | "
+              f"{f('xla_us', '{:.1f}')} | {f('speedup', '{:.2f}x')} | {f('kernel_us', '{:.1f}')} | "
+              f"{f('dequant_dot_us', '{:.1f}')} | {f('bf16_dot_us', '{:.1f}')} | {f('vs_bf16', '{:.3f}x')} |")
+    return out
+
+
+WEIGHT_ONLY_OPS = {"awq_gemm", "gptq_gemm"}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default="", help="comma-separated op names (default: all)")
-    parser.add_argument("--rows", default="16,4096,16384", help="comma-separated M values")
-    parser.add_argument("--hidden", type=int, default=7168, help="K")
+    parser.add_argument("--rows", default="16,4096,16384", help="comma-separated M values (activation ops)")
+    parser.add_argument("--hidden", type=int, default=7168, help="K (activation ops)")
+    parser.add_argument("--gemm-rows", default="1,16,4096", help="comma-separated M values (weight-only GEMMs)")
+    parser.add_argument("--sweep", default="16,32,48,64,128", help="M values to time kernel vs dequantize + dot")
     parser.add_argument("--quick", action="store_true", help="one small shape per op (smoke run)")
     args = parser.parse_args(argv)
+    ops = {o.strip() for o in args.ops.split(",") if o.strip()} or None
     token_counts, hidden = ([256], 1024) if args.quick else ([int(m) for m in args.rows.split(",")], args.hidden)
-    run({o.strip() for o in args.ops.split(",") if o.strip()} or None, token_counts, hidden, args.quick)
+    if ops is None or ops - WEIGHT_ONLY_OPS:
+        run(ops - WEIGHT_ONLY_OPS if ops else None, token_counts, hidden, args.quick)
+    if not args.quick and (ops is None or ops & WEIGHT_ONLY_OPS):
+        copy = copy_bandwidth()
+        print(f"copy bandwidth {copy / 1e9:.0f} GB/s (read + write)")
+        run_weight_only(ops & WEIGHT_ONLY_OPS if ops else WEIGHT_ONLY_OPS, [int(m) for m in args.gemm_rows.split(",")],
+                        [int(m) for m in args.sweep.split(",")], copy)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,74 @@ def swizzle(sf_bits: np.ndarray) -> np.ndarray:
     offset = ((rows // 128) * k_tiles + cols // 4) * 512 + (rows % 32) * 16 + ((rows // 32) % 4) * 4 + cols % 4
     flat[offset.ravel()] = sf_bits.ravel()
     return flat.reshape(mp, kp)
+
+
+# ------------------------------------------------------------------------------ AWQ / GPTQ weights
+
+AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # column j of 8 sits at nibble AWQ_REVERSE_ORDER[j]
+
+
+def awq_unpack(packed: np.ndarray) -> np.ndarray:
+    words = np.asarray(packed).astype(np.int64) & 0xFFFFFFFF
+    rows, cols = words.shape
+    out = np.zeros((rows, cols * 8), np.int64)
+    for j in range(8):
+        out[:, j::8] = (words >> (4 * AWQ_REVERSE_ORDER[j])) & 0xF
+    return out
+
+
+def bitstream_unpack(packed: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """GPTQ's little-endian bit stream along `axis`, read bit by bit."""
+    words = np.moveaxis(np.asarray(packed).astype(np.uint32), axis, -1)
+    as_bytes = np.ascontiguousarray(words.astype("<u4")).view(np.uint8).reshape(*words.shape[:-1], -1)
+    stream = np.unpackbits(as_bytes, axis=-1, bitorder="little")
+    count = stream.shape[-1] // bits
+    values = stream[..., : count * bits].reshape(*stream.shape[:-1], count, bits)
+    out = (values.astype(np.int64) << np.arange(bits)).sum(-1)
+    return np.moveaxis(out, -1, axis)
+
+
+def exllama_shuffle_word_columns(values: np.ndarray, bits: int) -> np.ndarray:
+    """vLLM's shuffle_{2,4,8}bit / shuffle_3bit_32, column by column, on unpacked values [K, N] -> words."""
+    k, n = values.shape
+    v = values.astype(np.uint64)
+    if bits in (2, 4, 8):
+        per = 32 // bits
+        out = np.zeros((k // per, n), np.uint64)
+        for r in range(k // per):
+            chunk = v[r * per:(r + 1) * per]
+            if bits == 8:
+                for i in range(4):
+                    out[r] |= chunk[i] << (8 * i)
+                continue
+            for i in range(per // 2):  # qb |= qa0 << (i*bits); qb |= qa1 << (i*bits + 16)
+                out[r] |= chunk[2 * i] << (i * bits)
+                out[r] |= chunk[2 * i + 1] << (i * bits + 16)
+        return out.astype(np.uint32).view(np.int32)
+    out = np.zeros((k // 32 * 3, n), np.uint64)
+    for r in range(k // 32):
+        chunk = v[r * 32:(r + 1) * 32]
+        for w in range(3):  # words of ten values: even ones from bit 0, odd ones from bit 16
+            for i in range(5):
+                out[3 * r + w] |= chunk[10 * w + 2 * i] << (3 * i)
+                out[3 * r + w] |= chunk[10 * w + 2 * i + 1] << (3 * i + 16)
+        for j in range(3):  # bit j of value 30 -> bit 15 of word j, of value 31 -> bit 31
+            out[3 * r + j] |= ((chunk[30] >> j) & 1) << 15
+            out[3 * r + j] |= ((chunk[31] >> j) & 1) << 31
+    return out.astype(np.uint32).view(np.int32)
+
+
+def awq_dequantize(qweight, scales, qzeros) -> np.ndarray:
+    q, z = awq_unpack(qweight), awq_unpack(qzeros)
+    g = q.shape[0] // z.shape[0]
+    s = np.asarray(scales, np.float32)
+    w = (q - np.repeat(z, g, axis=0)).astype(np.float32) * np.repeat(s, g, axis=0)
+    return w  # float32; round to the scales' dtype to compare
+
+
+def gptq_dequantize(qweight, qzeros, scales, g_idx, bits, v2) -> np.ndarray:
+    q = bitstream_unpack(qweight, bits, 0)
+    z = bitstream_unpack(qzeros, bits, 1) + (0 if v2 else 1)
+    rows = np.asarray(g_idx)
+    s = np.asarray(scales, np.float32)
+    return (q - z[rows]).astype(np.float32) * s[rows]

@@ -100,3 +100,92 @@ def test_disable_switch_lowers_to_reference(monkeypatch):
     x = jax.device_put(jnp.ones((4, 32), jnp.bfloat16), jax.devices("cuda")[0])
     text = jax.jit(lambda x: jaxq.scaled_fp4_quant(x, jnp.float32(1.0))).lower(x).as_text()
     assert "jaxq_scaled_fp4_quant" not in text
+
+
+# ------------------------------------------------------------------------------- AWQ / GPTQ kernels
+
+from jaxq import formats  # noqa: E402
+
+
+def _rel_l2(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _compare_close(f, *args, tol):
+    got = _on("cuda", f, *args)
+    want = _on("cpu", f, *args)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.all(np.isfinite(np.asarray(got, np.float32)))
+    assert _rel_l2(got, want) <= tol, _rel_l2(got, want)
+
+
+def _gemm_tol(dtype):
+    return 1e-2 if dtype == jnp.bfloat16 else 3e-3
+
+
+def test_weight_only_kernels_are_used():
+    rng = np.random.default_rng(0)
+    qw, sc, qz = formats.quantize_awq(jnp.asarray(rng.standard_normal((128, 64)), jnp.float16), 32)
+    x = jax.device_put(jnp.ones((4, 128), jnp.float16), jax.devices("cuda")[0])
+    text = jax.jit(jaxq.awq_gemm).lower(x, qw, sc, qz).as_text()
+    assert "jaxq_weight_only_gemm" in text
+
+
+AWQ_SHAPES = [(1, 256, 128), (7, 512, 96), (16, 1024, 256), (17, 384, 32), (32, 4096, 1024)]
+
+
+@pytest.mark.parametrize("m,k,n", AWQ_SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_awq_gemm_kernel(m, k, n, dtype, group_size):
+    if group_size > 0 and k % group_size:
+        pytest.skip("K not a multiple of the group")
+    rng = np.random.default_rng(m * k + n)
+    qw, sc, qz = formats.quantize_awq(jnp.asarray(rng.standard_normal((k, n)), dtype), group_size)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    _compare_close(jaxq.awq_gemm, x, qw, sc, qz, tol=_gemm_tol(dtype))
+    _compare(lambda *a: (jaxq.awq_dequantize(*a),), qw, sc, qz)
+
+
+GPTQ_SHAPES = [(1, 256, 128), (9, 384, 96), (16, 1024, 256), (32, 2048, 512)]
+
+
+@pytest.mark.parametrize("m,k,n", GPTQ_SHAPES)
+@pytest.mark.parametrize("bits", formats.GPTQ_BITS)
+@pytest.mark.parametrize("variant", ["plain", "exllama", "exllama_act_order", "act_order_v2"])
+def test_gptq_gemm_kernel(m, k, n, bits, variant):
+    dtype = jnp.bfloat16 if (m + bits) % 2 else jnp.float16
+    rng = np.random.default_rng(m + k + bits)
+    act_order = "act_order" in variant
+    v2 = variant.endswith("v2")
+    order = rng.permutation(k) if act_order else None
+    qw, qz, sc, g_idx = formats.quantize_gptq(jnp.asarray(rng.standard_normal((k, n)), dtype), bits, 64 if k % 128 else 128,
+                                              act_order=order, v2_format=v2, symmetric=False)
+    exllama = variant.startswith("exllama")
+    if exllama:
+        perm = jnp.argsort(g_idx).astype(jnp.int32) if act_order else jnp.zeros((0,), jnp.int32)
+        qw, g_idx = jaxq.gptq_shuffle(qw, perm, bits), perm
+    elif not act_order:
+        g_idx = jnp.zeros((0,), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    f = lambda *a: jaxq.gptq_gemm(*a, use_exllama=exllama, use_v2_format=v2, bits=bits)
+    _compare_close(f, x, qw, qz, sc, g_idx, tol=_gemm_tol(dtype))
+    _compare(lambda *a: (jaxq.gptq_dequantize(*a, bits=bits, use_v2_format=v2, use_exllama=exllama),), qw, qz, sc, g_idx)
+
+
+@pytest.mark.parametrize("split", [None, 1, 3])
+def test_awq_gemm_kernel_large_and_split(split):
+    rng = np.random.default_rng(1)
+    k, n = 8192, 2048
+    qw, sc, qz = formats.quantize_awq(jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16), 128)
+    x = jnp.asarray(rng.standard_normal((16, k)), jnp.bfloat16)
+    _compare_close(lambda *a: jaxq.awq_gemm(*a, split_k_iters=split), x, qw, sc, qz, tol=1e-2)
+
+
+def test_weight_only_gemm_gradient_on_gpu():
+    rng = np.random.default_rng(2)
+    qw, sc, qz = formats.quantize_awq(jnp.asarray(rng.standard_normal((256, 128)), jnp.bfloat16), 64)
+    x = jnp.asarray(rng.standard_normal((5, 256)), jnp.bfloat16)
+    f = lambda x, qw, sc, qz: jax.grad(lambda x: jnp.sum(jaxq.awq_gemm(x, qw, sc, qz).astype(jnp.float32)))(x)
+    _compare_close(f, x, qw, sc, qz, tol=1e-2)

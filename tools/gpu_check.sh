@@ -33,17 +33,24 @@ for stage in $stages; do
     # Each buffer its own cudaMalloc (no pool), so memcheck sees accesses past a buffer's end.
     san_tests="$REPO/tests/test_gpu.py::test_packed_kernel_batched $REPO/tests/test_gpu.py::test_nvfp4_kernel_batched_global_scales"
     san_tests+=" $REPO/tests/test_gpu.py::test_group_quant_kernel_group_sizes"
+    wo_tests="$REPO/tests/test_gpu.py::test_awq_gemm_kernel $REPO/tests/test_gpu.py::test_gptq_gemm_kernel"
+    wo_tests+=" $REPO/tests/test_gpu.py::test_awq_gemm_kernel_large_and_split"
     for tool in memcheck racecheck; do
-      (cd /tmp && XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool $tool --target-processes all \
-         --print-limit 20 python3 -m pytest -q -p no:cacheprovider $san_tests -k "bfloat16 or batched" 2>&1) \
-         > "$OUT/sanitizer_$tool.log"
-      rc=$?
-      echo "$tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
-      [ $rc -eq 0 ] || status=1
+      for set in activation weight_only; do
+        if [ $set = activation ]; then tests=$san_tests; filter="bfloat16 or batched"
+        else tests=$wo_tests; filter="(17-384-32 and 32-) or (9-384-96 and plain) or (exllama and 9-384-96) or split and 3"; fi
+        (cd /tmp && XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool $tool --target-processes all \
+           --print-limit 20 python3 -m pytest -q -p no:cacheprovider $tests -k "$filter" 2>&1) \
+           > "$OUT/sanitizer_${tool}_$set.log"
+        rc=$?
+        echo "$tool $set: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed' "$OUT/sanitizer_${tool}_$set.log" | tr '\n' ' ')"
+        [ $rc -eq 0 ] || status=1
+      done
     done ;;
   bench)
     echo "=== benchmark"
-    (cd /tmp && python3 -m jaxq.bench 2>&1) | tee "$OUT/bench.log" | tail -20 ;;
+    # BENCH_ARGS narrows the run, e.g. BENCH_ARGS="--ops awq_gemm,gptq_gemm".
+    (cd /tmp && python3 -m jaxq.bench ${BENCH_ARGS:-} 2>&1) | tee "$OUT/bench.log" | tail -40 ;;
   ncu)
     echo "=== ncu: kernel time and DRAM traffic per op at M=16384 K=7168 (clocks as found)"
     for op in per_token_group_fp8_quant per_token_group_fp8_quant_packed scaled_fp4_quant; do

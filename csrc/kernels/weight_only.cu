@@ -1,0 +1,591 @@
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "kernels/weight_only.h"
+
+namespace jaxq {
+namespace {
+
+constexpr int kWarps = 4;           // per block, splitting the block's K range
+constexpr int kWarpColumns = 128;   // output columns per warp (16 per thread)
+constexpr int kRowsPerPass = 16;    // rows of x per pass over the weight (two m8 MMA tiles)
+
+// ------------------------------------------------------------------------------------------- values
+
+// Bit offset (in a stream of 32-bit words) of bit j of value i of a 32-value block of `Bits`-bit values.
+// GPTQ: a little-endian stream. Exllama: 2/4-bit words hold their even values in the low half-word and
+// odd ones in the high; 3-bit words hold ten values so, and values 30 and 31 put their three bits at bit
+// 15 (value 30) or 31 (value 31) of the three words; 8-bit words are unchanged.
+template <int Bits, bool Exllama>
+__host__ __device__ constexpr int BitOf(int i, int j) {
+  if (!Exllama || Bits == 8) return i * Bits + j;
+  if (Bits == 3) {
+    if (i >= 30) return 32 * j + (i == 30 ? 15 : 31);
+    return 32 * (i / 10) + 16 * (i % 10 % 2) + 3 * (i % 10 / 2) + j;
+  }
+  constexpr int per = 32 / Bits;
+  return 32 * (i / per) + 16 * (i % per % 2) + Bits * (i % per / 2) + j;
+}
+
+// Value i of a 32-value block held in words w[0..Bits) (i a compile-time constant after unrolling).
+template <int Bits, bool Exllama>
+__device__ __forceinline__ uint32_t ValueOf(const uint32_t* w, int i) {
+  constexpr uint32_t mask = (1u << Bits) - 1;
+  const int first = BitOf<Bits, Exllama>(i, 0);
+  if (BitOf<Bits, Exllama>(i, Bits - 1) == first + Bits - 1) {  // contiguous bits
+    const int word = first / 32, shift = first % 32;
+    uint32_t v = w[word] >> shift;
+    if (shift + Bits > 32) v |= w[word + 1] << (32 - shift);
+    return v & mask;
+  }
+  uint32_t v = 0;
+#pragma unroll
+  for (int j = 0; j < Bits; ++j) {
+    const int b = BitOf<Bits, Exllama>(i, j);
+    v |= ((w[b / 32] >> (b % 32)) & 1u) << j;
+  }
+  return v;
+}
+
+// ---------------------------------------------------------------------------------- dequantization
+
+// Magic bit patterns: a 16-bit float whose integer part is 1024 (fp16) or 128 (bf16) with its low
+// mantissa bits free, so OR-ing in a small integer q makes the float (magic + q) exactly.
+template <typename T>
+struct Half2Ops;
+
+template <>
+struct Half2Ops<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t kMagic = 0x6400;
+  static constexpr int kMantissaBits = 10;
+};
+
+template <>
+struct Half2Ops<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x4300;
+  static constexpr int kMantissaBits = 7;
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t AsU32(typename Half2Ops<T>::T2 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ typename Half2Ops<T>::T2 AsT2(uint32_t v) {
+  return *reinterpret_cast<typename Half2Ops<T>::T2*>(&v);
+}
+
+// Per-column constants of the current group. 8-bit values do not fit bf16's magic (7 mantissa bits):
+// that case computes in float32 (zero holds 2^23 + z as float bits, scale the scale as a float).
+template <typename T, int Bits>
+struct ColumnConstants {
+  static constexpr bool kFloat = Bits >= Half2Ops<T>::kMantissaBits;
+  uint32_t zero[16];
+  uint32_t scale[16];
+
+  __device__ __forceinline__ void Set(int c, uint32_t z, uint16_t scale_bits) {
+    if constexpr (kFloat) {
+      zero[c] = __float_as_uint(8388608.f + static_cast<float>(z));
+      const T s = *reinterpret_cast<const T*>(&scale_bits);
+      scale[c] = __float_as_uint(static_cast<float>(s));
+    } else {
+      zero[c] = (Half2Ops<T>::kMagic + z) * 0x10001u;
+      scale[c] = static_cast<uint32_t>(scale_bits) * 0x10001u;
+    }
+  }
+
+  // (q_lo - z) * s and (q_hi - z) * s for column c, from q_lo in bits 0..15 and q_hi in 16..31, rounded
+  // once to T as the reference rounds.
+  __device__ __forceinline__ uint32_t Dequantize(uint32_t fields, int c) const {
+    if constexpr (kFloat) {
+      const float z = __uint_as_float(zero[c]), s = __uint_as_float(scale[c]);
+      const float lo = (__uint_as_float(0x4b000000u | (fields & 0xffffu)) - z) * s;
+      const float hi = (__uint_as_float(0x4b000000u | (fields >> 16)) - z) * s;
+      if constexpr (std::is_same_v<T, __half>) return AsU32<T>(__floats2half2_rn(lo, hi));
+      else return AsU32<T>(__floats2bfloat162_rn(lo, hi));
+    } else {
+      const auto q = AsT2<T>(fields | Half2Ops<T>::kMagic * 0x10001u);
+      return AsU32<T>(__hmul2(__hsub2(q, AsT2<T>(zero[c])), AsT2<T>(scale[c])));
+    }
+  }
+};
+
+// --------------------------------------------------------------------------------------- GEMM tiles
+//
+// A warp computes a 128-column strip of out^T = W^T x^T with m16n8k16 MMAs: W^T is the A operand (16
+// output columns by 16 k), x^T the B operand (16 k by 8 rows of x). Each lane (g = lane / 4, t = lane % 4)
+// holds 16 output columns and, per MMA, four k values of them: the A rows g and g + 8 of tile tau are its
+// columns 2 tau and 2 tau + 1. Which k a fragment slot stands for is free as long as A and B agree, so
+// each format puts in a slot whatever pair of values one shift and mask extracts from its words, and
+// the B fragment gathers the matching x values.
+
+// One step of a warp over `kSlabK` rows of K. Each format provides the weight words of a step, the
+// column each of a lane's 16 columns is, and for MMA chunk h the two value pairs (P0, P1): the k
+// (relative to the lane's first) of each half of the pair, and the pair extracted from a column's words.
+
+template <int Bits, bool Exllama>
+struct GptqTiles {
+  static constexpr int kWordRows = Bits == 3 ? 3 : 1;    // words of one column a lane holds per step
+  static constexpr int kValues = 32 * kWordRows / Bits;  // k values per lane per step
+  static constexpr int kChunks = kValues / 4;
+  static constexpr int kSlabK = 4 * kValues;
+  static constexpr int kPairs = kValues / 2;
+
+  uint32_t w[kWordRows][16];
+
+  // k offsets (within the lane's kValues) of the low and high value of pair j.
+  // 3-bit: pairs (2j, 2j + 1) in both layouts; otherwise one shift and mask gives values (j, j + kPairs)
+  // of GPTQ's stream and (2j, 2j + 1) of exllama's interleave (8-bit: the same words either way).
+  static constexpr bool kInterleaved = Bits == 3 || (Exllama && Bits != 8);
+  __host__ __device__ static constexpr int PairLo(int j) { return kInterleaved ? 2 * j : j; }
+  __host__ __device__ static constexpr int PairHi(int j) { return kInterleaved ? 2 * j + 1 : j + kPairs; }
+
+  __device__ static int Column(int g, int c) { return 16 * g + c; }
+  __device__ static int LaneK(int t) { return t * kValues; }
+
+  __device__ __forceinline__ void Load(const uint32_t* qweight, int64_t n, int64_t k0, int64_t n0, int g, int t,
+                                       bool valid) {
+    const int64_t word_row = (k0 + t * kValues) / 32 * Bits;
+#pragma unroll
+    for (int r = 0; r < kWordRows; ++r) {
+      const uint4* src = reinterpret_cast<const uint4*>(qweight + (word_row + r) * n + n0 + 16 * g);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const uint4 v = valid ? __ldcs(src + u) : make_uint4(0, 0, 0, 0);
+        w[r][4 * u] = v.x;
+        w[r][4 * u + 1] = v.y;
+        w[r][4 * u + 2] = v.z;
+        w[r][4 * u + 3] = v.w;
+      }
+    }
+  }
+
+  // Pair j of column c: value PairLo(j) in bits 0..15, PairHi(j) in 16..31.
+  __device__ __forceinline__ uint32_t Pair(int c, int j) const {
+    constexpr uint32_t mask = ((1u << Bits) - 1) * 0x10001u;
+    if constexpr (Bits == 3 && !Exllama) {
+      uint32_t words[3] = {w[0][c], w[1][c], w[2][c]};
+      return ValueOf<3, false>(words, 2 * j) | (ValueOf<3, false>(words, 2 * j + 1) << 16);
+    } else if constexpr (Bits == 3) {
+      if (j == 15) {
+        return ((w[0][c] >> 15) & 0x10001u) | ((w[1][c] >> 14) & 0x20002u) | ((w[2][c] >> 13) & 0x40004u);
+      }
+      return (w[j / 5][c] >> (3 * (j % 5))) & mask;
+    } else if constexpr (Bits == 8) {
+      return (w[0][c] >> (8 * j)) & mask;  // values (j, j + 2)
+    } else {
+      return (w[0][c] >> (Bits * j)) & mask;
+    }
+  }
+};
+
+struct AwqTiles {
+  static constexpr int kChunks = 1;
+  static constexpr int kSlabK = 16;
+
+  uint32_t w[2][4];  // after the transpose: rows (2t, 2t+1) and (2t+8, 2t+9) of four words' half-words
+
+  __host__ __device__ static constexpr int PairLo(int j) { return 8 * j; }
+  __host__ __device__ static constexpr int PairHi(int j) { return 8 * j + 1; }
+  // Lane g holds half-word g % 2 of words 4 (g / 2) + i: columns 2 j + g % 2 of each, j < 4.
+  __device__ static int Column(int g, int c) { return 32 * (g / 2) + 8 * (c / 4) + 2 * (c % 4) + g % 2; }
+  __device__ static int LaneK(int t) { return 2 * t; }
+
+  __device__ __forceinline__ void Load(const uint32_t* qweight, int64_t n, int64_t k0, int64_t n0, int g, int t,
+                                       bool valid) {
+    // Lane (r, c) = (g, t) reads row k0 + r (and + 8), words 4c..4c+3 of the strip; movmatrix then gives
+    // each lane two consecutive rows of one half-word per word.
+    const int64_t words = n / 8;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const uint4* src = reinterpret_cast<const uint4*>(qweight + (k0 + 8 * half + g) * words + n0 / 8 + 4 * t);
+      const uint4 v = valid ? __ldcs(src) : make_uint4(0, 0, 0, 0);
+      const uint32_t in[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(w[half][i]) : "r"(in[i]));
+      }
+    }
+  }
+
+  __device__ __forceinline__ uint32_t Pair(int c, int j) const { return (w[j][c / 4] >> (4 * (c % 4))) & 0x000f000fu; }
+};
+
+template <typename T>
+__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// x values a and b (16-bit elements of the words xv) as one pair register.
+__device__ __forceinline__ uint32_t XPair(const uint32_t* xv, int a, int b) {
+  if (b == a + 1 && a % 2 == 0) return xv[a / 2];
+  const uint32_t select = (a % 2 ? 0x32u : 0x10u) | ((b % 2 ? 0x76u : 0x54u) << 8);
+  return __byte_perm(xv[a / 2], xv[b / 2], select);
+}
+
+template <int Bytes>
+__device__ __forceinline__ void LoadWords(uint32_t* dst, const void* src, bool valid) {
+  if constexpr (Bytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < Bytes / 16; ++i) {
+      const uint4 v = valid ? __ldg(static_cast<const uint4*>(src) + i) : make_uint4(0, 0, 0, 0);
+      dst[4 * i] = v.x, dst[4 * i + 1] = v.y, dst[4 * i + 2] = v.z, dst[4 * i + 3] = v.w;
+    }
+  } else if constexpr (Bytes == 8) {
+    const uint2 v = valid ? __ldg(static_cast<const uint2*>(src)) : make_uint2(0, 0);
+    dst[0] = v.x, dst[1] = v.y;
+  } else {
+    static_assert(Bytes == 4);
+    dst[0] = valid ? __ldg(static_cast<const uint32_t*>(src)) : 0u;
+  }
+}
+
+template <typename T, WeightFormat Format, int Bits>
+struct Traits {
+  using Tiles = std::conditional_t<Format == WeightFormat::kAwq, AwqTiles,
+                                   GptqTiles<Bits, Format == WeightFormat::kGptqExllama>>;
+};
+
+// Loads the current group's zeros and scales of the lane's 16 columns.
+template <typename T, WeightFormat Format, int Bits, typename Tiles>
+__device__ __forceinline__ void LoadGroup(ColumnConstants<T, Bits>& cc, const WeightOnlyParams& p, int64_t group,
+                                          int64_t n0, int g) {
+  const uint16_t* scales = static_cast<const uint16_t*>(p.scales) + group * p.n;
+#pragma unroll
+  for (int c = 0; c < 16; ++c) {
+    const int64_t col = n0 + Tiles::Column(g, c);
+    uint32_t z = 0;
+    uint16_t s = 0;
+    if (col < p.n) {
+      s = __ldg(scales + col);
+      if constexpr (Format == WeightFormat::kAwq) {
+        const uint32_t word = __ldg(p.qzeros + group * (p.n / 8) + col / 8);
+        const int nibble = (col % 8) / 2 + 4 * (col % 2);
+        z = (word >> (4 * nibble)) & 0xfu;
+      } else {
+        const uint32_t* row = p.qzeros + group * (p.n * Bits / 32);
+        const int64_t bit = col * Bits;
+        uint64_t window = __ldg(row + bit / 32);
+        if (bit % 32 + Bits > 32) window |= static_cast<uint64_t>(__ldg(row + bit / 32 + 1)) << 32;
+        z = static_cast<uint32_t>(window >> (bit % 32)) & ((1u << Bits) - 1);
+      }
+    }
+    cc.Set(c, z + p.zero_offset, s);
+  }
+}
+
+template <typename T, WeightFormat Format, int Bits, int MTiles>
+__global__ void __launch_bounds__(kWarps * 32) WeightOnlyGemmKernel(WeightOnlyParams p, int split_k) {
+  using Tiles = typename Traits<T, Format, Bits>::Tiles;
+  constexpr int kSlabK = Tiles::kSlabK;
+  __shared__ float reduce[kWarps][8 * MTiles][kWarpColumns + 1];
+  __shared__ bool last_block;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kWarpColumns;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kRowsPerPass;
+  const int64_t slabs = p.k / kSlabK;
+  const int64_t slab_end = (blockIdx.y + 1) * slabs / split_k;
+  const int64_t group_size = p.k / p.groups;
+  const T* x = static_cast<const T*>(p.x);
+  // Lanes whose 16 columns (GPTQ) or 4 words (AWQ) lie past N load nothing.
+  const bool lane_valid = Format == WeightFormat::kAwq ? n0 + 32 * t < p.n : n0 + 16 * g < p.n;
+
+  float acc[MTiles][8][4] = {};
+  ColumnConstants<T, Bits> cc;
+  int64_t loaded_group = -1;
+  for (int64_t slab = blockIdx.y * slabs / split_k + warp; slab < slab_end; slab += kWarps) {
+    const int64_t k0 = slab * kSlabK;
+    Tiles tiles;
+    tiles.Load(p.qweight, p.n, k0, n0, g, t, lane_valid);
+    const int64_t group = (k0 + Tiles::LaneK(t)) / group_size;
+    if (group != loaded_group) {
+      LoadGroup<T, Format, Bits, Tiles>(cc, p, group, n0, g);
+      loaded_group = group;
+    }
+    // x values of this lane's k for the B fragments (row g of each m8 tile).
+    constexpr int kXWords = Format == WeightFormat::kAwq ? 2 : Tiles::kSlabK / 8;  // words per row
+    uint32_t xv[MTiles][kXWords];
+#pragma unroll
+    for (int mt = 0; mt < MTiles; ++mt) {
+      const int64_t row = m0 + 8 * mt + g;
+      const T* src = x + row * p.k + k0 + Tiles::LaneK(t);
+      if constexpr (Format == WeightFormat::kAwq) {
+        LoadWords<4>(xv[mt], src, row < p.m);
+        LoadWords<4>(xv[mt] + 1, src + 8, row < p.m);
+      } else {
+        LoadWords<Tiles::kSlabK / 2>(xv[mt], src, row < p.m);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < Tiles::kChunks; ++h) {
+      const int j0 = 2 * h, j1 = 2 * h + 1;
+      uint32_t b[MTiles][2];
+#pragma unroll
+      for (int mt = 0; mt < MTiles; ++mt) {
+        if constexpr (Format == WeightFormat::kAwq) {
+          b[mt][0] = xv[mt][0];
+          b[mt][1] = xv[mt][1];
+        } else {
+          b[mt][0] = XPair(xv[mt], Tiles::PairLo(j0), Tiles::PairHi(j0));
+          b[mt][1] = XPair(xv[mt], Tiles::PairLo(j1), Tiles::PairHi(j1));
+        }
+      }
+#pragma unroll
+      for (int tau = 0; tau < 8; ++tau) {
+        const int c0 = 2 * tau, c1 = 2 * tau + 1;
+        const uint32_t a[4] = {
+            cc.Dequantize(tiles.Pair(c0, Format == WeightFormat::kAwq ? 0 : j0), c0),
+            cc.Dequantize(tiles.Pair(c1, Format == WeightFormat::kAwq ? 0 : j0), c1),
+            cc.Dequantize(tiles.Pair(c0, Format == WeightFormat::kAwq ? 1 : j1), c0),
+            cc.Dequantize(tiles.Pair(c1, Format == WeightFormat::kAwq ? 1 : j1), c1),
+        };
+#pragma unroll
+        for (int mt = 0; mt < MTiles; ++mt) Mma<T>(acc[mt][tau], a, b[mt][0], b[mt][1]);
+      }
+    }
+  }
+
+  // Accumulator (tile tau, m8 tile mt): rows g / g + 8 are columns 2 tau / 2 tau + 1, columns 2t, 2t + 1
+  // are rows 8 mt + 2t, + 1 of x. Sum the warps' K ranges in warp order.
+#pragma unroll
+  for (int mt = 0; mt < MTiles; ++mt) {
+#pragma unroll
+    for (int tau = 0; tau < 8; ++tau) {
+      const int col0 = Tiles::Column(g, 2 * tau), col1 = Tiles::Column(g, 2 * tau + 1);
+      reduce[warp][8 * mt + 2 * t][col0] = acc[mt][tau][0];
+      reduce[warp][8 * mt + 2 * t + 1][col0] = acc[mt][tau][1];
+      reduce[warp][8 * mt + 2 * t][col1] = acc[mt][tau][2];
+      reduce[warp][8 * mt + 2 * t + 1][col1] = acc[mt][tau][3];
+    }
+  }
+  __syncthreads();
+
+  const int col = threadIdx.x;  // one output column per thread
+  const int64_t n = n0 + col;
+  const int rows = static_cast<int>(p.m - m0 < 8 * MTiles ? p.m - m0 : 8 * MTiles);
+  T* out = static_cast<T*>(p.out);
+  if (split_k == 1) {
+    for (int r = 0; r < rows && n < p.n; ++r) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += reduce[w][r][col];
+      out[(m0 + r) * p.n + n] = static_cast<T>(v);
+    }
+    return;
+  }
+  float* partials = reinterpret_cast<float*>(p.workspace);
+  uint32_t* counters = p.workspace + split_k * p.m * p.n;
+  for (int r = 0; r < rows && n < p.n; ++r) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += reduce[w][r][col];
+    partials[(blockIdx.y * p.m + m0 + r) * p.n + n] = v;
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const uint32_t arrived = atomicAdd(counters + blockIdx.z * gridDim.x + blockIdx.x, 1u);
+    last_block = arrived == static_cast<uint32_t>(split_k - 1);
+  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  for (int r = 0; r < rows && n < p.n; ++r) {
+    float v = 0.f;
+    for (int s = 0; s < split_k; ++s) v += __ldcg(partials + (s * p.m + m0 + r) * p.n + n);
+    out[(m0 + r) * p.n + n] = static_cast<T>(v);
+  }
+}
+
+// ------------------------------------------------------------------------------- dequantize kernels
+
+// AWQ: a thread per word: 8 columns of one row, one 16-byte store.
+template <typename T>
+__global__ void AwqDequantizeKernel(WeightOnlyParams p) {
+  const int64_t words = p.n / 8;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.k * words) return;
+  const int64_t row = i / words, word = i % words;
+  const int64_t group = row / (p.k / p.groups);
+  const uint32_t q = __ldg(p.qweight + i);
+  const uint32_t z = __ldg(p.qzeros + group * words + word);
+  const uint4 s4 = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.scales) + group * p.n + 8 * word));
+  const T* s = reinterpret_cast<const T*>(&s4);
+  T out[8];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    const int nibble = c / 2 + 4 * (c % 2);  // column c sits at nibble AWQ_ORDER^-1[c]
+    const int v = static_cast<int>((q >> (4 * nibble)) & 0xfu) - static_cast<int>((z >> (4 * nibble)) & 0xfu);
+    out[c] = static_cast<T>(static_cast<float>(v) * static_cast<float>(s[c]));
+  }
+  *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + row * p.n + 8 * word) = *reinterpret_cast<uint4*>(out);
+}
+
+// GPTQ: a thread per 32-row block of two adjacent columns: reads Bits words of each, writes 32 rows of
+// two-element stores.
+template <typename T, int Bits, bool Exllama>
+__global__ void GptqDequantizeKernel(WeightOnlyParams p) {
+  const int64_t pairs = p.n / 2;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.k / 32 * pairs) return;
+  const int64_t block = i / pairs, n = 2 * (i % pairs);
+  uint32_t w[2][Bits];
+#pragma unroll
+  for (int r = 0; r < Bits; ++r) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p.qweight + (block * Bits + r) * p.n + n));
+    w[0][r] = v.x;
+    w[1][r] = v.y;
+  }
+  const int64_t group_size = p.k / p.groups;
+  const T* scales = static_cast<const T*>(p.scales);
+  const uint32_t* zero_rows = p.qzeros;
+  const int64_t zero_words = p.n * Bits / 32;
+  int64_t loaded = -1;
+  float z[2] = {}, s[2] = {};
+  using T2 = typename Half2Ops<T>::T2;
+  T2* out = reinterpret_cast<T2*>(static_cast<T*>(p.out) + block * 32 * p.n + n);
+#pragma unroll
+  for (int v = 0; v < 32; ++v) {
+    const int64_t row = block * 32 + v;
+    const int64_t group = p.g_idx ? __ldg(p.g_idx + row) : row / group_size;
+    if (group != loaded) {
+      loaded = group;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int64_t bit = (n + c) * Bits;
+        const uint32_t* zr = zero_rows + group * zero_words;
+        uint64_t window = __ldg(zr + bit / 32);
+        if (bit % 32 + Bits > 32) window |= static_cast<uint64_t>(__ldg(zr + bit / 32 + 1)) << 32;
+        z[c] = static_cast<float>((static_cast<uint32_t>(window >> (bit % 32)) & ((1u << Bits) - 1)) + p.zero_offset);
+        s[c] = static_cast<float>(scales[group * p.n + n + c]);
+      }
+    }
+    const float lo = (static_cast<float>(ValueOf<Bits, Exllama>(w[0], v)) - z[0]) * s[0];
+    const float hi = (static_cast<float>(ValueOf<Bits, Exllama>(w[1], v)) - z[1]) * s[1];
+    T2 pair;
+    pair.x = static_cast<T>(lo);
+    pair.y = static_cast<T>(hi);
+    out[v * p.n / 2] = pair;
+  }
+}
+
+template <typename T, WeightFormat Format, int Bits>
+cudaError_t LaunchGemmTyped(const WeightOnlyParams& p, int split_k, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.n + kWarpColumns - 1) / kWarpColumns), static_cast<unsigned>(split_k),
+                  static_cast<unsigned>((p.m + kRowsPerPass - 1) / kRowsPerPass));
+  if (p.m <= 8) {
+    WeightOnlyGemmKernel<T, Format, Bits, 1><<<grid, kWarps * 32, 0, stream>>>(p, split_k);
+  } else {
+    WeightOnlyGemmKernel<T, Format, Bits, 2><<<grid, kWarps * 32, 0, stream>>>(p, split_k);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, WeightFormat Format>
+cudaError_t LaunchGemmFormat(const WeightOnlyParams& p, int split_k, cudaStream_t stream) {
+  if constexpr (Format == WeightFormat::kAwq) {
+    return LaunchGemmTyped<T, Format, 4>(p, split_k, stream);
+  } else {
+    switch (p.bits) {
+      case 2: return LaunchGemmTyped<T, Format, 2>(p, split_k, stream);
+      case 3: return LaunchGemmTyped<T, Format, 3>(p, split_k, stream);
+      case 4: return LaunchGemmTyped<T, Format, 4>(p, split_k, stream);
+      case 8: return LaunchGemmTyped<T, Format, 8>(p, split_k, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  }
+}
+
+template <typename T>
+cudaError_t LaunchGemmType(const WeightOnlyParams& p, int split_k, cudaStream_t stream) {
+  switch (p.format) {
+    case WeightFormat::kAwq: return LaunchGemmFormat<T, WeightFormat::kAwq>(p, split_k, stream);
+    case WeightFormat::kGptq: return LaunchGemmFormat<T, WeightFormat::kGptq>(p, split_k, stream);
+    case WeightFormat::kGptqExllama: return LaunchGemmFormat<T, WeightFormat::kGptqExllama>(p, split_k, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, int Bits>
+cudaError_t LaunchGptqDequantize(const WeightOnlyParams& p, cudaStream_t stream) {
+  const int64_t threads = p.k / 32 * (p.n / 2);
+  const auto blocks = static_cast<unsigned>((threads + 255) / 256);
+  if (p.format == WeightFormat::kGptqExllama) {
+    GptqDequantizeKernel<T, Bits, true><<<blocks, 256, 0, stream>>>(p);
+  } else {
+    GptqDequantizeKernel<T, Bits, false><<<blocks, 256, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t LaunchDequantizeType(const WeightOnlyParams& p, cudaStream_t stream) {
+  if (p.format == WeightFormat::kAwq) {
+    const int64_t threads = p.k * (p.n / 8);
+    AwqDequantizeKernel<T><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  switch (p.bits) {
+    case 2: return LaunchGptqDequantize<T, 2>(p, stream);
+    case 3: return LaunchGptqDequantize<T, 3>(p, stream);
+    case 4: return LaunchGptqDequantize<T, 4>(p, stream);
+    case 8: return LaunchGptqDequantize<T, 8>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+int WeightOnlySlabK(WeightFormat format, int bits) {
+  if (format == WeightFormat::kAwq) return AwqTiles::kSlabK;
+  return 4 * 32 * (bits == 3 ? 3 : 1) / bits;
+}
+
+int64_t WeightOnlyWorkspaceWords(int64_t m, int64_t n, int split_k) {
+  const int64_t counters = (n + kWarpColumns - 1) / kWarpColumns * ((m + kRowsPerPass - 1) / kRowsPerPass);
+  return (split_k > 1 ? split_k * m * n : 0) + counters;
+}
+
+bool WeightOnlyGemmSupports(const WeightOnlyParams& p) {
+  const int slab = WeightOnlySlabK(p.format, p.bits);
+  return p.n % 32 == 0 && p.k % 32 == 0 && p.groups > 0 && p.k % p.groups == 0 && (p.k / p.groups) % 32 == 0 &&
+         p.k % slab == 0 && (p.type == FloatType::kF16 || p.type == FloatType::kBF16);
+}
+
+cudaError_t LaunchWeightOnlyGemm(const WeightOnlyParams& p, int split_k, cudaStream_t stream) {
+  if (!WeightOnlyGemmSupports(p) || split_k < 1) return cudaErrorInvalidValue;
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  const int64_t counters = WeightOnlyWorkspaceWords(p.m, p.n, split_k) - (split_k > 1 ? split_k * p.m * p.n : 0);
+  cudaError_t err = cudaMemsetAsync(p.workspace + (split_k > 1 ? split_k * p.m * p.n : 0), 0,
+                                    counters * sizeof(uint32_t), stream);
+  if (err != cudaSuccess) return err;
+  return p.type == FloatType::kF16 ? LaunchGemmType<__half>(p, split_k, stream)
+                                   : LaunchGemmType<__nv_bfloat16>(p, split_k, stream);
+}
+
+cudaError_t LaunchWeightDequantize(const WeightOnlyParams& p, cudaStream_t stream) {
+  if (p.k == 0 || p.n == 0) return cudaSuccess;
+  if (p.k % 32 != 0 || p.n % 8 != 0) return cudaErrorInvalidValue;
+  return p.type == FloatType::kF16 ? LaunchDequantizeType<__half>(p, stream)
+                                   : LaunchDequantizeType<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace jaxq
