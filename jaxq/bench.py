@@ -207,7 +207,8 @@ class WeightCase:
         return jnp.dot(x, w)
 
 
-def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy: float) -> list[dict]:
+def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy: float,
+                    splits: list[int] = ()) -> list[dict]:
     cases = [WeightCase("awq", 4, k, n) for k, n in WEIGHT_SHAPES]
     cases += [WeightCase("gptq", 4, k, n) for k, n in WEIGHT_SHAPES]
     cases += [WeightCase("gptq", 8, 8192, 28672)]
@@ -235,6 +236,11 @@ def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy:
                 row["kernel_us"] = _time_per_call(case.kernel, make_input, moved) * 1e6
                 row["dequant_dot_us"] = _time_per_call(
                     lambda x, *w, case=case: jnp.dot(x, case.dequantize(*w)), make_input, moved) * 1e6
+            if splits and case.family == "awq" and m <= 16 and (case.k, case.n) == (8192, 28672):
+                for split in splits:  # the K-split choice of jaxq/ops/_weight_only.py, checked
+                    row[f"split{split}_us"] = _time_per_call(
+                        lambda x, q, z, s, split=split: awq_ops._awq_gemm(x, q, z, s, split_k_hint=split)[0],
+                        make_input, moved) * 1e6
             if m >= 1024:  # against cuBLAS bf16 on an already dequantized weight
                 dense = functools.cache(lambda i, case=case: case.dequantize(*make_weight(i)))
                 bf16 = _time_per_call(lambda x, w: jnp.dot(x, w),
@@ -262,6 +268,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=7168, help="K (activation ops)")
     parser.add_argument("--gemm-rows", default="1,16,4096", help="comma-separated M values (weight-only GEMMs)")
     parser.add_argument("--sweep", default="16,32,48,64,128", help="M values to time kernel vs dequantize + dot")
+    parser.add_argument("--splits", default="", help="K splits to time awq_gemm's kernel with (tuning)")
     parser.add_argument("--quick", action="store_true", help="one small shape per op (smoke run)")
     args = parser.parse_args(argv)
     ops = {o.strip() for o in args.ops.split(",") if o.strip()} or None
@@ -272,7 +279,7 @@ def main(argv=None):
         copy = copy_bandwidth()
         print(f"copy bandwidth {copy / 1e9:.0f} GB/s (read + write)")
         run_weight_only(ops & WEIGHT_ONLY_OPS if ops else WEIGHT_ONLY_OPS, [int(m) for m in args.gemm_rows.split(",")],
-                        [int(m) for m in args.sweep.split(",")], copy)
+                        [int(m) for m in args.sweep.split(",")], copy, [int(v) for v in args.splits.split(",") if v])
 
 
 if __name__ == "__main__":

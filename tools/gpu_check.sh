@@ -26,7 +26,9 @@ for stage in $stages; do
   case $stage in
   tests)
     echo "=== pytest -m gpu"
-    (cd /tmp && python3 -m pytest -m gpu -q -p no:cacheprovider "$REPO/tests" 2>&1) | tee "$OUT/gpu_tests.log" | tail -15
+    # TESTS_FILTER (a pytest -k expression) narrows the run while iterating on one kernel.
+    (cd /tmp && python3 -m pytest -m gpu -q -p no:cacheprovider "$REPO/tests" ${TESTS_FILTER:+-k "$TESTS_FILTER"} 2>&1) \
+      | tee "$OUT/gpu_tests.log" | tail -15
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
   sanitizer)
     echo "=== compute-sanitizer on the kernels"
@@ -58,6 +60,15 @@ for stage in $stages; do
          --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active \
          python3 -m jaxq.bench --rows 16384 --ops $op 2>&1) > "$OUT/ncu_$op.log"
       echo "--- $op"; grep -E "^\s+(gpu__|dram__|sm__)" "$OUT/ncu_$op.log" | tail -8
+    done ;;
+  ncu_gemm)
+    echo "=== ncu: weight-only GEMM kernels at M=1 and M=16, K=8192 N=28672 (clocks as found)"
+    for args in "gptq 4 1" "awq 4 1" "gptq 4 16"; do
+      set -- $args
+      (cd /tmp && ncu --clock-control none -k regex:"WeightOnlyGemm" -c 1 --section SpeedOfLight --section Occupancy \
+         --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \
+         python3 "$REPO/tools/one_gemm.py" $1 $2 $3 8192 28672 2>&1) > "$OUT/ncu_gemm_$1_$3.log"
+      echo "--- $args"; grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issued Ipc|No Eligible|Stall|Block Limit|Waves|Grid Size|Dynamic Shared|One or More" "$OUT/ncu_gemm_$1_$3.log" | head -30
     done ;;
   *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -115,6 +115,28 @@ struct ColumnConstants {
   }
 };
 
+// ------------------------------------------------------------------------------------ async copies
+
+// Copies `bytes` (4, 8 or 16) from global to shared memory without holding registers; src_bytes = 0
+// fills zeros instead (rows of x past M, columns past N).
+template <int Bytes, bool Streaming>
+__device__ __forceinline__ void CopyAsync(void* dst, const void* src, bool valid) {
+  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const int src_bytes = valid ? Bytes : 0;
+  if constexpr (Streaming) {  // weights: read once, keep them out of L1
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(s), "l"(src), "n"(Bytes), "r"(src_bytes));
+  }
+}
+
+__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;"); }
+
+template <int Pending>
+__device__ __forceinline__ void WaitAsync() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(Pending));
+}
+
 // --------------------------------------------------------------------------------------- GEMM tiles
 //
 // A warp computes a 128-column strip of out^T = W^T x^T with m16n8k16 MMAs: W^T is the A operand (16
@@ -148,19 +170,28 @@ struct GptqTiles {
   __device__ static int Column(int g, int c) { return 16 * g + c; }
   __device__ static int LaneK(int t) { return t * kValues; }
 
-  __device__ __forceinline__ void Load(const uint32_t* qweight, int64_t n, int64_t k0, int64_t n0, int g, int t,
-                                       bool valid) {
-    const int64_t word_row = (k0 + t * kValues) / 32 * Bits;
+  static constexpr int kVecs = 4 * kWordRows;     // 16-byte weight vectors per lane per step
+  static constexpr int kXBytes = 2 * kValues;      // x bytes per lane and row per step
+
+  // Lane g's 16 columns of the lane's word rows: kWordRows x four 16-byte vectors.
+  __device__ __forceinline__ static void Issue(uint4* slots, const uint32_t* qweight, int64_t n, int64_t k0,
+                                               int64_t n0, int g, int t, bool valid) {
+    const int64_t word_row = (k0 + t * kValues) * Bits / 32;
 #pragma unroll
     for (int r = 0; r < kWordRows; ++r) {
-      const uint4* src = reinterpret_cast<const uint4*>(qweight + (word_row + r) * n + n0 + 16 * g);
+      const uint32_t* src = qweight + (word_row + r) * n + n0 + 16 * g;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) CopyAsync<16, true>(slots + (4 * r + u) * 32, valid ? src + 4 * u : qweight, valid);
+    }
+  }
+
+  __device__ __forceinline__ void Read(const uint4* slots) {
+#pragma unroll
+    for (int r = 0; r < kWordRows; ++r) {
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        const uint4 v = valid ? __ldcs(src + u) : make_uint4(0, 0, 0, 0);
-        w[r][4 * u] = v.x;
-        w[r][4 * u + 1] = v.y;
-        w[r][4 * u + 2] = v.z;
-        w[r][4 * u + 3] = v.w;
+        const uint4 v = slots[(4 * r + u) * 32];
+        w[r][4 * u] = v.x, w[r][4 * u + 1] = v.y, w[r][4 * u + 2] = v.z, w[r][4 * u + 3] = v.w;
       }
     }
   }
@@ -196,15 +227,24 @@ struct AwqTiles {
   __device__ static int Column(int g, int c) { return 32 * (g / 2) + 8 * (c / 4) + 2 * (c % 4) + g % 2; }
   __device__ static int LaneK(int t) { return 2 * t; }
 
-  __device__ __forceinline__ void Load(const uint32_t* qweight, int64_t n, int64_t k0, int64_t n0, int g, int t,
-                                       bool valid) {
-    // Lane (r, c) = (g, t) reads row k0 + r (and + 8), words 4c..4c+3 of the strip; movmatrix then gives
-    // each lane two consecutive rows of one half-word per word.
-    const int64_t words = n / 8;
+  static constexpr int kVecs = 2;
+  static constexpr int kXBytes = 8;  // two pairs: k0 + 2t and k0 + 2t + 8
+
+  // Lane (r, c) = (g, t) reads row k0 + r (and + 8), words 4c..4c+3 of the strip.
+  __device__ __forceinline__ static void Issue(uint4* slots, const uint32_t* qweight, int64_t n, int64_t k0,
+                                               int64_t n0, int g, int t, bool valid) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const uint4* src = reinterpret_cast<const uint4*>(qweight + (k0 + 8 * half + g) * words + n0 / 8 + 4 * t);
-      const uint4 v = valid ? __ldcs(src) : make_uint4(0, 0, 0, 0);
+      const uint32_t* src = qweight + (k0 + 8 * half + g) * (n / 8) + n0 / 8 + 4 * t;
+      CopyAsync<16, true>(slots + half * 32, valid ? src : qweight, valid);
+    }
+  }
+
+  // movmatrix gives each lane two consecutive rows of one half-word of each of four words.
+  __device__ __forceinline__ void Read(const uint4* slots) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const uint4 v = slots[half * 32];
       const uint32_t in[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -240,23 +280,6 @@ __device__ __forceinline__ uint32_t XPair(const uint32_t* xv, int a, int b) {
   return __byte_perm(xv[a / 2], xv[b / 2], select);
 }
 
-template <int Bytes>
-__device__ __forceinline__ void LoadWords(uint32_t* dst, const void* src, bool valid) {
-  if constexpr (Bytes % 16 == 0) {
-#pragma unroll
-    for (int i = 0; i < Bytes / 16; ++i) {
-      const uint4 v = valid ? __ldg(static_cast<const uint4*>(src) + i) : make_uint4(0, 0, 0, 0);
-      dst[4 * i] = v.x, dst[4 * i + 1] = v.y, dst[4 * i + 2] = v.z, dst[4 * i + 3] = v.w;
-    }
-  } else if constexpr (Bytes == 8) {
-    const uint2 v = valid ? __ldg(static_cast<const uint2*>(src)) : make_uint2(0, 0);
-    dst[0] = v.x, dst[1] = v.y;
-  } else {
-    static_assert(Bytes == 4);
-    dst[0] = valid ? __ldg(static_cast<const uint32_t*>(src)) : 0u;
-  }
-}
-
 template <typename T, WeightFormat Format, int Bits>
 struct Traits {
   using Tiles = std::conditional_t<Format == WeightFormat::kAwq, AwqTiles,
@@ -268,13 +291,22 @@ template <typename T, WeightFormat Format, int Bits, typename Tiles>
 __device__ __forceinline__ void LoadGroup(ColumnConstants<T, Bits>& cc, const WeightOnlyParams& p, int64_t group,
                                           int64_t n0, int g) {
   const uint16_t* scales = static_cast<const uint16_t*>(p.scales) + group * p.n;
+  // GPTQ lanes hold 16 consecutive columns: their scales are two 16-byte vectors.
+  uint16_t gptq_scales[16] = {};
+  if constexpr (Format != WeightFormat::kAwq) {
+    if (n0 + 16 * g < p.n) {
+      const uint4* src = reinterpret_cast<const uint4*>(scales + n0 + 16 * g);
+      *reinterpret_cast<uint4*>(gptq_scales) = __ldg(src);
+      *reinterpret_cast<uint4*>(gptq_scales + 8) = __ldg(src + 1);
+    }
+  }
 #pragma unroll
   for (int c = 0; c < 16; ++c) {
     const int64_t col = n0 + Tiles::Column(g, c);
     uint32_t z = 0;
     uint16_t s = 0;
     if (col < p.n) {
-      s = __ldg(scales + col);
+      s = Format == WeightFormat::kAwq ? __ldg(scales + col) : gptq_scales[c];
       if constexpr (Format == WeightFormat::kAwq) {
         const uint32_t word = __ldg(p.qzeros + group * (p.n / 8) + col / 8);
         const int nibble = (col % 8) / 2 + 4 * (col % 2);
@@ -291,48 +323,96 @@ __device__ __forceinline__ void LoadGroup(ColumnConstants<T, Bits>& cc, const We
   }
 }
 
+// Shared memory per warp and pipeline stage: the lane's weight vectors, then its x bytes per m8 tile, each
+// lane in its own 16-byte slots (lane-major, so a warp's accesses never conflict).
+template <typename Tiles, int MTiles>
+struct StageLayout {
+  static constexpr int kXVecs = (Tiles::kXBytes + 15) / 16;
+  static constexpr int kVecs = Tiles::kVecs + MTiles * kXVecs;
+  // Deep enough to keep ~6 KB per warp in flight, within the shared memory a few blocks per SM can have.
+  static constexpr int kStages = kVecs * 16 * 32 * 4 <= 8192 ? 4 : kVecs * 16 * 32 * 3 <= 24576 ? 3 : 2;
+  static constexpr int kBytesPerWarp = kStages * kVecs * 16 * 32;
+};
+
+// Blocks per SM the register budget aims at: the kernel is issue-bound at low occupancy, so as many as
+// fit without spilling.
+template <WeightFormat Format, int Bits, int MTiles>
+constexpr int kMinBlocks = MTiles == 2 ? 2 : (Format == WeightFormat::kAwq || Bits == 3) ? 3 : 4;
+
 template <typename T, WeightFormat Format, int Bits, int MTiles>
-__global__ void __launch_bounds__(kWarps * 32) WeightOnlyGemmKernel(WeightOnlyParams p, int split_k) {
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>) WeightOnlyGemmKernel(WeightOnlyParams p, int split_k) {
   using Tiles = typename Traits<T, Format, Bits>::Tiles;
-  constexpr int kSlabK = Tiles::kSlabK;
-  __shared__ float reduce[kWarps][8 * MTiles][kWarpColumns + 1];
+  using Layout = StageLayout<Tiles, MTiles>;
+  constexpr int kSlabK = Tiles::kSlabK, kStages = Layout::kStages;
+  extern __shared__ uint4 shared[];
   __shared__ bool last_block;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kWarpColumns;
   const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kRowsPerPass;
   const int64_t slabs = p.k / kSlabK;
-  const int64_t slab_end = (blockIdx.y + 1) * slabs / split_k;
+  // Each warp takes a contiguous run of the block's slabs, so its group (scales, zeros) changes rarely.
+  const int64_t block_first = blockIdx.y * slabs / split_k;
+  const int64_t block_slabs = (blockIdx.y + 1) * slabs / split_k - block_first;
+  const int64_t first = block_first + warp * block_slabs / kWarps;
+  const int count = static_cast<int>(block_first + (warp + 1) * block_slabs / kWarps - first);
   const int64_t group_size = p.k / p.groups;
   const T* x = static_cast<const T*>(p.x);
-  // Lanes whose 16 columns (GPTQ) or 4 words (AWQ) lie past N load nothing.
+  // Lanes whose 16 columns (GPTQ) or 4 words (AWQ) lie past N copy zeros.
   const bool lane_valid = Format == WeightFormat::kAwq ? n0 + 32 * t < p.n : n0 + 16 * g < p.n;
+  uint4* warp_slots = shared + warp * (Layout::kBytesPerWarp / 16) + lane;
+
+  auto issue = [&](int i) {
+    uint4* slots = warp_slots + (i % kStages) * Layout::kVecs * 32;
+    const int64_t k0 = (first + i) * kSlabK;
+    Tiles::Issue(slots, p.qweight, p.n, k0, n0, g, t, lane_valid);
+#pragma unroll
+    for (int mt = 0; mt < MTiles; ++mt) {
+      const int64_t row = m0 + 8 * mt + g;
+      const bool valid = row < p.m;
+      uint4* x_slots = slots + (Tiles::kVecs + mt * Layout::kXVecs) * 32;
+      const T* src = valid ? x + row * p.k + k0 + Tiles::LaneK(t) : x;
+      if constexpr (Format == WeightFormat::kAwq) {
+        CopyAsync<4, false>(x_slots, src, valid);
+        CopyAsync<4, false>(reinterpret_cast<uint32_t*>(x_slots) + 1, valid ? src + 8 : x, valid);
+      } else if constexpr (Tiles::kXBytes < 16) {
+        CopyAsync<Tiles::kXBytes, false>(x_slots, src, valid);
+      } else {
+#pragma unroll
+        for (int v = 0; v < Layout::kXVecs; ++v) CopyAsync<16, false>(x_slots + v * 32, valid ? src + 8 * v : x, valid);
+      }
+    }
+  };
 
   float acc[MTiles][8][4] = {};
   ColumnConstants<T, Bits> cc;
   int64_t loaded_group = -1;
-  for (int64_t slab = blockIdx.y * slabs / split_k + warp; slab < slab_end; slab += kWarps) {
-    const int64_t k0 = slab * kSlabK;
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < count) issue(i);
+    CommitAsync();
+  }
+  for (int i = 0; i < count; ++i) {
+    if (i + kStages - 1 < count) issue(i + kStages - 1);
+    CommitAsync();
+    WaitAsync<kStages - 1>();
+    const uint4* slots = warp_slots + (i % kStages) * Layout::kVecs * 32;
+    const int64_t k0 = (first + i) * kSlabK;
     Tiles tiles;
-    tiles.Load(p.qweight, p.n, k0, n0, g, t, lane_valid);
+    tiles.Read(slots);
     const int64_t group = (k0 + Tiles::LaneK(t)) / group_size;
     if (group != loaded_group) {
       LoadGroup<T, Format, Bits, Tiles>(cc, p, group, n0, g);
       loaded_group = group;
     }
     // x values of this lane's k for the B fragments (row g of each m8 tile).
-    constexpr int kXWords = Format == WeightFormat::kAwq ? 2 : Tiles::kSlabK / 8;  // words per row
+    constexpr int kXWords = Tiles::kXBytes / 4;
     uint32_t xv[MTiles][kXWords];
 #pragma unroll
     for (int mt = 0; mt < MTiles; ++mt) {
-      const int64_t row = m0 + 8 * mt + g;
-      const T* src = x + row * p.k + k0 + Tiles::LaneK(t);
-      if constexpr (Format == WeightFormat::kAwq) {
-        LoadWords<4>(xv[mt], src, row < p.m);
-        LoadWords<4>(xv[mt] + 1, src + 8, row < p.m);
-      } else {
-        LoadWords<Tiles::kSlabK / 2>(xv[mt], src, row < p.m);
-      }
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(slots + (Tiles::kVecs + mt * Layout::kXVecs) * 32);
+#pragma unroll
+      for (int v = 0; v < kXWords; ++v) xv[mt][v] = words[(v / 4) * 128 + v % 4];
     }
 #pragma unroll
     for (int h = 0; h < Tiles::kChunks; ++h) {
@@ -362,6 +442,9 @@ __global__ void __launch_bounds__(kWarps * 32) WeightOnlyGemmKernel(WeightOnlyPa
       }
     }
   }
+  WaitAsync<0>();
+  __syncthreads();  // the pipeline's shared memory becomes the reduction buffer
+  auto reduce = reinterpret_cast<float(*)[8 * MTiles][kWarpColumns + 1]>(shared);
 
   // Accumulator (tile tau, m8 tile mt): rows g / g + 8 are columns 2 tau / 2 tau + 1, columns 2t, 2t + 1
   // are rows 8 mt + 2t, + 1 of x. Sum the warps' K ranges in warp order.
@@ -487,16 +570,26 @@ __global__ void GptqDequantizeKernel(WeightOnlyParams p) {
   }
 }
 
+template <typename T, WeightFormat Format, int Bits, int MTiles>
+cudaError_t LaunchGemmKernel(const WeightOnlyParams& p, int split_k, dim3 grid, cudaStream_t stream) {
+  using Layout = StageLayout<typename Traits<T, Format, Bits>::Tiles, MTiles>;
+  constexpr int kPipelineBytes = kWarps * Layout::kBytesPerWarp;
+  constexpr int kReduceBytes = kWarps * 8 * MTiles * (kWarpColumns + 1) * 4;
+  constexpr int kBytes = kPipelineBytes > kReduceBytes ? kPipelineBytes : kReduceBytes;
+  auto kernel = WeightOnlyGemmKernel<T, Format, Bits, MTiles>;
+  static const cudaError_t configured =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  if (configured != cudaSuccess) return configured;
+  kernel<<<grid, kWarps * 32, kBytes, stream>>>(p, split_k);
+  return cudaGetLastError();
+}
+
 template <typename T, WeightFormat Format, int Bits>
 cudaError_t LaunchGemmTyped(const WeightOnlyParams& p, int split_k, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.n + kWarpColumns - 1) / kWarpColumns), static_cast<unsigned>(split_k),
                   static_cast<unsigned>((p.m + kRowsPerPass - 1) / kRowsPerPass));
-  if (p.m <= 8) {
-    WeightOnlyGemmKernel<T, Format, Bits, 1><<<grid, kWarps * 32, 0, stream>>>(p, split_k);
-  } else {
-    WeightOnlyGemmKernel<T, Format, Bits, 2><<<grid, kWarps * 32, 0, stream>>>(p, split_k);
-  }
-  return cudaGetLastError();
+  return p.m <= 8 ? LaunchGemmKernel<T, Format, Bits, 1>(p, split_k, grid, stream)
+                  : LaunchGemmKernel<T, Format, Bits, 2>(p, split_k, grid, stream);
 }
 
 template <typename T, WeightFormat Format>
