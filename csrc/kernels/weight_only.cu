@@ -80,39 +80,35 @@ __device__ __forceinline__ typename Half2Ops<T>::T2 AsT2(uint32_t v) {
   return *reinterpret_cast<typename Half2Ops<T>::T2*>(&v);
 }
 
-// Per-column constants of the current group. 8-bit values do not fit bf16's magic (7 mantissa bits):
-// that case computes in float32 (zero holds 2^23 + z as float bits, scale the scale as a float).
+// The MMAs multiply unscaled integer codes: an A operand holds (bias + q) exactly as a 16-bit float, bias
+// being the magic integer part of the OR-trick (1024 for fp16, 128 for bf16) or 0 where the codes are
+// converted (8-bit codes in bf16, whose mantissa has no room beside a magic). Per group and column the
+// zero and scale are applied afterwards in float32:
+//   sum_k (q - z) s x = s * (sum_k (bias + q) x - (bias + z) * sum_k x),
+// with sum_k x computed by one more MMA against a matrix of ones. That leaves two instructions per pair
+// of weights (shift, then mask-and-OR) on the path that limits these kernels, the instruction issue rate.
 template <typename T, int Bits>
-struct ColumnConstants {
-  static constexpr bool kFloat = Bits >= Half2Ops<T>::kMantissaBits;
-  uint32_t zero[16];
-  uint32_t scale[16];
+struct Codes {
+  static constexpr bool kConvert = Bits >= Half2Ops<T>::kMantissaBits;
+  static constexpr float kBias = kConvert ? 0.f : static_cast<float>(Half2Ops<T>::kMagic == 0x6400 ? 1024 : 128);
+  static constexpr uint32_t kOnes = std::is_same_v<T, __half> ? 0x3c003c00u : 0x3f803f80u;
 
-  __device__ __forceinline__ void Set(int c, uint32_t z, uint16_t scale_bits) {
-    if constexpr (kFloat) {
-      zero[c] = __float_as_uint(8388608.f + static_cast<float>(z));
-      const T s = *reinterpret_cast<const T*>(&scale_bits);
-      scale[c] = __float_as_uint(static_cast<float>(s));
+  // (bias + q_lo, bias + q_hi) from q_lo in bits 0..15 and q_hi in 16..31.
+  __device__ __forceinline__ static uint32_t Operand(uint32_t fields) {
+    if constexpr (kConvert) {
+      const float lo = __uint_as_float(0x4b000000u | (fields & 0xffffu)) - 8388608.f;
+      const float hi = __uint_as_float(0x4b000000u | (fields >> 16)) - 8388608.f;
+      return AsU32<T>(__floats2bfloat162_rn(lo, hi));  // exact: codes < 256
     } else {
-      zero[c] = (Half2Ops<T>::kMagic + z) * 0x10001u;
-      scale[c] = static_cast<uint32_t>(scale_bits) * 0x10001u;
+      return fields | Half2Ops<T>::kMagic * 0x10001u;
     }
   }
+};
 
-  // (q_lo - z) * s and (q_hi - z) * s for column c, from q_lo in bits 0..15 and q_hi in 16..31, rounded
-  // once to T as the reference rounds.
-  __device__ __forceinline__ uint32_t Dequantize(uint32_t fields, int c) const {
-    if constexpr (kFloat) {
-      const float z = __uint_as_float(zero[c]), s = __uint_as_float(scale[c]);
-      const float lo = (__uint_as_float(0x4b000000u | (fields & 0xffffu)) - z) * s;
-      const float hi = (__uint_as_float(0x4b000000u | (fields >> 16)) - z) * s;
-      if constexpr (std::is_same_v<T, __half>) return AsU32<T>(__floats2half2_rn(lo, hi));
-      else return AsU32<T>(__floats2bfloat162_rn(lo, hi));
-    } else {
-      const auto q = AsT2<T>(fields | Half2Ops<T>::kMagic * 0x10001u);
-      return AsU32<T>(__hmul2(__hsub2(q, AsT2<T>(zero[c])), AsT2<T>(scale[c])));
-    }
-  }
+// The current group's scale and (bias + zero) of each of a lane's 16 columns.
+struct GroupConstants {
+  float scale[16];
+  float zero[16];
 };
 
 // ------------------------------------------------------------------------------------ async copies
@@ -288,7 +284,7 @@ struct Traits {
 
 // Loads the current group's zeros and scales of the lane's 16 columns.
 template <typename T, WeightFormat Format, int Bits, typename Tiles>
-__device__ __forceinline__ void LoadGroup(ColumnConstants<T, Bits>& cc, const WeightOnlyParams& p, int64_t group,
+__device__ __forceinline__ void LoadGroup(GroupConstants& gc, const WeightOnlyParams& p, int64_t group,
                                           int64_t n0, int g) {
   const uint16_t* scales = static_cast<const uint16_t*>(p.scales) + group * p.n;
   // GPTQ lanes hold 16 consecutive columns: their scales are two 16-byte vectors.
@@ -319,7 +315,8 @@ __device__ __forceinline__ void LoadGroup(ColumnConstants<T, Bits>& cc, const We
         z = static_cast<uint32_t>(window >> (bit % 32)) & ((1u << Bits) - 1);
       }
     }
-    cc.Set(c, z + p.zero_offset, s);
+    gc.scale[c] = static_cast<float>(*reinterpret_cast<const T*>(&s));
+    gc.zero[c] = Codes<T, Bits>::kBias + static_cast<float>(z + p.zero_offset);
   }
 }
 
@@ -337,7 +334,7 @@ struct StageLayout {
 // Blocks per SM the register budget aims at: the kernel is issue-bound at low occupancy, so as many as
 // fit without spilling.
 template <WeightFormat Format, int Bits, int MTiles>
-constexpr int kMinBlocks = MTiles == 2 ? 2 : (Format == WeightFormat::kAwq || Bits == 3) ? 3 : 4;
+constexpr int kMinBlocks = MTiles == 2 ? 2 : 3;
 
 template <typename T, WeightFormat Format, int Bits, int MTiles>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>) WeightOnlyGemmKernel(WeightOnlyParams p, int split_k) {
@@ -384,9 +381,26 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
     }
   };
 
+  using C = Codes<T, Bits>;
   float acc[MTiles][8][4] = {};
-  ColumnConstants<T, Bits> cc;
+  float group_acc[MTiles][8][4];  // the current group's unscaled sums
+  float x_sum[MTiles][4];         // sum of x over the current group's k (every row of the MMA the same)
+  GroupConstants gc;
   int64_t loaded_group = -1;
+  // acc += scale * (group_acc - (bias + zero) * x_sum), column by column.
+  auto fold_group = [&]() {
+#pragma unroll
+    for (int mt = 0; mt < MTiles; ++mt) {
+#pragma unroll
+      for (int tau = 0; tau < 8; ++tau) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int c = 2 * tau + r / 2;
+          acc[mt][tau][r] = fmaf(gc.scale[c], fmaf(-gc.zero[c], x_sum[mt][r % 2], group_acc[mt][tau][r]), acc[mt][tau][r]);
+        }
+      }
+    }
+  };
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
     if (i < count) issue(i);
@@ -397,13 +411,24 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
     CommitAsync();
     WaitAsync<kStages - 1>();
     const uint4* slots = warp_slots + (i % kStages) * Layout::kVecs * 32;
-    const int64_t k0 = (first + i) * kSlabK;
     Tiles tiles;
     tiles.Read(slots);
-    const int64_t group = (k0 + Tiles::LaneK(t)) / group_size;
+    // A warp step lies in one group (the launcher checks), so groups change for the whole warp at once.
+    const int64_t group = (first + i) * kSlabK / group_size;
     if (group != loaded_group) {
-      LoadGroup<T, Format, Bits, Tiles>(cc, p, group, n0, g);
+      if (loaded_group >= 0) fold_group();
+      LoadGroup<T, Format, Bits, Tiles>(gc, p, group, n0, g);
       loaded_group = group;
+#pragma unroll
+      for (int mt = 0; mt < MTiles; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) x_sum[mt][r] = 0.f;
+#pragma unroll
+        for (int tau = 0; tau < 8; ++tau) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) group_acc[mt][tau][r] = 0.f;
+        }
+      }
     }
     // x values of this lane's k for the B fragments (row g of each m8 tile).
     constexpr int kXWords = Tiles::kXBytes / 4;
@@ -427,21 +452,24 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
           b[mt][0] = XPair(xv[mt], Tiles::PairLo(j0), Tiles::PairHi(j0));
           b[mt][1] = XPair(xv[mt], Tiles::PairLo(j1), Tiles::PairHi(j1));
         }
+        const uint32_t ones[4] = {C::kOnes, C::kOnes, C::kOnes, C::kOnes};
+        Mma<T>(x_sum[mt], ones, b[mt][0], b[mt][1]);
       }
 #pragma unroll
       for (int tau = 0; tau < 8; ++tau) {
         const int c0 = 2 * tau, c1 = 2 * tau + 1;
         const uint32_t a[4] = {
-            cc.Dequantize(tiles.Pair(c0, Format == WeightFormat::kAwq ? 0 : j0), c0),
-            cc.Dequantize(tiles.Pair(c1, Format == WeightFormat::kAwq ? 0 : j0), c1),
-            cc.Dequantize(tiles.Pair(c0, Format == WeightFormat::kAwq ? 1 : j1), c0),
-            cc.Dequantize(tiles.Pair(c1, Format == WeightFormat::kAwq ? 1 : j1), c1),
+            C::Operand(tiles.Pair(c0, Format == WeightFormat::kAwq ? 0 : j0)),
+            C::Operand(tiles.Pair(c1, Format == WeightFormat::kAwq ? 0 : j0)),
+            C::Operand(tiles.Pair(c0, Format == WeightFormat::kAwq ? 1 : j1)),
+            C::Operand(tiles.Pair(c1, Format == WeightFormat::kAwq ? 1 : j1)),
         };
 #pragma unroll
-        for (int mt = 0; mt < MTiles; ++mt) Mma<T>(acc[mt][tau], a, b[mt][0], b[mt][1]);
+        for (int mt = 0; mt < MTiles; ++mt) Mma<T>(group_acc[mt][tau], a, b[mt][0], b[mt][1]);
       }
     }
   }
+  if (loaded_group >= 0) fold_group();
   WaitAsync<0>();
   __syncthreads();  // the pipeline's shared memory becomes the reduction buffer
   auto reduce = reinterpret_cast<float(*)[8 * MTiles][kWarpColumns + 1]>(shared);
@@ -659,8 +687,9 @@ int64_t WeightOnlyWorkspaceWords(int64_t m, int64_t n, int split_k) {
 
 bool WeightOnlyGemmSupports(const WeightOnlyParams& p) {
   const int slab = WeightOnlySlabK(p.format, p.bits);
-  return p.n % 32 == 0 && p.k % 32 == 0 && p.groups > 0 && p.k % p.groups == 0 && (p.k / p.groups) % 32 == 0 &&
-         p.k % slab == 0 && (p.type == FloatType::kF16 || p.type == FloatType::kBF16);
+  // A warp step must lie in one group (zeros and scales are applied per group after the MMAs).
+  return p.n % 32 == 0 && p.groups > 0 && p.k % p.groups == 0 && (p.k / p.groups) % slab == 0 &&
+         p.k * p.n / 8 < (int64_t{1} << 31) && (p.type == FloatType::kF16 || p.type == FloatType::kBF16);
 }
 
 cudaError_t LaunchWeightOnlyGemm(const WeightOnlyParams& p, int split_k, cudaStream_t stream) {

@@ -157,19 +157,19 @@ def group_size_of(fn: str, k: int, groups: int) -> int:
     return g
 
 
-def matmul(fn_kernel: Callable, fn_dequantize: Callable, x, max_m: int, n: int):
-    """``x[..., K] @ W`` with the kernel for up to ``max_m`` rows (and N it tiles), else dequantize + dot.
+def matmul(fn_kernel: Callable, fn_dequantize: Callable, x, max_m: int, n: int, tiles_weight: bool):
+    """``x[..., K] @ W`` with the kernel for up to ``max_m`` rows (where it tiles the weight: N a
+    multiple of 32, groups whole warp steps), else dequantize + XLA's dot.
 
     The choice is made here, at trace time, from static shapes; ``max_m`` is the family's measured
     crossover (see benchmarks/RESULTS.md)."""
     rows = x.reshape(-1, x.shape[-1])
-    if is_kernel_path(rows.shape[0], n, max_m):
+    if is_kernel_path(rows.shape[0], n, max_m, tiles_weight):
         out = fn_kernel(rows)
     else:
         out = jnp.dot(rows, fn_dequantize())
     return out.reshape(*x.shape[:-1], n)
 
 
-def is_kernel_path(m: int, n: int, max_m: int) -> bool:
-    return m <= max_m and n % KERNEL_TILE_N == 0
-
+def is_kernel_path(m: int, n: int, max_m: int, tiles_weight: bool = True) -> bool:
+    return m <= max_m and n % KERNEL_TILE_N == 0 and tiles_weight

@@ -20,6 +20,7 @@ from jaxq.ops import _weight_only as wo
 # Rows of x up to which awq_gemm runs its own kernel; above, dequantize + XLA's dot is faster
 # (measured crossover on H100, benchmarks/RESULTS.md).
 AWQ_GEMM_KERNEL_MAX_M = 32
+_SLAB_K = 16  # K rows of one warp step of the kernel (WeightOnlySlabK in csrc/kernels/weight_only.cu)
 
 
 def awq_dequantize_reference(qweight, qzeros, scales) -> jax.Array:
@@ -68,7 +69,7 @@ _awq_gemm = wo.gemm_op(
     "awq_gemm",
     dequantize=lambda qweight, qzeros, scales, **params: awq_dequantize_reference(qweight, qzeros, scales),
     weight_rule=_weight_dims,
-    slab_k=lambda **params: 16,
+    slab_k=lambda **params: _SLAB_K,
     ffi_attributes=lambda split_k_hint: _dequantize_attributes(),
     dequantize_op=lambda qweight, qzeros, scales, **params: _awq_dequantize(qweight, qzeros, scales)[0],
 )
@@ -119,5 +120,5 @@ def awq_gemm(x, qweight, scales, qzeros, *, split_k_iters: int | None = None):
     return wo.matmul(
         lambda rows: _awq_gemm(rows, qweight, qzeros, scales, split_k_hint=split_k_iters)[0],
         lambda: awq_dequantize(qweight, scales, qzeros),
-        x, AWQ_GEMM_KERNEL_MAX_M, n,
+        x, AWQ_GEMM_KERNEL_MAX_M, n, tiles_weight=True,
     )

@@ -33,6 +33,12 @@ from jaxq.ops import _weight_only as wo
 GPTQ_GEMM_KERNEL_MAX_M = 32
 
 
+def _slab_k(bits: int) -> int:
+    """K rows of one warp step of the kernel (WeightOnlySlabK in csrc/kernels/weight_only.cu): a group
+    must hold whole steps for the kernel to run."""
+    return 4 * 32 * (3 if bits == 3 else 1) // bits
+
+
 def _unit(bits: int) -> int:
     """Columns per whole number of qzeros words."""
     return 32 // math.gcd(32, bits)
@@ -114,7 +120,7 @@ _gptq_gemm = wo.gemm_op(
     "gptq_gemm",
     dequantize=lambda qweight, qzeros, scales, **params: gptq_dequantize_reference(qweight, qzeros, scales, **params),
     weight_rule=_weight_dims,
-    slab_k=lambda bits, **params: 4 * 32 * (3 if bits == 3 else 1) // bits,
+    slab_k=lambda bits, **params: _slab_k(bits),
     ffi_attributes=_attributes,
     dequantize_op=lambda qweight, qzeros, scales, **params: _gptq_dequantize(
         qweight, qzeros, scales, _sequential_groups(qweight.shape[0] * 32 // params["bits"], scales.shape[0]),
@@ -206,9 +212,10 @@ def gptq_gemm(x, qweight, qzeros, scales, g_idx, *, use_exllama: bool, use_v2_fo
       use_v2_format: zeros stored as they are (v2) rather than minus one (v1).
       bits: 2, 3, 4 or 8.
 
-    Returns ``[..., N]`` in x's dtype. Up to ``GPTQ_GEMM_KERNEL_MAX_M`` rows (and ``N % 32 == 0``) jaxq's
-    kernel runs (on CUDA; the jnp reference elsewhere); above, and for act-order without exllama (whose
-    rows pick groups at random), dequantize + ``jnp.dot``. Differentiable with respect to ``x`` only.
+    Returns ``[..., N]`` in x's dtype. Up to ``GPTQ_GEMM_KERNEL_MAX_M`` rows jaxq's kernel runs (on CUDA;
+    the jnp reference elsewhere) where it tiles the weight: ``N % 32 == 0`` and groups of at least 64
+    (2-bit) or 128 (3-bit) rows. Otherwise, and for act-order without exllama (whose rows pick groups at
+    random), dequantize + ``jnp.dot``. Differentiable with respect to ``x`` only.
     """
     fn = "gptq_gemm"
     k, n = _check(fn, qweight, qzeros, scales, g_idx, bits, getattr(x, "dtype", None))
@@ -221,5 +228,5 @@ def gptq_gemm(x, qweight, qzeros, scales, g_idx, *, use_exllama: bool, use_v2_fo
     return wo.matmul(
         lambda rows: _gptq_gemm(rows, qweight, qzeros, scales, **params)[0],
         lambda: _gptq_dequantize(qweight, qzeros, scales, groups, act_order=act_order, **params)[0],
-        x, -1 if act_order else GPTQ_GEMM_KERNEL_MAX_M, n,
+        x, -1 if act_order else GPTQ_GEMM_KERNEL_MAX_M, n, tiles_weight=(k // scales.shape[0]) % _slab_k(bits) == 0,
     )
