@@ -132,7 +132,7 @@ def test_weight_only_kernels_are_used():
     assert "jaxq_weight_only_gemm" in text
 
 
-AWQ_SHAPES = [(1, 256, 128), (7, 512, 96), (16, 1024, 256), (17, 384, 32), (32, 4096, 1024)]
+AWQ_SHAPES = [(1, 256, 128), (7, 512, 96), (16, 1024, 256), (17, 384, 32), (32, 4096, 1024), (48, 512, 160)]
 
 
 @pytest.mark.parametrize("m,k,n", AWQ_SHAPES)
@@ -148,7 +148,7 @@ def test_awq_gemm_kernel(m, k, n, dtype, group_size):
     _compare(lambda *a: (jaxq.awq_dequantize(*a),), qw, sc, qz)
 
 
-GPTQ_SHAPES = [(1, 256, 128), (9, 384, 96), (16, 1024, 256), (32, 2048, 512)]
+GPTQ_SHAPES = [(1, 256, 128), (9, 384, 96), (16, 1024, 256), (32, 2048, 512), (64, 512, 64)]
 
 
 @pytest.mark.parametrize("m,k,n", GPTQ_SHAPES)

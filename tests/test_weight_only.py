@@ -127,7 +127,7 @@ def test_gptq_dequantize_matches_oracle(bits, v2, act_order, exllama):
 
 
 def gemm_cases():
-    for m in (1, 3, 17, 40):  # 40 > the kernel threshold: dequantize + dot
+    for m in (1, 3, 17, 70):  # 70 > the kernel thresholds: dequantize + dot
         for dtype in DTYPES:
             yield m, dtype
 
@@ -149,7 +149,7 @@ def test_awq_gemm_matches_oracle(m, dtype, group_size):
 @pytest.mark.parametrize("bits", formats.GPTQ_BITS)
 @pytest.mark.parametrize("exllama", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("m", [1, 17, 40])
+@pytest.mark.parametrize("m", [1, 17, 70])
 def test_gptq_gemm_matches_oracle(bits, exllama, act_order, m):
     rng = np.random.default_rng(bits + m)
     dtype = jnp.float16 if m % 2 else jnp.bfloat16

@@ -69,7 +69,11 @@ for stage in $stages; do
          --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \
          python3 "$REPO/tools/one_gemm.py" $1 $2 $3 8192 28672 2>&1) > "$OUT/ncu_gemm_$1_$3.log"
       echo "--- $args"; grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issued Ipc|No Eligible|Stall|Block Limit|Waves|Grid Size|Dynamic Shared|One or More" "$OUT/ncu_gemm_$1_$3.log" | head -30
-    done ;;
+    done
+    # SASS with per-instruction execution counts, for reading where the issue slots go.
+    (cd /tmp && ncu --clock-control none -k regex:"WeightOnlyGemm" -c 1 --section SourceCounters --page source \
+       --print-source sass --csv python3 "$REPO/tools/one_gemm.py" gptq 4 1 8192 28672 2>&1) > "$OUT/ncu_gemm_sass_gptq_1.csv"
+    echo "sass listing: $(wc -l < "$OUT/ncu_gemm_sass_gptq_1.csv") lines" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

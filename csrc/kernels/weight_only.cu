@@ -569,6 +569,8 @@ __global__ void GptqDequantizeKernel(WeightOnlyParams p) {
   const T* scales = static_cast<const T*>(p.scales);
   const uint32_t* zero_rows = p.qzeros;
   const int64_t zero_words = p.n * Bits / 32;
+  // Without g_idx a 32-row block lies in one group (groups are multiples of 32 rows).
+  const int64_t block_group = block * 32 / group_size;
   int64_t loaded = -1;
   float z[2] = {}, s[2] = {};
   using T2 = typename Half2Ops<T>::T2;
@@ -576,7 +578,7 @@ __global__ void GptqDequantizeKernel(WeightOnlyParams p) {
 #pragma unroll
   for (int v = 0; v < 32; ++v) {
     const int64_t row = block * 32 + v;
-    const int64_t group = p.g_idx ? __ldg(p.g_idx + row) : row / group_size;
+    const int64_t group = p.g_idx ? __ldg(p.g_idx + row) : block_group;
     if (group != loaded) {
       loaded = group;
 #pragma unroll

@@ -30,7 +30,7 @@ from jaxq.ops import _weight_only as wo
 
 # Rows of x up to which gptq_gemm runs its own kernel; above, dequantize + XLA's dot is faster
 # (measured crossover on H100, benchmarks/RESULTS.md).
-GPTQ_GEMM_KERNEL_MAX_M = 32
+GPTQ_GEMM_KERNEL_MAX_M = 64
 
 
 def _slab_k(bits: int) -> int:
