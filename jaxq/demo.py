@@ -1,10 +1,12 @@
-"""jaxq's main job for now: quantize activations inside jitted functions and say what ran where.
+"""jaxq's main job for now: quantize activations and run weight-only quantized GEMMs inside jitted functions,
+and say what ran where.
 
     python -m jaxq.demo
 
 Builds a small batch of activations, runs each activation-quantization op under ``jax.jit`` (and the
 fp8 one under ``vmap`` and a sharded ``jit`` when several devices exist), dequantizes the results and
-prints, per op, whether the CUDA kernel or the jnp reference ran, the reconstruction error and the time.
+prints, per op, whether the CUDA kernel or the jnp reference ran, the reconstruction error and the time; then
+the same for ``awq_gemm`` and ``gptq_gemm`` on a small quantized linear layer.
 """
 
 from __future__ import annotations
@@ -71,6 +73,25 @@ def main():
         out, seconds = _timed(fn, x)
         where = "CUDA kernel" if _lowered_to_kernel(fn, x) else "jnp reference"
         print(f"| {name} | {where} | {_rel_err(out, xf):.4f} | {seconds * 1e3:.3f} |")
+
+    # Weight-only quantized linear layers at decode size: 4 tokens through a 2048 x 2048 weight.
+    w = jax.random.normal(jax.random.key(2), (hidden, hidden), jnp.float32) / np.sqrt(hidden)
+    tokens_in = x[:4]
+    exact = xf[:4] @ np.asarray(w, np.float32)
+    qweight, scales, qzeros = jaxq.formats.quantize_awq(w.astype(jnp.bfloat16), 128)
+    g_qweight, g_qzeros, g_scales, _ = jaxq.formats.quantize_gptq(w.astype(jnp.bfloat16), 4, 128)
+    no_perm = jnp.zeros((0,), jnp.int32)
+    exllama_qweight = jaxq.gptq_shuffle(g_qweight, no_perm, 4)
+    print(f"\nweight-only GEMMs, x[4, {hidden}] @ W[{hidden}, {hidden}] (error vs the float weight):\n")
+    print("| op | ran as | rel. error | ms per call (jit) |\n|---|---|---|---|")
+    for name, fn in [
+        ("awq_gemm (4-bit, G=128)", lambda x: jaxq.awq_gemm(x, qweight, scales, qzeros)),
+        ("gptq_gemm (4-bit exllama, G=128)",
+         lambda x: jaxq.gptq_gemm(x, exllama_qweight, g_qzeros, g_scales, no_perm, use_exllama=True, bits=4)),
+    ]:
+        out, seconds = _timed(fn, tokens_in)
+        where = "CUDA kernel" if _lowered_to_kernel(fn, tokens_in) else "jnp reference"
+        print(f"| {name} | {where} | {_rel_err(out, exact):.4f} | {seconds * 1e3:.3f} |")
 
     stacked = jnp.stack([x, 2 * x])
     batched = jax.jit(jax.vmap(fp8))(stacked)

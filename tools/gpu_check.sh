@@ -42,7 +42,7 @@ for stage in $stages; do
         if [ $set = activation ]; then tests=$san_tests; filter="bfloat16 or batched"
         else tests=$wo_tests; filter="(17-384-32 and 32-) or (9-384-96 and plain) or (exllama and 9-384-96) or split and 3"; fi
         (cd /tmp && XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool $tool --target-processes all \
-           --print-limit 20 python3 -m pytest -q -p no:cacheprovider $tests -k "$filter" 2>&1) \
+           --print-limit 20 python3 -m pytest -v -p no:cacheprovider $tests -k "$filter" 2>&1) \
            > "$OUT/sanitizer_${tool}_$set.log"
         rc=$?
         echo "$tool $set: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed' "$OUT/sanitizer_${tool}_$set.log" | tr '\n' ' ')"
