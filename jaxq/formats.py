@@ -242,8 +242,11 @@ def quantize_gptq(w, bits: int = 4, group_size: int = 128, *, symmetric: bool = 
     return pack_gptq(q, bits, axis=0), pack_gptq(stored, bits, axis=1), scales, g_idx
 
 
-def awq_to_gptq(qweight, scales, qzeros, *, v2_format: bool = False):
-    """AutoAWQ tensors -> 4-bit AutoGPTQ tensors ``(qweight, qzeros, scales, g_idx)`` of the same weight."""
+def awq_to_gptq(qweight, scales, qzeros, *, v2_format: bool = True):
+    """AutoAWQ tensors -> 4-bit AutoGPTQ tensors ``(qweight, qzeros, scales, g_idx)`` of the same weight.
+
+    v2 zeros by default: AWQ zeros of 0 have no v1 encoding (``zero - 1`` would wrap and read back as 16),
+    so ``v2_format=False`` is exact only when every zero is at least 1."""
     q, z = unpack_awq(qweight), unpack_awq(qzeros)
     k, groups = q.shape[0], z.shape[0]
     stored = z if v2_format else (z - 1) & 0xF
