@@ -10,6 +10,7 @@ from jaxq._op import NotDifferentiableError
 from jaxq.ops.awq import awq_dequantize, awq_gemm
 from jaxq.ops.gptq import gptq_dequantize, gptq_gemm, gptq_shuffle
 from jaxq.ops.group_quant import per_token_group_fp8_quant, per_token_group_fp8_quant_packed
+from jaxq.ops.scaled_mm import cutlass_azp_adj, cutlass_scaled_mm, cutlass_scaled_mm_azp
 from jaxq.ops.nvfp4 import (
     nvfp4_dequantize,
     scaled_fp4_quant,
@@ -26,6 +27,9 @@ __all__ = [
     "gptq_gemm",
     "gptq_shuffle",
     "cuda_available",
+    "cutlass_azp_adj",
+    "cutlass_scaled_mm",
+    "cutlass_scaled_mm_azp",
     "nvfp4_dequantize",
     "per_token_group_fp8_quant",
     "per_token_group_fp8_quant_packed",

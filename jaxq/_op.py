@@ -162,6 +162,7 @@ class Op:
         workspace: Callable[..., jax.ShapeDtypeStruct | None] | None = None,
         operand_names: Sequence[str] = (),
         grad_operands: Sequence[int] = (0,),
+        once_operands: Sequence[int] | Callable[..., Sequence[int]] = (),
     ):
         """
         Args:
@@ -182,6 +183,9 @@ class Op:
           operand_names: names of the operands, for error messages.
           grad_operands: the operands ``vjp`` differentiates; asking for the derivative of any other
             (a quantized weight, its scales) raises :class:`NotDifferentiableError` naming it.
+          once_operands: operands whose contribution must enter a reduced (``psum``) result once, such as a
+            bias: when a reduction factor is sharded, every shard but the first sees them as zeros. A
+            callable gets the op's parameters (for ops whose optional operands move the indices).
         """
         self.name = name
         self._shapes = shapes
@@ -193,6 +197,7 @@ class Op:
         self._workspace = workspace or (lambda *avals, **params: None)
         self._operand_names = tuple(operand_names)
         self._grad_operands = frozenset(grad_operands)
+        self._once_operands = once_operands if callable(once_operands) else (lambda **params: once_operands)
 
         self.inner = Primitive(f"jaxq_{name}")
         self.outer = Primitive(f"jaxq_{name}_sharded")
@@ -313,6 +318,10 @@ class Op:
             params = dict(frozen_params)
 
             def per_shard(*args):
+                once = set(self._once_operands(**params))
+                if reduce_axes and once:
+                    first = jax.lax.axis_index(reduce_axes) == 0
+                    args = [jnp.where(first, a, jnp.zeros_like(a)) if i in once else a for i, a in enumerate(args)]
                 outs = self._bind_inner(*args, **params)
                 return tuple(jax.lax.psum(o, reduce_axes) if reduce_axes else o for o in outs)
 

@@ -193,3 +193,37 @@ def gptq_dequantize(qweight, qzeros, scales, g_idx, bits, v2) -> np.ndarray:
     rows = np.asarray(g_idx)
     s = np.asarray(scales, np.float32)
     return (q - z[rows]).astype(np.float32) * s[rows]
+
+
+# ---------------------------------------------------------------------------------------- scaled_mm
+
+
+def scaled_mm(a, b, scale_a, scale_b, bias=None, azp_adj=None, azp=None, block=False) -> np.ndarray:
+    """float32 result of vLLM's scaled GEMM: s_a * (s_b * acc) [+ bias], acc exact (int64 for int8, float64
+    for fp8 via the decoded e4m3 table), block-wise as a float32 sum of per-128-block scaled products."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype == np.int8:
+        av, bv = a.astype(np.int64), b.astype(np.int64)
+    else:
+        av, bv = E4M3_VALUES[a.view(np.uint8)], E4M3_VALUES[b.view(np.uint8)]
+    sa, sb = np.asarray(scale_a, np.float32), np.asarray(scale_b, np.float32)
+    if block:
+        k = a.shape[1]
+        out = None
+        for kb in range(k // 128):
+            part = (av[:, kb * 128:(kb + 1) * 128] @ bv[kb * 128:(kb + 1) * 128]).astype(np.float32)
+            sbn = np.repeat(sb[kb], 128)[: b.shape[1]]
+            term = sa[:, kb:kb + 1] * (sbn[None, :] * part)
+            out = term if out is None else out + term
+    else:
+        acc = av @ bv
+        if azp_adj is not None:
+            adj = np.asarray(azp_adj, np.int64)[None, :]
+            acc = acc - (adj if azp is None else np.asarray(azp, np.int64)[:, None] * adj)
+        acc = acc.astype(np.float32)
+        sa = sa.reshape(-1, 1) if sa.size > 1 else sa.reshape(1, 1)
+        sb = sb.reshape(1, -1) if sb.size > 1 else sb.reshape(1, 1)
+        out = sa * (sb * acc)
+    if bias is not None:
+        out = out + np.asarray(bias, np.float32)[None, :]
+    return out
