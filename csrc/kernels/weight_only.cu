@@ -75,11 +75,6 @@ __device__ __forceinline__ uint32_t AsU32(typename Half2Ops<T>::T2 v) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-template <typename T>
-__device__ __forceinline__ typename Half2Ops<T>::T2 AsT2(uint32_t v) {
-  return *reinterpret_cast<typename Half2Ops<T>::T2*>(&v);
-}
-
 // The MMAs multiply unscaled integer codes: an A operand holds (bias + q) exactly as a 16-bit float, bias
 // being the magic integer part of the OR-trick (1024 for fp16, 128 for bf16) or 0 where the codes are
 // converted (8-bit codes in bf16, whose mantissa has no room beside a magic). Per group and column the
@@ -217,8 +212,6 @@ struct AwqTiles {
 
   uint32_t w[2][4];  // after the transpose: rows (2t, 2t+1) and (2t+8, 2t+9) of four words' half-words
 
-  __host__ __device__ static constexpr int PairLo(int j) { return 8 * j; }
-  __host__ __device__ static constexpr int PairHi(int j) { return 8 * j + 1; }
   // Lane g holds half-word g % 2 of words 4 (g / 2) + i: columns 2 j + g % 2 of each, j < 4.
   __device__ static int Column(int g, int c) { return 32 * (g / 2) + 8 * (c / 4) + 2 * (c % 4) + g % 2; }
   __device__ static int LaneK(int t) { return 2 * t; }
