@@ -333,6 +333,21 @@ class Op:
         return partitioned
 
 
+def map_batching(op: Op, args, dims, **params):
+    """A batching rule for ops whose operands have no batch dimensions of their own (e.g. one weight):
+    maps over the batch, one call per entry, unbatched operands shared."""
+    batched = [i for i, d in enumerate(dims) if d is not None]
+
+    def one(entries):
+        operands = list(args)
+        for i, entry in zip(batched, entries):
+            operands[i] = entry
+        return tuple(op.bind(*operands, **params))
+
+    outs = jax.lax.map(one, tuple(jnp.moveaxis(args[i], dims[i], 0) for i in batched))
+    return outs, (0,) * len(outs)
+
+
 def _batch_leading_dims(op: Op, args, dims, **params):
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     moved = [

@@ -189,3 +189,24 @@ def test_no_gradient_through_quantized_operands():
     with pytest.raises(jaxq.NotDifferentiableError):
         jax.grad(lambda s: jnp.sum(jaxq.cutlass_scaled_mm(a, b, s, jnp.ones((1,), jnp.float32), jnp.float16).astype(jnp.float32)))(
             jnp.ones((4, 1), jnp.float32))
+
+
+def test_vmap_over_activations_folds_and_over_weights_maps():
+    rng = np.random.default_rng(8)
+    a, b = int8(rng, (3, 5, 64)), int8(rng, (64, 32))
+    sa, sb = scales(rng, (3, 5, 1)), scales(rng, (1, 32))
+    azp = jnp.asarray(rng.integers(-5, 5, (3, 5)), jnp.int32)
+    adj = jaxq.cutlass_azp_adj(b)
+    got = jax.vmap(lambda a, s, z: jaxq.cutlass_scaled_mm_azp(a, b, s, sb, jnp.bfloat16, adj, azp=z))(a, sa, azp)
+    want = np.stack([np.asarray(jaxq.cutlass_scaled_mm_azp(a[i], b, sa[i], sb, jnp.bfloat16, adj, azp=azp[i]))
+                     for i in range(3)])
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # A per-tensor scale per batch entry, and stacked weights.
+    st = scales(rng, (3,))
+    got = jax.vmap(lambda a, s: jaxq.cutlass_scaled_mm(a, b, s, sb, jnp.float16))(a, st)
+    want = np.stack([np.asarray(jaxq.cutlass_scaled_mm(a[i], b, st[i], sb, jnp.float16)) for i in range(3)])
+    np.testing.assert_array_equal(np.asarray(got), want)
+    bs = int8(rng, (3, 64, 32))
+    got = jax.vmap(lambda w: jaxq.cutlass_scaled_mm(a[0], w, sa[0], sb, jnp.bfloat16))(bs)
+    want = np.stack([np.asarray(jaxq.cutlass_scaled_mm(a[0], bs[i], sa[0], sb, jnp.bfloat16)) for i in range(3)])
+    np.testing.assert_array_equal(np.asarray(got), want)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jaxq._op import Op, ShardingRule
+from jaxq._op import Op, ShardingRule, map_batching
 
 FORMAT_AWQ, FORMAT_GPTQ, FORMAT_GPTQ_EXLLAMA = 0, 1, 2  # == jaxq::WeightFormat in weight_only_gemm.h
 ACTIVATION_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
@@ -54,10 +54,7 @@ def _gemm_batching(op: Op, args, dims, **params):
         x = jnp.moveaxis(x, x_dim, 0)
         out = op.bind(x.reshape(-1, x.shape[-1]), *weights, **params)[0]
         return (out.reshape(*x.shape[:-1], out.shape[-1]),), (0,)
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    moved = [jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
-    out = jax.lax.map(lambda a: op.bind(*a, **params)[0], tuple(moved))
-    return (out,), (0,)
+    return map_batching(op, args, dims, **params)
 
 
 def gemm_op(

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq import formats
-from jaxq._op import Op, ShardingRule
+from jaxq._op import Op, ShardingRule, map_batching
 from jaxq.ops import _weight_only as wo
 
 # Rows of x up to which awq_gemm runs its own kernel; above, dequantize + XLA's dot is faster
@@ -62,6 +62,7 @@ _awq_dequantize = Op(
     reference=lambda qweight, qzeros, scales: (awq_dequantize_reference(qweight, qzeros, scales),),
     sharding_rule=_dequantize_sharding_rule,
     ffi_target="jaxq_weight_dequantize",
+    batching_rule=map_batching,  # stacked weights: one dequantization each
     ffi_attributes=lambda: _dequantize_attributes(),
 )
 

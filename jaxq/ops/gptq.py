@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq import formats
-from jaxq._op import Op, ShardingRule
+from jaxq._op import Op, ShardingRule, map_batching
 from jaxq.ops import _weight_only as wo
 
 # Rows of x up to which gptq_gemm runs its own kernel; above, dequantize + XLA's dot is faster
@@ -108,6 +108,7 @@ _gptq_dequantize = Op(
     reference=_dequantize_reference,
     sharding_rule=_dequantize_sharding_rule,
     ffi_target="jaxq_weight_dequantize_g_idx",
+    batching_rule=map_batching,  # stacked weights: one dequantization each
     ffi_attributes=lambda act_order, **params: dict(_attributes(**params), act_order=bool(act_order)),
 )
 

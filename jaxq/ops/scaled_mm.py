@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq._op import Op, ShardingRule
+from jaxq._op import Op, ShardingRule, map_batching
 
 BLOCK = 128
 _OPERAND_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
@@ -128,11 +128,45 @@ def _once(has_bias, azp, **_):
     return tuple(i for i, name in enumerate(names) if name in ("bias", "azp_adj"))
 
 
+def _batching(op, args, dims, **params):
+    """vmap over the activation side (a, its scales, its zero points) folds into M; anything else maps."""
+    names = _operand_names(**params)
+    row_side = {"a", "scale_a", "azp"}
+    if any(d is not None for name, d in zip(names, dims) if name not in row_side):
+        return map_batching(op, args, dims, **params)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    named = dict(zip(names, args))
+    a = jnp.moveaxis(named["a"], dims[0], 0)
+    m = a.shape[1]
+
+    def rows(name, x, d):  # -> [size * M, ...]
+        if d is None:
+            return jnp.broadcast_to(x, (size, *x.shape)).reshape(size * m, *x.shape[1:])
+        x = jnp.moveaxis(x, d, 0)
+        if name == "scale_a" and x[0].size == 1:  # a scale per batch entry becomes one per row
+            x = jnp.broadcast_to(x.reshape(size, 1, 1), (size, m, 1))
+        return x.reshape(size * m, *x.shape[2:])
+
+    folded = []
+    for name, x, d in zip(names, args, dims):
+        if name == "a":
+            folded.append(a.reshape(size * m, a.shape[2]))
+        elif name == "scale_a" and d is None and x.size == 1:
+            folded.append(x)  # per-tensor stays per-tensor
+        elif name in row_side:
+            folded.append(rows(name, x, d))
+        else:
+            folded.append(x)
+    out = op.bind(*folded, **params)[0]
+    return (out.reshape(size, m, out.shape[-1]),), (0,)
+
+
 _scaled_mm = Op(
     "cutlass_scaled_mm",
     shapes=_shapes,
     reference=_reference,
     sharding_rule=_sharding_rule,
+    batching_rule=_batching,
     once_operands=_once,
 )
 
