@@ -225,9 +225,9 @@ def gptq_gemm(x, qweight, qzeros, scales, g_idx, *, use_exllama: bool, use_v2_fo
     params = dict(bits=bits, exllama=bool(use_exllama), v2=bool(use_v2_format))
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
-    groups = g_idx if act_order else _sequential_groups(k, scales.shape[0])
     return wo.matmul(
         lambda rows: _gptq_gemm(rows, qweight, qzeros, scales, **params)[0],
-        lambda: _gptq_dequantize(qweight, qzeros, scales, groups, act_order=act_order, **params)[0],
+        lambda: _gptq_dequantize(qweight, qzeros, scales, g_idx if act_order else _sequential_groups(k, scales.shape[0]),
+                                 act_order=act_order, **params)[0],
         x, -1 if act_order else GPTQ_GEMM_KERNEL_MAX_M, n, tiles_weight=(k // scales.shape[0]) % _slab_k(bits) == 0,
     )
