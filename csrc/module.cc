@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 
 #include "ffi/activation_quant.h"
+#include "ffi/scaled_mm.h"
 #include "ffi/weight_only.h"
 
 namespace nb = nanobind;
@@ -18,6 +19,7 @@ NB_MODULE(_jaxq_cuda, m) {
     nb::dict targets;
     targets["jaxq_per_token_group_quant"] = Capsule(JaxqPerTokenGroupQuant);
     targets["jaxq_scaled_fp4_quant"] = Capsule(JaxqScaledFp4Quant);
+    targets["jaxq_scaled_mm"] = Capsule(JaxqScaledMm);
     targets["jaxq_weight_only_gemm"] = Capsule(JaxqWeightOnlyGemm);
     targets["jaxq_weight_dequantize"] = Capsule(JaxqWeightDequantize);
     targets["jaxq_weight_dequantize_g_idx"] = Capsule(JaxqWeightDequantizeGIdx);

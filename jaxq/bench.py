@@ -260,6 +260,101 @@ def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy:
 
 WEIGHT_ONLY_OPS = {"awq_gemm", "gptq_gemm"}
 
+# ------------------------------------------------------------------------------- W8A8 scaled GEMMs
+
+# (operand, M, K, N): issue 4's shapes. Weights are stored [N, K] and passed as w.T, as checkpoints keep them.
+SCALED_MM_CASES = [("fp8", m, 8192, 28672) for m in (16, 128, 4096)]
+SCALED_MM_CASES += [("int8", 4096, 4096, 14336), ("int8", 16, 8192, 28672), ("int8", 4096, 8192, 28672)]
+SCALED_MM_OPS = {"cutlass_scaled_mm"}
+_OPERAND = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
+
+
+def _scaled_mm_inputs(kind, m, k, n, i):
+    keys = jax.random.split(jax.random.key(20_000 + i), 4)
+    if kind == "fp8":
+        a = (jax.random.normal(keys[0], (m, k)) * 4).astype(jnp.float8_e4m3fn)
+        w = (jax.random.normal(keys[1], (n, k)) * 4).astype(jnp.float8_e4m3fn)
+    else:
+        a = jax.random.randint(keys[0], (m, k), -128, 128, jnp.int8)
+        w = jax.random.randint(keys[1], (n, k), -128, 128, jnp.int8)
+    sa = jax.random.uniform(keys[2], (m, 1), jnp.float32, 1e-3, 1e-2)
+    sb = jax.random.uniform(keys[3], (1, n), jnp.float32, 1e-3, 1e-2)
+    return a, w, sa, sb
+
+
+def _xla_scaled_mm(a, w, sa, sb):
+    """XLA's best recipe: the dot against the weight as stored [N, K] (cuBLASLt gets a column-major B and no
+    transpose is inserted), fp32 / int32 accumulation, then the scales."""
+    acc_type = jnp.int32 if a.dtype == jnp.int8 else jnp.float32
+    acc = jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=acc_type)
+    return (sa * (sb * acc.astype(jnp.float32))).astype(jnp.bfloat16)
+
+
+def _torch_peer(cases) -> dict:
+    """torch's times from tools/torch_scaled_mm.py in a child process (run before JAX takes the GPU's memory)."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "tools" / "torch_scaled_mm.py"
+    if not script.exists():
+        return {}
+    specs = [f"{kind}:{m}:{k}:{n}" for kind, m, k, n in cases]
+    done = subprocess.run([sys.executable, str(script), *specs], capture_output=True, text=True)
+    if done.returncode:
+        print(f"torch peer unavailable: {done.stderr.strip().splitlines()[-1:]}")
+        return {}
+    if done.stderr.strip():
+        print(done.stderr.strip())
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tensor_core_rates() -> dict:
+    """Operations per second of the largest dense products XLA (cuBLASLt) runs, 8192^3, per operand type."""
+    rates = {}
+    for kind in ("fp8", "int8", "bf16"):
+        size = 8192
+        if kind == "bf16":
+            make = lambda i: tuple(jax.random.normal(jax.random.key(i + j), (size, size), jnp.bfloat16) for j in (0, 1))
+            fn = lambda a, b: jnp.dot(a, b)
+        else:
+            make = lambda i, kind=kind: _scaled_mm_inputs(kind, size, size, size, i)[:2]
+            acc = jnp.int32 if kind == "int8" else jnp.float32
+            fn = lambda a, w, acc=acc: jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+        rates[kind] = 2 * size**3 / _time_per_call(fn, make, size * size * 2)
+    return rates
+
+
+def run_scaled_mm(torch_times: dict, copy: float) -> list[dict]:
+    """Per case: % of the measured tensor-core rate (the roofline at large M) and of the copy bandwidth
+    (bytes of A, B and D; the roofline at decode sizes)."""
+    rates = tensor_core_rates()
+    print("measured tensor-core rates (XLA dot, 8192^3): " +
+          ", ".join(f"{k} {v / 1e12:.0f} T/s" for k, v in rates.items()))
+    out = []
+    for kind, m, k, n in SCALED_MM_CASES:
+        make = functools.cache(lambda i, kind=kind, m=m, k=k, n=n: _scaled_mm_inputs(kind, m, k, n, i))
+        moved = m * k + n * k + 2 * m * n
+        ours = _time_per_call(lambda a, w, sa, sb: jaxq.cutlass_scaled_mm(a, w.T, sa, sb, jnp.bfloat16), make, moved)
+        xla = _time_per_call(_xla_scaled_mm, make, moved)
+        ops = 2 * m * k * n
+        row = dict(op="cutlass_scaled_mm", variant=f"{kind} token x channel, bf16 out", shape=f"M{m} K{k} N{n}",
+                   us=ours * 1e6, tops=ops / ours / 1e12, pct_rate=100 * ops / ours / rates[kind],
+                   pct_copy=100 * moved / ours / copy, xla_us=xla * 1e6, vs_xla=xla / ours)
+        peer = torch_times.get(f"{kind} {m} {k} {n}")
+        if peer:
+            row.update(torch_us=peer * 1e6, vs_torch=peer / ours)
+        out.append(row)
+        print(row, flush=True)
+    print("| op | variant | shape | µs | T(FL)OP/s | % of measured rate | % of copy BW | XLA best µs | vs XLA | torch µs | vs torch |")
+    print("|" + "---|" * 11)
+    for r in out:
+        f = lambda key, fmt: (fmt.format(r[key]) if r.get(key) is not None else "")
+        print(f"| {r['op']} | {r['variant']} | {r['shape']} | {r['us']:.1f} | {r['tops']:.0f} | {r['pct_rate']:.1f}% | "
+              f"{r['pct_copy']:.1f}% | {r['xla_us']:.1f} | {r['vs_xla']:.2f}x | {f('torch_us', '{:.1f}')} | {f('vs_torch', '{:.2f}x')} |")
+    return out
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -273,13 +368,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ops = {o.strip() for o in args.ops.split(",") if o.strip()} or None
     token_counts, hidden = ([256], 1024) if args.quick else ([int(m) for m in args.rows.split(",")], args.hidden)
-    if ops is None or ops - WEIGHT_ONLY_OPS:
-        run(ops - WEIGHT_ONLY_OPS if ops else None, token_counts, hidden, args.quick)
-    if not args.quick and (ops is None or ops & WEIGHT_ONLY_OPS):
+    gemm_ops = WEIGHT_ONLY_OPS | SCALED_MM_OPS
+    # torch's times first: its child process must find the GPU's memory before JAX takes it.
+    torch_times = _torch_peer(SCALED_MM_CASES) if not args.quick and (ops is None or ops & SCALED_MM_OPS) else {}
+    if ops is None or ops - gemm_ops:
+        run(ops - gemm_ops if ops else None, token_counts, hidden, args.quick)
+    copy = None
+    if not args.quick and (ops is None or ops & gemm_ops):
         copy = copy_bandwidth()
         print(f"copy bandwidth {copy / 1e9:.0f} GB/s (read + write)")
+    if not args.quick and (ops is None or ops & WEIGHT_ONLY_OPS):
         run_weight_only(ops & WEIGHT_ONLY_OPS if ops else WEIGHT_ONLY_OPS, [int(m) for m in args.gemm_rows.split(",")],
                         [int(m) for m in args.sweep.split(",")], copy, [int(v) for v in args.splits.split(",") if v])
+    if not args.quick and (ops is None or ops & SCALED_MM_OPS):
+        run_scaled_mm(torch_times, copy)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,16 @@ def assert_bits_equal(actual, expected, what=""):
     assert bad.size == 0, f"{what}: {len(bad)} of {a.size} differ, first at {tuple(bad[0])}: {a[tuple(bad[0])]:#x} != {e[tuple(bad[0])]:#x}"
 
 
+def assert_within_one_ulp(got, want, dtype):
+    """Equal after rounding to the 16-bit ``dtype``, except for one unit in the last place: where two
+    float32 computations of the same value may round apart (a bias add fused into the last multiply or not,
+    the two scales multiplied in the other order)."""
+    g = np.asarray(jnp.asarray(got, dtype)).view(np.int16).astype(np.int32)
+    w = np.asarray(jnp.asarray(want, dtype)).view(np.int16).astype(np.int32)
+    worst = np.unravel_index(np.argmax(np.abs(g - w)), g.shape) if g.size else ()
+    assert g.size == 0 or np.abs(g - w).max() <= 1, f"{np.abs(g - w).max()} ulp apart at {worst}"
+
+
 def random_activations(rng: np.random.Generator, shape, dtype, *, specials=True) -> jax.Array:
     """Gaussian values with a spread of magnitudes per row, plus (when asked) the awkward cases:
     signed zeros, all-zero groups, huge and tiny magnitudes."""

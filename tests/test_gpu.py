@@ -3,6 +3,7 @@
 Needs a GPU and a CUDA build: ``pytest -m gpu``; skipped otherwise (conftest)."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -189,3 +190,100 @@ def test_weight_only_gemm_gradient_on_gpu():
     x = jnp.asarray(rng.standard_normal((5, 256)), jnp.bfloat16)
     f = lambda x, qw, sc, qz: jax.grad(lambda x: jnp.sum(jaxq.awq_gemm(x, qw, sc, qz).astype(jnp.float32)))(x)
     _compare_close(f, x, qw, sc, qz, tol=1e-2)
+
+
+# ------------------------------------------------------------------------------- W8A8 scaled GEMMs
+
+from helpers import assert_within_one_ulp  # noqa: E402
+
+SCALED_MM_SCALES = {"tensor": lambda m, n: ((), (1,)), "token_channel": lambda m, n: ((m, 1), (1, n)),
+                    "token": lambda m, n: ((m, 1), ()), "channel": lambda m, n: ((1,), (1, n))}
+# M across every tile bucket and its edges (1-16 / 17-64 / 65-128 / larger), N and K off the tile sizes.
+SCALED_MM_SHAPES = [(1, 256, 128), (5, 272, 208), (16, 512, 64), (17, 1024, 336), (64, 128, 128), (65, 384, 256),
+                    (128, 256, 144), (129, 512, 512), (4097, 1024, 272)]
+
+
+def _scaled_mm_inputs(rng, m, k, n, dtype, form):
+    if dtype == jnp.int8:
+        a = jnp.asarray(rng.integers(-128, 128, (m, k)), jnp.int8)
+        b = jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8)
+    else:
+        a = jnp.asarray(rng.standard_normal((m, k)) * 4, dtype)
+        b = jnp.asarray(rng.standard_normal((k, n)) * 4, dtype)
+    sa_shape, sb_shape = SCALED_MM_SCALES[form](m, n)
+    sa = jnp.asarray(rng.uniform(0.5, 2.0, sa_shape) * 1e-2, jnp.float32)
+    sb = jnp.asarray(rng.uniform(0.5, 2.0, sb_shape) * 1e-2, jnp.float32)
+    return a, b, sa, sb
+
+
+def _scaled_mm_bias(rng, n, out_dtype):
+    return jnp.asarray(rng.standard_normal(n), out_dtype)
+
+
+def test_scaled_mm_kernel_is_used_and_reads_w_t_without_a_copy():
+    """A [N, K] weight passed as w.T reaches the kernel as a column-major operand: no transpose, no copy."""
+    rng = np.random.default_rng(0)
+    a, b, sa, sb = _scaled_mm_inputs(rng, 64, 512, 256, jnp.float8_e4m3fn, "token_channel")
+    w = jnp.asarray(b.T)  # stored [N, K], as checkpoints keep it
+    f = jax.jit(lambda a, w, sa, sb: jaxq.cutlass_scaled_mm(a, w.T, sa, sb, jnp.bfloat16))
+    cuda = jax.devices("cuda")[0]
+    args = [jax.device_put(x, cuda) for x in (a, w, sa, sb)]
+    hlo = f.lower(*args).compile().as_text()
+    assert "jaxq_scaled_mm" in hlo
+    ops = [re.findall(r" ([a-z][\w-]*)\(", line.split(" = ", 1)[1])[:1] for line in hlo.splitlines() if " = " in line]
+    assert not [op for op in ops if op and op[0] in ("transpose", "copy", "copy-start", "fusion")], hlo
+    _compare_close(lambda a, w, sa, sb: jaxq.cutlass_scaled_mm(a, w.T, sa, sb, jnp.bfloat16), *args, tol=2e-3)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("form", list(SCALED_MM_SCALES))
+@pytest.mark.parametrize("m,k,n", SCALED_MM_SHAPES)
+def test_scaled_mm_int8_kernel(m, k, n, form, out_dtype, with_bias):
+    """int32 accumulation is exact: the kernel equals the reference up to the rounding of the scaled value."""
+    rng = np.random.default_rng(m + k + n)
+    a, b, sa, sb = _scaled_mm_inputs(rng, m, k, n, jnp.int8, form)
+    bias = _scaled_mm_bias(rng, n, out_dtype) if with_bias else None
+    f = lambda a, b, sa, sb: jaxq.cutlass_scaled_mm(a, b, sa, sb, out_dtype, bias=bias)
+    got, want = _on("cuda", f, a, b, sa, sb), _on("cpu", f, a, b, sa, sb)
+    assert got.dtype == want.dtype == out_dtype and got.shape == (m, n)
+    assert_within_one_ulp(got, want, out_dtype)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("form", ["tensor", "token_channel"])
+@pytest.mark.parametrize("m,k,n", SCALED_MM_SHAPES + [(33, 8192, 1024)])
+def test_scaled_mm_fp8_kernel(m, k, n, form, out_dtype, with_bias):
+    rng = np.random.default_rng(m * 3 + k + n)
+    a, b, sa, sb = _scaled_mm_inputs(rng, m, k, n, jnp.float8_e4m3fn, form)
+    bias = _scaled_mm_bias(rng, n, out_dtype) if with_bias else None
+    _compare_close(lambda a, b, sa, sb: jaxq.cutlass_scaled_mm(a, b, sa, sb, out_dtype, bias=bias), a, b, sa, sb,
+                   tol=2e-3)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("m,k,n", [(1, 256, 128), (17, 512, 208), (100, 256, 64), (300, 512, 256)])
+def test_scaled_mm_azp_kernel(m, k, n, with_bias, per_token):
+    rng = np.random.default_rng(m + n)
+    a, b, sa, sb = _scaled_mm_inputs(rng, m, k, n, jnp.int8, "token_channel")
+    if per_token:
+        azp = jnp.asarray(rng.integers(-20, 20, m), jnp.int32)
+        adj = jaxq.cutlass_azp_adj(b)
+    else:
+        azp, adj = None, jaxq.cutlass_azp_adj(b, 7)
+    bias = _scaled_mm_bias(rng, n, jnp.bfloat16) if with_bias else None
+    f = lambda a, b, sa, sb, adj: jaxq.cutlass_scaled_mm_azp(a, b, sa, sb, jnp.bfloat16, adj, azp=azp, bias=bias)
+    got, want = _on("cuda", f, a, b, sa, sb, adj), _on("cpu", f, a, b, sa, sb, adj)
+    assert_within_one_ulp(got, want, jnp.bfloat16)
+
+
+def test_scaled_mm_batched_on_gpu():
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.integers(-128, 128, (3, 7, 256)), jnp.int8)
+    b = jnp.asarray(rng.integers(-128, 128, (256, 96)), jnp.int8)
+    sa = jnp.asarray(rng.uniform(0.5, 2, (3, 7, 1)) * 1e-2, jnp.float32)
+    sb = jnp.asarray(rng.uniform(0.5, 2, (1, 96)) * 1e-2, jnp.float32)
+    f = jax.vmap(lambda a, sa: jaxq.cutlass_scaled_mm(a, b, sa, sb, jnp.bfloat16))
+    assert_within_one_ulp(_on("cuda", f, a, sa), _on("cpu", f, a, sa), jnp.bfloat16)

@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxq
 import oracle
+from helpers import assert_within_one_ulp
 
 
 def rel_l2(a, b) -> float:
@@ -33,14 +34,6 @@ SCALE_FORMS = {"tensor": lambda m, n: ((), (1,)), "token": lambda m, n: ((m, 1),
 
 def _out(dtype, d):
     return np.asarray(jnp.asarray(d, dtype).astype(jnp.float32))
-
-
-def assert_within_one_ulp(got, want_f32, dtype):
-    """Equal, except that a bias add may be fused into the last multiply (as the kernels' multiply-add is)
-    or not (XLA's choice): then the final rounding to ``dtype`` may differ by one unit in the last place."""
-    g = np.asarray(jnp.asarray(got, dtype)).view(np.int16).astype(np.int32)
-    w = np.asarray(jnp.asarray(want_f32, dtype)).view(np.int16).astype(np.int32)
-    assert np.abs(g - w).max() <= 1
 
 
 INT8_CASES = [(m, form, out_dtype, bias) for m in (1, 5, 33) for form in SCALE_FORMS

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's GPU checks, the same every session: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
-#   stages: tests sanitizer bench ncu (default: tests sanitizer bench). The build runs first every time.
+#   stages: tests sanitizer bench ncu ncu_gemm (default: tests sanitizer bench). The build runs first every time.
+#   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm) and BENCH_ARGS narrow a run.
 # Logs go to $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
 REPO=$PWD
@@ -14,6 +15,13 @@ status=0
 echo "=== environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; nvcc --version | tail -1
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; } 2>&1 | tee "$OUT/env.log"
+
+# CUTLASS's headers (nvidia-cutlass, a build requirement) are not on the device machine: carry its wheel in .whl.
+if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$REPO"/.whl/nvidia_cutlass-*.whl || { echo "nvidia-cutlass missing: carry its wheel in .whl"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 echo "=== build"
 start=$SECONDS
@@ -36,13 +44,13 @@ for stage in $stages; do
     san_tests="$REPO/tests/test_gpu.py::test_packed_kernel_batched $REPO/tests/test_gpu.py::test_nvfp4_kernel_batched_global_scales"
     san_tests+=" $REPO/tests/test_gpu.py::test_group_quant_kernel_group_sizes"
     for tool in memcheck racecheck; do
-      for set in activation weight_only; do
-        # The weight-only kernels run from a script without CPU references: memcheck once crashed inside
+      for set in ${SANITIZER_SETS:-activation weight_only scaled_mm}; do
+        # The GEMM kernels run from a script without CPU references: memcheck once crashed inside
         # compute-sanitizer while XLA compiled a CPU reference under pytest.
         if [ $set = activation ]; then
           cmd=(python3 -m pytest -v -p no:cacheprovider $san_tests -k "bfloat16 or batched")
         else
-          cmd=(python3 "$REPO/tools/weight_only_kernels.py")
+          cmd=(python3 "$REPO/tools/gemm_kernels.py" $set)
         fi
         (cd /tmp && XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool $tool --target-processes all \
            --print-limit 20 "${cmd[@]}" 2>&1) > "$OUT/sanitizer_${tool}_$set.log"

@@ -14,10 +14,15 @@ Asymmetric int8 activations (``cutlass_scaled_mm_azp``): ``acc - azp_adj`` (per-
 folded into ``azp_adj``) or ``acc - azp * azp_adj`` (per-token ``azp [M]``), in int32, before the scales.
 ``azp_adj[n] = sum_k B[k, n]`` (times the per-tensor zero point): see :func:`cutlass_azp_adj`.
 
-``b`` is the logical ``[K, N]`` operand, as in vLLM; a weight stored ``[N, K]`` is passed as ``w.T``.
+``b`` is the logical ``[K, N]`` operand, as in vLLM. The kernels read it column-major (K fastest) and ask XLA
+for that layout, so a weight stored ``[N, K]`` and passed as ``w.T`` reaches the kernel with no transpose; a
+row-major ``[K, N]`` array gets one copy per call from XLA.
 
-This version lowers to XLA's dot on every platform (the reference); the CUTLASS sm90 kernels are still to come
-(issue 4). Gradients with respect to int8/fp8 operands are not meaningful: asking for one raises.
+On CUDA (sm_90a) the per-tensor / per-token / per-channel forms run CUTLASS 3.x warp-specialized TMA kernels
+whose epilogue applies the scales, zero points and bias (``csrc/kernels/scaled_mm_sm90.cuh``; tile shapes by M
+bucket as vLLM picks them). The block-wise form still lowers to the jnp reference (XLA's dot) on every
+platform: its kernel is not written yet. Gradients with respect to int8/fp8 operands are not meaningful:
+asking for one raises.
 """
 
 from __future__ import annotations
@@ -113,12 +118,14 @@ def _sharding_rule(params, operand_shapes, result_shapes) -> ShardingRule:
             "azp_adj": (n_dims,), "azp": (("m",),), "bias": (n_dims,),
         }
         sizes = {}
+    granularity = {} if params["block"] else {"k": 16, "n": 16}  # the kernels' 16-byte rows on every shard
     return ShardingRule(
         operands=tuple(dims[name] for name in names),
         results=((("m",), n_dims),),
         factor_sizes=sizes,
         reduction_factors=(k_dims[0],),
         replicated_factors=("one_a", "one_b"),
+        granularity=granularity,
     )
 
 
@@ -161,10 +168,22 @@ def _batching(op, args, dims, **params):
     return (out.reshape(size, m, out.shape[-1]),), (0,)
 
 
+def _ffi_attributes(has_bias, azp, **_):
+    return dict(has_azp_adj=azp != "none", has_azp=azp == "token", has_bias=has_bias)
+
+
+def _operand_layouts(has_bias, azp, **_):
+    """``b`` column-major (minor-to-major ``(0, 1)``: K fastest); everything else row-major."""
+    return [(0, 1) if name == "b" else None for name in _operand_names(has_bias=has_bias, azp=azp)]
+
+
 _scaled_mm = Op(
     "cutlass_scaled_mm",
     shapes=_shapes,
     reference=_reference,
+    ffi_target=lambda block, **_: None if block else "jaxq_scaled_mm",
+    ffi_attributes=_ffi_attributes,
+    ffi_operand_layouts=_operand_layouts,
     sharding_rule=_sharding_rule,
     batching_rule=_batching,
     once_operands=_once,

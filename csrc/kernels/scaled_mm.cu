@@ -1,0 +1,65 @@
+// Chooses the scaled-GEMM instantiation for a call: operand type, output type and the M bucket.
+#include "kernels/scaled_mm.h"
+
+namespace jaxq {
+
+namespace sm90 {
+// CUTLASS would query the SM count on every launch; it never changes for a device.
+int CachedSmCount() {
+  constexpr int kMaxDevices = 64;
+  static int counts[kMaxDevices] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device >= kMaxDevices) {
+    int count = 0;
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    return count;
+  }
+  if (counts[device] == 0) cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
+  return counts[device];
+}
+}  // namespace sm90
+
+ScaledMmTile ChooseScaledMmTile(int64_t m) {
+  if (m <= 16) return ScaledMmTile::kM16;
+  if (m <= 64) return ScaledMmTile::kM64;
+  if (m <= 128) return ScaledMmTile::kM128;
+  return ScaledMmTile::kLarge;
+}
+
+bool ScaledMmSupports(const ScaledMmParams& p) {
+  const bool types = (p.out_type == FloatType::kBF16 || p.out_type == FloatType::kF16) &&
+                     (p.operand == MmOperand::kInt8 || (p.azp_adj == nullptr && p.azp == nullptr));
+  return types && p.m >= 0 && p.n > 0 && p.k > 0 && p.k % 16 == 0 && p.n % 8 == 0 && p.m < (int64_t{1} << 31) &&
+         p.n < (int64_t{1} << 31) && p.k < (int64_t{1} << 31);
+}
+
+namespace {
+
+template <MmOperand kOperand, FloatType kOut>
+cudaError_t RunForTile(const ScaledMmParams& p, cudaStream_t stream) {
+  switch (ChooseScaledMmTile(p.m)) {
+    case ScaledMmTile::kM16: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kM16>(p, stream);
+    case ScaledMmTile::kM64: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kM64>(p, stream);
+    case ScaledMmTile::kM128: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kM128>(p, stream);
+    case ScaledMmTile::kLarge: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kLarge>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <MmOperand kOperand>
+cudaError_t RunForOut(const ScaledMmParams& p, cudaStream_t stream) {
+  return p.out_type == FloatType::kBF16 ? RunForTile<kOperand, FloatType::kBF16>(p, stream)
+                                        : RunForTile<kOperand, FloatType::kF16>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t LaunchScaledMm(const ScaledMmParams& p, cudaStream_t stream) {
+  if (!ScaledMmSupports(p)) return cudaErrorInvalidValue;
+  if (p.m == 0) return cudaSuccess;
+  return p.operand == MmOperand::kInt8 ? RunForOut<MmOperand::kInt8>(p, stream)
+                                       : RunForOut<MmOperand::kFp8E4M3>(p, stream);
+}
+
+}  // namespace jaxq

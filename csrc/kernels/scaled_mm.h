@@ -1,0 +1,46 @@
+// W8A8 GEMMs with scales in the epilogue (vLLM's cutlass_scaled_mm / cutlass_scaled_mm_azp) on Hopper:
+// D[m, n] = s_a * (s_b * (acc - azp[m] * azp_adj[n])) + bias[n], acc = A @ B in int32 (int8) or float32 (fp8).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/types.h"
+
+namespace jaxq {
+
+enum class MmOperand : int32_t { kInt8 = 0, kFp8E4M3 = 1 };
+
+// Tile configurations by M bucket, as vLLM chooses them on sm90. The two small ones compute D^T = B^T A^T
+// (N takes the 64-row side of the tensor-core tile, M the narrow one).
+enum class ScaledMmTile : int32_t { kM16 = 0, kM64 = 1, kM128 = 2, kLarge = 3 };
+
+struct ScaledMmParams {
+  MmOperand operand = MmOperand::kFp8E4M3;
+  FloatType out_type = FloatType::kBF16;  // float16 or bfloat16
+  const void* a = nullptr;                // [m, k] row-major
+  const void* b = nullptr;                // [k, n] column-major, i.e. a row-major [n, k] weight
+  const float* scale_a = nullptr;         // [m] when scale_a_per_row, else one value
+  const float* scale_b = nullptr;         // [n] when scale_b_per_col, else one value
+  bool scale_a_per_row = false;
+  bool scale_b_per_col = false;
+  const void* bias = nullptr;             // [n] in out_type, or null
+  const int32_t* azp_adj = nullptr;       // int8 only: [n], or null (no zero-point term)
+  const int32_t* azp = nullptr;           // int8 only: [m] per-token zero points; null: azp_adj is pre-multiplied
+  void* d = nullptr;                      // [m, n] row-major
+  int64_t m = 0, n = 0, k = 0;
+};
+
+ScaledMmTile ChooseScaledMmTile(int64_t m);
+
+// Whether the kernels take these sizes: 16-byte aligned rows of A, B and D (K % 16, N % 8).
+bool ScaledMmSupports(const ScaledMmParams& p);
+
+cudaError_t LaunchScaledMm(const ScaledMmParams& p, cudaStream_t stream);
+
+// One instantiation per (operand, output type, tile); each lives in its own translation unit (the build
+// generates them), because one takes about a minute and 3.5 GB to compile.
+template <MmOperand kOperand, FloatType kOut, ScaledMmTile kTile>
+cudaError_t RunScaledMmSm90(const ScaledMmParams& p, cudaStream_t stream);
+
+}  // namespace jaxq

@@ -1,0 +1,72 @@
+"""Runs every GEMM kernel variant of one family once on small shapes, GPU only (no CPU reference), for
+compute-sanitizer.
+
+* ``weight_only``: AWQ GEMM and dequantization; GPTQ 2/3/4/8-bit GEMM (plain and exllama, M=1 and M=9,
+  split K) and dequantization (with and without act-order g_idx).
+* ``scaled_mm``: int8 and fp8 W8A8 GEMMs in every M-bucket tile configuration, both output dtypes, scalar
+  and vector scales, bias, and both zero-point forms.
+
+    compute-sanitizer --tool memcheck python tools/gemm_kernels.py weight_only
+"""
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxq
+from jaxq import formats
+
+assert jaxq.cuda_available(), "needs the CUDA build"
+
+
+def weight_only():
+    rng = np.random.default_rng(0)
+    no_perm = jnp.zeros((0,), jnp.int32)
+    for dtype in (jnp.float16, jnp.bfloat16):
+        for m in (1, 9):
+            w = jnp.asarray(rng.standard_normal((512, 160)), dtype)
+            qweight, scales, qzeros = formats.quantize_awq(w, 64)
+            x = jnp.asarray(rng.standard_normal((m, 512)), dtype)
+            jax.block_until_ready(jax.jit(jaxq.awq_gemm)(x, qweight, scales, qzeros))
+            jax.block_until_ready(jax.jit(lambda *a: jaxq.awq_gemm(*a, split_k_iters=3))(x, qweight, scales, qzeros))
+            jax.block_until_ready(jax.jit(jaxq.awq_dequantize)(qweight, scales, qzeros))
+            for bits in formats.GPTQ_BITS:
+                w = jnp.asarray(rng.standard_normal((1024, 96)), dtype)
+                qw, qz, sc, g_idx = formats.quantize_gptq(w, bits, 128, act_order=rng.permutation(1024), symmetric=False)
+                jax.block_until_ready(jax.jit(lambda *a: jaxq.gptq_dequantize(*a, bits=bits))(qw, qz, sc, g_idx))
+                qw, qz, sc, _ = formats.quantize_gptq(w, bits, 128, symmetric=False)
+                for exllama in (False, True):
+                    weight = jaxq.gptq_shuffle(qw, no_perm, bits) if exllama else qw
+                    f = jax.jit(lambda x, *a: jaxq.gptq_gemm(x, *a, use_exllama=exllama, bits=bits))
+                    x = jnp.asarray(rng.standard_normal((m, 1024)), dtype)
+                    jax.block_until_ready(f(x, weight, qz, sc, no_perm))
+                    jax.block_until_ready(jax.jit(lambda *a: jaxq.gptq_dequantize(*a, bits=bits, use_exllama=exllama))(
+                        weight, qz, sc, no_perm))
+    print("ran every weight-only kernel variant")
+
+
+def scaled_mm():
+    rng = np.random.default_rng(0)
+    k, n = 272, 208
+    for dtype in (jnp.int8, jnp.float8_e4m3fn):
+        b = jnp.asarray(rng.integers(-8, 8, (k, n)), dtype)
+        for m in (1, 17, 65, 129):  # one per tile configuration
+            a = jnp.asarray(rng.integers(-8, 8, (m, k)), dtype)
+            sa, sb = jnp.ones((m, 1), jnp.float32), jnp.full((1,), 0.5, jnp.float32)  # vector, scalar
+            sa1, sbn = jnp.ones((1,), jnp.float32), jnp.full((1, n), 0.5, jnp.float32)  # scalar, vector
+            for out in (jnp.bfloat16, jnp.float16):
+                bias = jnp.ones((n,), out)
+                jax.block_until_ready(jax.jit(lambda *x: jaxq.cutlass_scaled_mm(*x, out))(a, b, sa, sb))
+                jax.block_until_ready(jax.jit(lambda *x: jaxq.cutlass_scaled_mm(*x[:4], out, bias=x[4]))(a, b, sa1, sbn, bias))
+            if dtype == jnp.int8:
+                adj = jaxq.cutlass_azp_adj(b)
+                azp = jnp.arange(m, dtype=jnp.int32)
+                jax.block_until_ready(jax.jit(lambda *x: jaxq.cutlass_scaled_mm_azp(*x[:4], jnp.bfloat16, x[4], azp=x[5]))(
+                    a, b, sa, sb, adj, azp))
+                jax.block_until_ready(jax.jit(lambda *x: jaxq.cutlass_scaled_mm_azp(*x[:4], jnp.float16, x[4], bias=x[5]))(
+                    a, b, sa, sb, adj * 3, jnp.ones((n,), jnp.float16)))
+    print("ran every scaled_mm kernel variant")
+
+
+{"weight_only": weight_only, "scaled_mm": scaled_mm}[sys.argv[1]]()
