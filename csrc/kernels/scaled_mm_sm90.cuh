@@ -21,18 +21,17 @@ using namespace cute;
 namespace fusion = cutlass::epilogue::fusion;
 constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 
+// fp8 accumulates with CUTLASS's promoting mainloop (wgmma partial sums added into fp32 registers every few
+// k-blocks), not the FP8FastAccum schedules vLLM picks: those keep the whole K sum in the tensor core's
+// narrower accumulator and miss the 2e-3 relative-error bound against an fp32 sum at K = 8192 (measured).
 template <MmOperand> struct OperandTraits;
 template <> struct OperandTraits<MmOperand::kInt8> {
   using Element = int8_t;
   using Accumulator = int32_t;
-  using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-  using Basic = cutlass::gemm::KernelTmaWarpSpecialized;
 };
 template <> struct OperandTraits<MmOperand::kFp8E4M3> {
   using Element = cutlass::float_e4m3_t;
   using Accumulator = float;
-  using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum;
-  using Basic = cutlass::gemm::KernelTmaWarpSpecializedFP8FastAccum;
 };
 
 template <FloatType> struct OutTraits;
@@ -134,8 +133,8 @@ struct Gemm {
   using Tile = typename Config::Shape;
   static constexpr bool kSwap = Config::kSwapAB;
   using Fusion = Epilogue<Tile, kSwap, ElementD, kOperand == MmOperand::kInt8>;
-  using KernelSchedule = std::conditional_t<Config::kPingpong, typename OperandTraits<kOperand>::Pingpong,
-                                            typename OperandTraits<kOperand>::Basic>;
+  using KernelSchedule = std::conditional_t<Config::kPingpong, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                            cutlass::gemm::KernelTmaWarpSpecialized>;
   // With A and B swapped the kernel writes D^T column-major, which is D row-major.
   using LayoutD = std::conditional_t<kSwap, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   static constexpr int kAlignD = 16 / sizeof(ElementD);
