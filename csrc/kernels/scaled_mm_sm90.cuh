@@ -185,6 +185,10 @@ cudaError_t RunScaledMmSm90(const ScaledMmParams& p, cudaStream_t stream) {
                                      {G::Fusion::Arguments(p), nullptr, stride_d,
                                       static_cast<typename G::ElementD*>(p.d), stride_d},
                                      hw};
+  if constexpr (kOperand == MmOperand::kFp8E4M3) {
+    // Promote once per mainloop iteration (every 128 or 256 of K): the least the mainloop accepts.
+    args.mainloop.mma_promotion_interval = cute::size<2>(typename G::Tile{}) / 32;
+  }
   typename G::Device gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
   // These tile schedulers and epilogues need no global workspace; XLA has none to give without asking.
