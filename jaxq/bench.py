@@ -291,17 +291,17 @@ def _xla_scaled_mm(a, w, sa, sb):
 
 
 def _torch_peer(cases) -> dict:
-    """torch's times from tools/torch_scaled_mm.py in a child process (run before JAX takes the GPU's memory)."""
+    """torch's times from jaxq.bench_torch in a child process (run before JAX takes the GPU's memory)."""
+    import importlib.util
     import json
-    import pathlib
     import subprocess
     import sys
 
-    script = pathlib.Path(__file__).resolve().parent.parent / "tools" / "torch_scaled_mm.py"
-    if not script.exists():
+    if importlib.util.find_spec("torch") is None:
+        print("torch peer unavailable: torch is not installed")
         return {}
     specs = [f"{kind}:{m}:{k}:{n}" for kind, m, k, n in cases]
-    done = subprocess.run([sys.executable, str(script), *specs], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "jaxq.bench_torch", *specs], capture_output=True, text=True)
     if done.returncode:
         print(f"torch peer unavailable: {done.stderr.strip().splitlines()[-1:]}")
         return {}

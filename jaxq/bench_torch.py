@@ -1,7 +1,8 @@
-"""torch's W8A8 GEMMs timed on the shapes given, for jaxq.bench's comparison column (torch is a peer here,
-never a dependency of jaxq). Prints one JSON object: {"fp8 M K N": seconds, "int8 M K N": seconds}.
+"""torch's W8A8 GEMMs timed on the shapes given, for jaxq.bench's comparison column. torch is a peer here,
+never a dependency: only this module imports it, and jaxq.bench runs it in a child process when torch is
+installed. Prints one JSON object: {"fp8 M K N": seconds, "int8 M K N": seconds}.
 
-    python tools/torch_scaled_mm.py fp8:16:8192:28672 int8:4096:4096:14336 ...
+    python -m jaxq.bench_torch fp8:16:8192:28672 int8:4096:4096:14336 ...
 
 fp8: torch._scaled_mm with row-wise scales (per-token x per-channel), bf16 out, the faster of use_fast_accum
 on and off. int8: torch._int_mm then the scales in fp32, bf16 out. Time per call is the slope between n
