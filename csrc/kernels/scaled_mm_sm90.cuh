@@ -43,24 +43,28 @@ template <MmOperand kOperand> struct TileConfig<ScaledMmTile::kM16, kOperand> {
   using Shape = cute::Shape<_64, _16, _256>;
   using Cluster = cute::Shape<_1, _1, _1>;
   using Schedule = cutlass::gemm::KernelTmaWarpSpecialized;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
   static constexpr bool kSwapAB = true;
 };
 template <MmOperand kOperand> struct TileConfig<ScaledMmTile::kM64, kOperand> {
   using Shape = cute::Shape<_64, _64, _256>;
   using Cluster = cute::Shape<_1, _1, _1>;
   using Schedule = cutlass::gemm::KernelTmaWarpSpecialized;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
   static constexpr bool kSwapAB = true;
 };
 template <MmOperand kOperand> struct TileConfig<ScaledMmTile::kM128, kOperand> {
   using Shape = cute::Shape<_64, _128, _128>;
   using Cluster = cute::Shape<_2, _1, _1>;
   using Schedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
   static constexpr bool kSwapAB = false;
 };
 template <> struct TileConfig<ScaledMmTile::kLarge, MmOperand::kInt8> {
   using Shape = cute::Shape<_128, _128, _128>;
   using Cluster = cute::Shape<_2, _1, _1>;
   using Schedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
   static constexpr bool kSwapAB = false;
 };
 // Ping-pong gives one warp group the whole 128 x 128 tile: with fp8's second (promotion) accumulator that is
@@ -69,6 +73,7 @@ template <> struct TileConfig<ScaledMmTile::kLarge, MmOperand::kFp8E4M3> {
   using Shape = cute::Shape<_128, _128, _128>;
   using Cluster = cute::Shape<_2, _1, _1>;
   using Schedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
   static constexpr bool kSwapAB = false;
 };
 
@@ -148,7 +153,7 @@ struct Gemm {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, typename Config::Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, float, void, LayoutD, kAlignD, ElementD, LayoutD,
-      kAlignD, cutlass::epilogue::TmaWarpSpecialized, typename Fusion::Tree>::CollectiveOp;
+      kAlignD, typename Config::EpilogueSchedule, typename Fusion::Tree>::CollectiveOp;
 
   // Both operands are K-major (A row-major, B column-major), so swapping them keeps the layouts.
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
