@@ -6,7 +6,10 @@ compute-sanitizer.
 * ``scaled_mm``: int8 and fp8 W8A8 GEMMs in every M-bucket tile configuration, both output dtypes, scalar
   and vector scales, bias, and both zero-point forms.
 
-    compute-sanitizer --tool memcheck python tools/gemm_kernels.py weight_only
+    compute-sanitizer --tool memcheck python tools/gemm_kernels.py weight_only [bfloat16]
+
+A dtype name after the family restricts the weight-only set to it (racecheck is slow; the kernels' shared
+memory use does not depend on the dtype).
 """
 import sys
 
@@ -23,7 +26,7 @@ assert jaxq.cuda_available(), "needs the CUDA build"
 def weight_only():
     rng = np.random.default_rng(0)
     no_perm = jnp.zeros((0,), jnp.int32)
-    for dtype in (jnp.float16, jnp.bfloat16):
+    for dtype in [jnp.dtype(d) for d in sys.argv[2:]] or (jnp.float16, jnp.bfloat16):
         for m in (1, 9):
             w = jnp.asarray(rng.standard_normal((512, 160)), dtype)
             qweight, scales, qzeros = formats.quantize_awq(w, 64)
