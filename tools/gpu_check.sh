@@ -2,7 +2,8 @@
 # The project's GPU checks, the same every session: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
 #   stages: tests sanitizer bench ncu ncu_gemm (default: tests sanitizer bench). The build runs first every time.
-#   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm) and BENCH_ARGS narrow a run.
+#   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm), SANITIZER_TOOLS and BENCH_ARGS
+#   narrow a run.
 # Logs go to $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
 REPO=$PWD
@@ -43,7 +44,7 @@ for stage in $stages; do
     # Each buffer its own cudaMalloc (no pool), so memcheck sees accesses past a buffer's end.
     san_tests="$REPO/tests/test_gpu.py::test_packed_kernel_batched $REPO/tests/test_gpu.py::test_nvfp4_kernel_batched_global_scales"
     san_tests+=" $REPO/tests/test_gpu.py::test_group_quant_kernel_group_sizes"
-    for tool in memcheck racecheck; do
+    for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
       for set in ${SANITIZER_SETS:-activation weight_only scaled_mm}; do
         # The GEMM kernels run from a script without CPU references: memcheck once crashed inside
         # compute-sanitizer while XLA compiled a CPU reference under pytest.
