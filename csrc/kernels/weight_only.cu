@@ -164,15 +164,18 @@ struct GptqTiles {
   static constexpr int kVecs = 4 * kWordRows;     // 16-byte weight vectors per lane per step
   static constexpr int kXBytes = 2 * kValues;      // x bytes per lane and row per step
 
-  // Lane g's 16 columns of the lane's word rows: kWordRows x four 16-byte vectors.
-  __device__ __forceinline__ static void Issue(uint4* slots, const uint32_t* qweight, int64_t n, int64_t k0,
-                                               int64_t n0, int g, int t, bool valid) {
-    const int64_t word_row = (k0 + t * kValues) * Bits / 32;
+  // Word rows a warp step advances, and the lane's first word of step 0 (word row k * Bits / 32).
+  static constexpr int kStepRows = 4 * kWordRows;
+  __device__ static int64_t FirstWord(int64_t n, int64_t k0, int64_t n0, int g, int t) {
+    return ((k0 + t * kValues) * Bits / 32) * n + n0 + 16 * g;
+  }
+
+  // Lane g's 16 columns of the lane's word rows: kWordRows x four 16-byte vectors from `src`.
+  __device__ __forceinline__ static void Issue(uint4* slots, const uint32_t* src, int64_t n, bool valid) {
 #pragma unroll
     for (int r = 0; r < kWordRows; ++r) {
-      const uint32_t* src = qweight + (word_row + r) * n + n0 + 16 * g;
 #pragma unroll
-      for (int u = 0; u < 4; ++u) CopyAsync<16, true>(slots + (4 * r + u) * 32, valid ? src + 4 * u : qweight, valid);
+      for (int u = 0; u < 4; ++u) CopyAsync<16, true>(slots + (4 * r + u) * 32, src + r * n + 4 * u, valid);
     }
   }
 
@@ -219,14 +222,15 @@ struct AwqTiles {
   static constexpr int kVecs = 2;
   static constexpr int kXBytes = 8;  // two pairs: k0 + 2t and k0 + 2t + 8
 
+  static constexpr int kStepRows = 16;
   // Lane (r, c) = (g, t) reads row k0 + r (and + 8), words 4c..4c+3 of the strip.
-  __device__ __forceinline__ static void Issue(uint4* slots, const uint32_t* qweight, int64_t n, int64_t k0,
-                                               int64_t n0, int g, int t, bool valid) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const uint32_t* src = qweight + (k0 + 8 * half + g) * (n / 8) + n0 / 8 + 4 * t;
-      CopyAsync<16, true>(slots + half * 32, valid ? src : qweight, valid);
-    }
+  __device__ static int64_t FirstWord(int64_t n, int64_t k0, int64_t n0, int g, int t) {
+    return (k0 + g) * (n / 8) + n0 / 8 + 4 * t;
+  }
+
+  __device__ __forceinline__ static void Issue(uint4* slots, const uint32_t* src, int64_t n, bool valid) {
+    CopyAsync<16, true>(slots, src, valid);
+    CopyAsync<16, true>(slots + 32, src + 8 * (n / 8), valid);
   }
 
   // movmatrix gives each lane two consecutive rows of one half-word of each of four words.
@@ -276,40 +280,64 @@ struct Traits {
 };
 
 // Loads the current group's zeros and scales of the lane's 16 columns.
+// Loads the group's zeros and scales of the lane's 16 columns: a few vector loads, all issued before any is
+// used, and bit fields at compile-time offsets. Lanes past N keep zeros (their columns are never stored).
 template <typename T, WeightFormat Format, int Bits, typename Tiles>
 __device__ __forceinline__ void LoadGroup(GroupConstants& gc, const WeightOnlyParams& p, int64_t group,
                                           int64_t n0, int g) {
-  const uint16_t* scales = static_cast<const uint16_t*>(p.scales) + group * p.n;
-  // GPTQ lanes hold 16 consecutive columns: their scales are two 16-byte vectors.
-  uint16_t gptq_scales[16] = {};
-  if constexpr (Format != WeightFormat::kAwq) {
-    if (n0 + 16 * g < p.n) {
-      const uint4* src = reinterpret_cast<const uint4*>(scales + n0 + 16 * g);
-      *reinterpret_cast<uint4*>(gptq_scales) = __ldg(src);
-      *reinterpret_cast<uint4*>(gptq_scales + 8) = __ldg(src + 1);
-    }
-  }
+  const uint16_t* scales = static_cast<const uint16_t*>(p.scales) + group * p.n + n0;
+  uint32_t scale_words[4][4] = {};  // 16-bit scales, two per word
+  uint32_t zero_bits[4] = {};       // AWQ: one word per i; GPTQ: the lane's 16 * Bits bits from bit 0
+  if constexpr (Format == WeightFormat::kAwq) {
+    // Lane g's columns 32 (g / 2) + 8i + 2j + g % 2: half-word g % 2 of word j of eight scales per i.
+    if (n0 + 32 * (g / 2) < p.n) {
+      const uint4 z = __ldg(reinterpret_cast<const uint4*>(p.qzeros + group * (p.n / 8) + n0 / 8) + g / 2);
+      zero_bits[0] = z.x, zero_bits[1] = z.y, zero_bits[2] = z.z, zero_bits[3] = z.w;
 #pragma unroll
-  for (int c = 0; c < 16; ++c) {
-    const int64_t col = n0 + Tiles::Column(g, c);
-    uint32_t z = 0;
-    uint16_t s = 0;
-    if (col < p.n) {
-      s = Format == WeightFormat::kAwq ? __ldg(scales + col) : gptq_scales[c];
-      if constexpr (Format == WeightFormat::kAwq) {
-        const uint32_t word = __ldg(p.qzeros + group * (p.n / 8) + col / 8);
-        const int nibble = (col % 8) / 2 + 4 * (col % 2);
-        z = (word >> (4 * nibble)) & 0xfu;
-      } else {
-        const uint32_t* row = p.qzeros + group * (p.n * Bits / 32);
-        const int64_t bit = col * Bits;
-        uint64_t window = __ldg(row + bit / 32);
-        if (bit % 32 + Bits > 32) window |= static_cast<uint64_t>(__ldg(row + bit / 32 + 1)) << 32;
-        z = static_cast<uint32_t>(window >> (bit % 32)) & ((1u << Bits) - 1);
+      for (int i = 0; i < 4; ++i) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(scales + 32 * (g / 2) + 8 * i));
+        scale_words[i][0] = v.x, scale_words[i][1] = v.y, scale_words[i][2] = v.z, scale_words[i][3] = v.w;
       }
     }
-    gc.scale[c] = static_cast<float>(*reinterpret_cast<const T*>(&s));
-    gc.zero[c] = Codes<T, Bits>::kBias + static_cast<float>(z + p.zero_offset);
+    const int half = 16 * (g % 2);
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const uint32_t s = (scale_words[c / 4][c % 4] >> half) & 0xffffu;
+      const uint32_t z = (zero_bits[c / 4] >> (half + 4 * (c % 4))) & 0xfu;
+      gc.scale[c] = static_cast<float>(*reinterpret_cast<const T*>(&s));
+      gc.zero[c] = Codes<T, Bits>::kBias + static_cast<float>(z + p.zero_offset);
+    }
+  } else {
+    if (n0 + 16 * g < p.n) {
+      const uint4* src = reinterpret_cast<const uint4*>(scales + 16 * g);
+      const uint4 lo = __ldg(src), hi = __ldg(src + 1);
+      scale_words[0][0] = lo.x, scale_words[0][1] = lo.y, scale_words[0][2] = lo.z, scale_words[0][3] = lo.w;
+      scale_words[1][0] = hi.x, scale_words[1][1] = hi.y, scale_words[1][2] = hi.z, scale_words[1][3] = hi.w;
+      // The lane's zeros start at bit (n0 + 16 g) * Bits of the row: word-aligned except for 3-bit lanes
+      // with odd g, which start half a word in.
+      const uint32_t* row = p.qzeros + group * (p.n * Bits / 32) + (n0 + 16 * g) * Bits / 32;
+      if constexpr (Bits == 8) {
+        const uint4 z = __ldg(reinterpret_cast<const uint4*>(row));
+        zero_bits[0] = z.x, zero_bits[1] = z.y, zero_bits[2] = z.z, zero_bits[3] = z.w;
+      } else if constexpr (Bits == 4) {
+        const uint2 z = __ldg(reinterpret_cast<const uint2*>(row));
+        zero_bits[0] = z.x, zero_bits[1] = z.y;
+      } else if constexpr (Bits == 2) {
+        zero_bits[0] = __ldg(row);
+      } else {
+        const uint64_t window = (static_cast<uint64_t>(__ldg(row + 1)) << 32 | __ldg(row)) >> (16 * (g % 2));
+        zero_bits[0] = static_cast<uint32_t>(window), zero_bits[1] = static_cast<uint32_t>(window >> 32);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const uint32_t s = (scale_words[c / 8][(c % 8) / 2] >> (16 * (c % 2))) & 0xffffu;
+      const int bit = c * Bits;
+      uint32_t z = zero_bits[bit / 32] >> (bit % 32);
+      if (bit % 32 + Bits > 32) z |= zero_bits[bit / 32 + 1] << (32 - bit % 32);
+      gc.scale[c] = static_cast<float>(*reinterpret_cast<const T*>(&s));
+      gc.zero[c] = Codes<T, Bits>::kBias + static_cast<float>((z & ((1u << Bits) - 1)) + p.zero_offset);
+    }
   }
 }
 
@@ -352,16 +380,25 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   const bool lane_valid = Format == WeightFormat::kAwq ? n0 + 32 * t < p.n : n0 + 16 * g < p.n;
   uint4* warp_slots = shared + warp * (Layout::kBytesPerWarp / 16) + lane;
 
+  // Per lane, where step 0's weights and x start and how far a step moves them. Lanes past N (or rows of
+  // x past M) copy zeros from a valid address.
+  const int64_t words_per_row = Format == WeightFormat::kAwq ? p.n / 8 : p.n;
+  const int64_t weight_step = Tiles::kStepRows * words_per_row;
+  const uint32_t* weights = lane_valid ? p.qweight + Tiles::FirstWord(p.n, first * kSlabK, n0, g, t) : p.qweight;
+  const T* x_rows[MTiles];
+#pragma unroll
+  for (int mt = 0; mt < MTiles; ++mt) {
+    const int64_t row = m0 + 8 * mt + g;
+    x_rows[mt] = row < p.m ? x + row * p.k + first * kSlabK + Tiles::LaneK(t) : nullptr;
+  }
   auto issue = [&](int i) {
     uint4* slots = warp_slots + (i % kStages) * Layout::kVecs * 32;
-    const int64_t k0 = (first + i) * kSlabK;
-    Tiles::Issue(slots, p.qweight, p.n, k0, n0, g, t, lane_valid);
+    Tiles::Issue(slots, lane_valid ? weights + i * weight_step : p.qweight, p.n, lane_valid);
 #pragma unroll
     for (int mt = 0; mt < MTiles; ++mt) {
-      const int64_t row = m0 + 8 * mt + g;
-      const bool valid = row < p.m;
+      const bool valid = x_rows[mt] != nullptr;
+      const T* src = valid ? x_rows[mt] + i * kSlabK : x;
       uint4* x_slots = slots + (Tiles::kVecs + mt * Layout::kXVecs) * 32;
-      const T* src = valid ? x + row * p.k + k0 + Tiles::LaneK(t) : x;
       if constexpr (Format == WeightFormat::kAwq) {
         CopyAsync<4, false>(x_slots, src, valid);
         CopyAsync<4, false>(reinterpret_cast<uint32_t*>(x_slots) + 1, valid ? src + 8 : x, valid);
@@ -373,6 +410,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
       }
     }
   };
+
 
   using C = Codes<T, Bits>;
   float acc[MTiles][8][4] = {};
