@@ -38,44 +38,39 @@ template <FloatType> struct OutTraits;
 template <> struct OutTraits<FloatType::kBF16> { using Element = cutlass::bfloat16_t; };
 template <> struct OutTraits<FloatType::kF16> { using Element = cutlass::half_t; };
 
+template <class TileShape, class ClusterShape, class MainloopSchedule, class EpilogueSchedule_, bool kSwap>
+struct Config {
+  using Shape = TileShape;
+  using Cluster = ClusterShape;
+  using Schedule = MainloopSchedule;
+  using EpilogueSchedule = EpilogueSchedule_;
+  static constexpr bool kSwapAB = kSwap;
+};
+using Basic = cutlass::gemm::KernelTmaWarpSpecialized;
+using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using Cooperative = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using Cluster1 = cute::Shape<_1, _1, _1>;
+using Cluster2 = cute::Shape<_2, _1, _1>;
+
 template <ScaledMmTile, MmOperand> struct TileConfig;
-template <MmOperand kOperand> struct TileConfig<ScaledMmTile::kM16, kOperand> {
-  using Shape = cute::Shape<_64, _16, _256>;
-  using Cluster = cute::Shape<_1, _1, _1>;
-  using Schedule = cutlass::gemm::KernelTmaWarpSpecialized;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-  static constexpr bool kSwapAB = true;
-};
-template <MmOperand kOperand> struct TileConfig<ScaledMmTile::kM64, kOperand> {
-  using Shape = cute::Shape<_64, _64, _256>;
-  using Cluster = cute::Shape<_1, _1, _1>;
-  using Schedule = cutlass::gemm::KernelTmaWarpSpecialized;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-  static constexpr bool kSwapAB = true;
-};
-template <MmOperand kOperand> struct TileConfig<ScaledMmTile::kM128, kOperand> {
-  using Shape = cute::Shape<_64, _128, _128>;
-  using Cluster = cute::Shape<_2, _1, _1>;
-  using Schedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-  static constexpr bool kSwapAB = false;
-};
-template <> struct TileConfig<ScaledMmTile::kLarge, MmOperand::kInt8> {
-  using Shape = cute::Shape<_128, _128, _128>;
-  using Cluster = cute::Shape<_2, _1, _1>;
-  using Schedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-  static constexpr bool kSwapAB = false;
-};
+template <MmOperand kOperand>
+struct TileConfig<ScaledMmTile::kM16, kOperand>
+    : Config<cute::Shape<_64, _16, _256>, Cluster1, Basic, cutlass::epilogue::TmaWarpSpecialized, true> {};
+template <MmOperand kOperand>
+struct TileConfig<ScaledMmTile::kM64, kOperand>
+    : Config<cute::Shape<_64, _64, _256>, Cluster1, Basic, cutlass::epilogue::TmaWarpSpecialized, true> {};
+template <MmOperand kOperand>
+struct TileConfig<ScaledMmTile::kM128, kOperand>
+    : Config<cute::Shape<_64, _128, _128>, Cluster2, Pingpong, cutlass::epilogue::TmaWarpSpecialized, false> {};
+template <>
+struct TileConfig<ScaledMmTile::kLarge, MmOperand::kInt8>
+    : Config<cute::Shape<_128, _128, _128>, Cluster2, Pingpong, cutlass::epilogue::TmaWarpSpecialized, false> {};
 // Ping-pong gives one warp group the whole 128 x 128 tile: with fp8's second (promotion) accumulator that is
 // 256 registers a thread, and it spilled (350 TFLOP/s measured). Cooperative splits the tile over two groups.
-template <> struct TileConfig<ScaledMmTile::kLarge, MmOperand::kFp8E4M3> {
-  using Shape = cute::Shape<_128, _128, _128>;
-  using Cluster = cute::Shape<_2, _1, _1>;
-  using Schedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-  static constexpr bool kSwapAB = false;
-};
+template <>
+struct TileConfig<ScaledMmTile::kLarge, MmOperand::kFp8E4M3>
+    : Config<cute::Shape<_128, _128, _128>, Cluster2, Cooperative, cutlass::epilogue::TmaWarpSpecializedCooperative,
+             false> {};
 
 // Vectors along the kernel's rows (a column broadcast) or its columns (a row broadcast). Scales may be one
 // value instead: their stride is a runtime bool.
