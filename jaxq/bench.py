@@ -248,14 +248,21 @@ def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy:
                 row.update(bf16_dot_us=bf16 * 1e6, vs_bf16=ours / bf16)
             out.append(row)
             print(row, flush=True)
-    print("| op | variant | shape | µs | weight GB/s | % of copy BW | XLA jnp µs | vs XLA | kernel µs | dequant+dot µs | bf16 dot µs | time / bf16 dot |")
-    print("|" + "---|" * 12)
-    for r in out:
-        f = lambda key, fmt: (fmt.format(r[key]) if key in r else "")
-        print(f"| {r['op']} | {r['variant']} | {r['shape']} | {r['us']:.1f} | {r['gbps']:.0f} | {r['pct_copy']:.1f}% | "
-              f"{f('xla_us', '{:.1f}')} | {f('speedup', '{:.2f}x')} | {f('kernel_us', '{:.1f}')} | "
-              f"{f('dequant_dot_us', '{:.1f}')} | {f('bf16_dot_us', '{:.1f}')} | {f('vs_bf16', '{:.3f}x')} |")
+    _print_table(out, [("µs", "us", "{:.1f}"), ("weight GB/s", "gbps", "{:.0f}"), ("% of copy BW", "pct_copy", "{:.1f}%"),
+                       ("XLA jnp µs", "xla_us", "{:.1f}"), ("vs XLA", "speedup", "{:.2f}x"),
+                       ("kernel µs", "kernel_us", "{:.1f}"), ("dequant+dot µs", "dequant_dot_us", "{:.1f}"),
+                       ("bf16 dot µs", "bf16_dot_us", "{:.1f}"), ("time / bf16 dot", "vs_bf16", "{:.3f}x")])
     return out
+
+
+def _print_table(rows: list[dict], columns: list[tuple[str, str, str]]):
+    """A markdown table of ``rows``: op, variant and shape, then per column (header, key, format); a cell
+    whose key a row lacks stays empty."""
+    print("| op | variant | shape | " + " | ".join(c[0] for c in columns) + " |")
+    print("|" + "---|" * (3 + len(columns)))
+    for r in rows:
+        cells = [fmt.format(r[key]) if r.get(key) is not None else "" for _, key, fmt in columns]
+        print(f"| {r['op']} | {r['variant']} | {r['shape']} | " + " | ".join(cells) + " |")
 
 
 WEIGHT_ONLY_OPS = {"awq_gemm", "gptq_gemm"}
@@ -347,12 +354,9 @@ def run_scaled_mm(torch_times: dict, copy: float) -> list[dict]:
             row.update(torch_us=peer * 1e6, vs_torch=peer / ours)
         out.append(row)
         print(row, flush=True)
-    print("| op | variant | shape | µs | T(FL)OP/s | % of measured rate | % of copy BW | XLA best µs | vs XLA | torch µs | vs torch |")
-    print("|" + "---|" * 11)
-    for r in out:
-        f = lambda key, fmt: (fmt.format(r[key]) if r.get(key) is not None else "")
-        print(f"| {r['op']} | {r['variant']} | {r['shape']} | {r['us']:.1f} | {r['tops']:.0f} | {r['pct_rate']:.1f}% | "
-              f"{r['pct_copy']:.1f}% | {r['xla_us']:.1f} | {r['vs_xla']:.2f}x | {f('torch_us', '{:.1f}')} | {f('vs_torch', '{:.2f}x')} |")
+    _print_table(out, [("µs", "us", "{:.1f}"), ("T(FL)OP/s", "tops", "{:.0f}"), ("% of measured rate", "pct_rate", "{:.1f}%"),
+                       ("% of copy BW", "pct_copy", "{:.1f}%"), ("XLA best µs", "xla_us", "{:.1f}"),
+                       ("vs XLA", "vs_xla", "{:.2f}x"), ("torch µs", "torch_us", "{:.1f}"), ("vs torch", "vs_torch", "{:.2f}x")])
     return out
 
 

@@ -5,12 +5,10 @@ namespace jaxq {
 
 namespace sm90 {
 // CUTLASS would query the SM count on every launch; it never changes for a device.
-int CachedSmCount() {
+int CachedSmCount(int device) {
   constexpr int kMaxDevices = 64;
   static int counts[kMaxDevices] = {};
-  int device = 0;
-  cudaGetDevice(&device);
-  if (device >= kMaxDevices) {
+  if (device < 0 || device >= kMaxDevices) {
     int count = 0;
     cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
     return count;

@@ -163,7 +163,7 @@ struct Gemm {
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-int CachedSmCount();
+int CachedSmCount(int device);
 
 }  // namespace jaxq::sm90
 
@@ -184,7 +184,7 @@ cudaError_t RunScaledMmSm90(const ScaledMmParams& p, cudaStream_t stream) {
   auto stride_d = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(m, n, 1));
   cutlass::KernelHardwareInfo hw;
   cudaGetDevice(&hw.device_id);
-  hw.sm_count = sm90::CachedSmCount();
+  hw.sm_count = sm90::CachedSmCount(hw.device_id);
   typename G::Device::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                                      {m, n, k, 1},
                                      {a, stride_a, b, stride_b},
