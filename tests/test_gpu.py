@@ -91,6 +91,22 @@ def test_nvfp4_kernel(m, k, dtype):
     _compare(jaxq.scaled_fp4_quant, x, gs)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_nvfp4_kernel_rounding_ties(dtype):
+    # Blocks with maximum 6 * 2^e and global scale 1 have block scale 2^e, so values reach the rounding
+    # as they are: every e2m1 midpoint, and one step of the input type either side of it, both signs.
+    midpoints = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+    mantissa_bits = 7 if dtype == jnp.bfloat16 else 10
+    step = np.exp2(np.floor(np.log2(midpoints)) - mantissa_bits).astype(np.float32)
+    blocks = []
+    for near in (midpoints, midpoints + step, midpoints - step):
+        blocks.append(np.concatenate([[6.0], near, -near, [0.0]]))
+    rows = [np.concatenate(blocks) * np.float32(2.0**e) for e in range(-6, 7)]
+    x = jnp.asarray(np.stack(rows), dtype)
+    _compare(jaxq.scaled_fp4_quant, x, jnp.float32(1.0))  # three blocks per row: one per thread
+    _compare(jaxq.scaled_fp4_quant, jnp.concatenate([x, -x], axis=1), jnp.float32(1.0))  # six: two per thread
+
+
 def test_nvfp4_kernel_batched_global_scales():
     x = random_activations(np.random.default_rng(12), (3, 130, 256), jnp.bfloat16)
     _compare(jax.vmap(jaxq.scaled_fp4_quant), x, jnp.asarray([0.5, 3.0, 2000.0], jnp.float32))
@@ -220,6 +236,13 @@ def _scaled_mm_bias(rng, n, out_dtype):
     return jnp.asarray(rng.standard_normal(n), out_dtype)
 
 
+def _data_movement(hlo: str) -> list[str]:
+    """The transposes, copies and fusions of an optimized HLO module: none means operands reach the custom
+    call as they are."""
+    ops = [re.findall(r" ([a-z][\w-]*)\(", line.split(" = ", 1)[1])[:1] for line in hlo.splitlines() if " = " in line]
+    return [op[0] for op in ops if op and op[0] in ("transpose", "copy", "copy-start", "fusion")]
+
+
 def test_scaled_mm_kernel_is_used_and_reads_w_t_without_a_copy():
     """A [N, K] weight passed as w.T reaches the kernel as a column-major operand: no transpose, no copy."""
     rng = np.random.default_rng(0)
@@ -230,8 +253,7 @@ def test_scaled_mm_kernel_is_used_and_reads_w_t_without_a_copy():
     args = [jax.device_put(x, cuda) for x in (a, w, sa, sb)]
     hlo = f.lower(*args).compile().as_text()
     assert "jaxq_scaled_mm" in hlo
-    ops = [re.findall(r" ([a-z][\w-]*)\(", line.split(" = ", 1)[1])[:1] for line in hlo.splitlines() if " = " in line]
-    assert not [op for op in ops if op and op[0] in ("transpose", "copy", "copy-start", "fusion")], hlo
+    assert not _data_movement(hlo), hlo
     _compare_close(lambda a, w, sa, sb: jaxq.cutlass_scaled_mm(a, w.T, sa, sb, jnp.bfloat16), *args, tol=2e-3)
 
 
@@ -289,16 +311,38 @@ def test_scaled_mm_batched_on_gpu():
     assert_within_one_ulp(_on("cuda", f, a, sa), _on("cpu", f, a, sa), jnp.bfloat16)
 
 
-def test_scaled_mm_block_wise_runs_the_reference_on_gpu():
-    """Block-wise scales have no kernel yet: the GPU lowering must be the reference (no custom call), equal to
-    the CPU's result."""
-    rng = np.random.default_rng(4)
-    m, k, n = 33, 256, 384
+# M over both block-wise tiles (<= 64, larger), M % 4 != 0 (padded), N off the 128-column scale blocks.
+BLOCK_SCALED_SHAPES = [(1, 128, 256), (5, 512, 208), (64, 256, 384), (65, 384, 128), (130, 1024, 272), (4097, 512, 1024),
+                       (33, 8192, 256)]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("m,k,n", BLOCK_SCALED_SHAPES)
+def test_scaled_mm_block_wise_kernel(m, k, n, out_dtype, with_bias):
+    rng = np.random.default_rng(m + 7 * k + n)
     a, b, _, _ = _scaled_mm_inputs(rng, m, k, n, jnp.float8_e4m3fn, "tensor")
     sa = jnp.asarray(rng.uniform(0.5, 2.0, (m, k // 128)) * 1e-2, jnp.float32)
-    sb = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, n // 128)) * 1e-2, jnp.float32)
-    f = lambda a, b, sa, sb: jaxq.cutlass_scaled_mm(a, b, sa, sb, jnp.bfloat16)
+    sb = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, -(-n // 128))) * 1e-2, jnp.float32)
+    bias = _scaled_mm_bias(rng, n, out_dtype) if with_bias else None
+    f = lambda a, b, sa, sb: jaxq.cutlass_scaled_mm(a, b, sa, sb, out_dtype, bias=bias)
     cuda = jax.devices("cuda")[0]
-    hlo = jax.jit(f).lower(*[jax.device_put(x, cuda) for x in (a, b, sa, sb)]).compile().as_text()
-    assert "jaxq_scaled_mm" not in hlo
+    assert "jaxq_scaled_mm" in jax.jit(f).lower(*[jax.device_put(x, cuda) for x in (a, b, sa, sb)]).as_text()
     _compare_close(f, a, b, sa, sb, tol=2e-3)
+
+
+def test_scaled_mm_block_wise_reads_column_major_scales_without_a_copy():
+    """Scales a DeepGEMM-style quantizer wrote column-major ([K/128, M] in memory), passed as its .T, and a
+    [N, K] weight passed as w.T, reach the kernel with no transpose or copy."""
+    rng = np.random.default_rng(5)
+    m, k, n = 64, 512, 256
+    a, b, _, _ = _scaled_mm_inputs(rng, m, k, n, jnp.float8_e4m3fn, "tensor")
+    sa_t = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, m)) * 1e-2, jnp.float32)
+    sb = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, n // 128)) * 1e-2, jnp.float32)
+    w = jnp.asarray(b.T)
+    f = lambda a, w, sa_t, sb: jaxq.cutlass_scaled_mm(a, w.T, sa_t.T, sb, jnp.bfloat16)
+    cuda = jax.devices("cuda")[0]
+    args = [jax.device_put(x, cuda) for x in (a, w, sa_t, sb)]
+    hlo = jax.jit(f).lower(*args).compile().as_text()
+    assert not _data_movement(hlo), hlo
+    _compare_close(f, *args, tol=2e-3)
