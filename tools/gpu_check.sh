@@ -3,7 +3,7 @@
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
 #   stages: tests sanitizer bench ncu ncu_gemm (default: tests sanitizer bench). The build runs first every time.
 #   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm), SANITIZER_TOOLS and BENCH_ARGS
-#   narrow a run.
+#   narrow a run. BUILD=0 reuses the package a previous call installed on a still-warm machine (same tree).
 # Logs go to $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
 REPO=$PWD
@@ -17,17 +17,18 @@ echo "=== environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; nvcc --version | tail -1
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; } 2>&1 | tee "$OUT/env.log"
 
-# CUTLASS's headers (nvidia-cutlass, a build requirement) are not on the device machine: carry its wheel in .whl.
-if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$REPO"/.whl/nvidia_cutlass-*.whl || { echo "nvidia-cutlass missing: carry its wheel in .whl"; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if [ "${BUILD:-1}" = 1 ]; then
+  # CUTLASS's headers (nvidia-cutlass, a build requirement) are not on the device machine: carry its wheel in .whl.
+  if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$REPO"/.whl/nvidia_cutlass-*.whl || { echo "nvidia-cutlass missing: carry its wheel in .whl"; exit 1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  echo "=== build"
+  start=$SECONDS
+  python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  echo "built in $((SECONDS - start)) s"
 fi
-
-echo "=== build"
-start=$SECONDS
-python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "built in $((SECONDS - start)) s"
 (cd /tmp && python3 -c "import jaxq; assert jaxq.cuda_available(), 'kernels not usable'; print('cuda_available: True')") || exit 1
 
 # Tests run from outside the checkout, so that the installed package (with its compiled module) is imported.
