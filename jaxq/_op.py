@@ -155,7 +155,7 @@ class Op:
         shapes: Callable[..., Sequence[jax.ShapeDtypeStruct]],
         reference: Callable[..., Sequence[jax.Array]],
         sharding_rule: Callable[..., ShardingRule],
-        ffi_target: str | Callable[..., str | None] | None = None,
+        ffi_target: str | None = None,
         ffi_attributes: Callable[..., dict[str, Any]] | None = None,
         ffi_operand_layouts: Callable[..., Sequence[Sequence[int] | None]] | None = None,
         batching_rule: Callable | None = None,
@@ -171,8 +171,7 @@ class Op:
           shapes: ``(*avals, **params) -> output ShapeDtypeStructs``; any leading batch dims included.
           reference: ``(*arrays, **params) -> outputs`` in pure jnp: the spec in code.
           sharding_rule: ``(params, operand_shapes, result_shapes) -> ShardingRule``.
-          ffi_target: the CUDA FFI target registered by :mod:`jaxq._ffi`, or ``(**params) -> target or
-            None`` for ops with a kernel for some parameters only (None: the reference runs).
+          ffi_target: the CUDA FFI target registered by :mod:`jaxq._ffi` (None: the reference runs).
           ffi_attributes: ``(**params) -> FFI attributes`` (numpy scalars of the handler's types).
           ffi_operand_layouts: ``(**params) -> per operand, its minor-to-major dimension order (None:
             row-major)``: the layout XLA must hand the kernel, so that a transposed view costs no copy.
@@ -195,7 +194,7 @@ class Op:
         self._shapes = shapes
         self._reference = reference
         self._sharding_rule = sharding_rule
-        self._ffi_target = ffi_target if callable(ffi_target) else (lambda **params: ffi_target)
+        self._ffi_target = ffi_target
         self._ffi_attributes = ffi_attributes or (lambda **params: params)
         self._ffi_operand_layouts = ffi_operand_layouts or (lambda **params: None)
         self._vjp = vjp
@@ -258,9 +257,8 @@ class Op:
 
     def _cuda_lowering(self, reference_lowering):
         def lowering(ctx, *args, **params):
-            target = self._ffi_target(**params)
-            if _ffi.kernel_enabled(self.name, target):
-                call = jax.ffi.ffi_lowering(target, operand_layouts=self._ffi_operand_layouts(**params))
+            if _ffi.kernel_enabled(self.name, self._ffi_target):
+                call = jax.ffi.ffi_lowering(self._ffi_target, operand_layouts=self._ffi_operand_layouts(**params))
                 return call(ctx, *args, **self._ffi_attributes(**params))
             return reference_lowering(ctx, *args, **params)
 

@@ -272,12 +272,21 @@ WEIGHT_ONLY_OPS = {"awq_gemm", "gptq_gemm"}
 # (operand, M, K, N): issue 4's shapes. Weights are stored [N, K] and passed as w.T, as checkpoints keep them.
 SCALED_MM_CASES = [("fp8", m, 8192, 28672) for m in (16, 128, 4096)]
 SCALED_MM_CASES += [("int8", 4096, 4096, 14336), ("int8", 16, 8192, 28672), ("int8", 4096, 8192, 28672)]
+# Block-wise 128x128 weight scales, 1x128 activation groups (DeepSeek-V3's projection shape).
+SCALED_MM_CASES += [("fp8-block", m, 7168, 18432) for m in (16, 4096)]
 SCALED_MM_OPS = {"cutlass_scaled_mm"}
-_OPERAND = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
+_VARIANTS = {"fp8": "fp8 token x channel", "int8": "int8 token x channel", "fp8-block": "fp8 block 1x128 / 128x128"}
 
 
 def _scaled_mm_inputs(kind, m, k, n, i):
+    """a [M, K], the weight w [N, K] as stored, and scales: per-token / per-channel, or block-wise with the
+    activation scales as a DeepGEMM-style quantizer writes them, [K/128, M] (pass its .T)."""
     keys = jax.random.split(jax.random.key(20_000 + i), 4)
+    if kind == "fp8-block":
+        a, w, _, _ = _scaled_mm_inputs("fp8", m, k, n, i)
+        sa_t = jax.random.uniform(keys[2], (k // 128, m), jnp.float32, 1e-3, 1e-2)
+        sb = jax.random.uniform(keys[3], (k // 128, -(-n // 128)), jnp.float32, 1e-3, 1e-2)
+        return a, w, sa_t, sb
     if kind == "fp8":
         a = (jax.random.normal(keys[0], (m, k)) * 4).astype(jnp.float8_e4m3fn)
         w = (jax.random.normal(keys[1], (n, k)) * 4).astype(jnp.float8_e4m3fn)
@@ -297,6 +306,25 @@ def _xla_scaled_mm(a, w, sa, sb):
     return (sa * (sb * acc.astype(jnp.float32))).astype(jnp.bfloat16)
 
 
+def _jaxq_scaled_mm(a, w, sa, sb):
+    """What a user calls: the weight as stored [N, K] passed as w.T."""
+    return jaxq.cutlass_scaled_mm(a, w.T, sa, sb, jnp.bfloat16)
+
+
+def _jaxq_block_scaled_mm(a, w, sa_t, sb):
+    return jaxq.cutlass_scaled_mm(a, w.T, sa_t.T, sb, jnp.bfloat16)
+
+
+def _xla_block_scaled_mm(a, w, sa_t, sb):
+    """Block-wise in plain XLA: both operands dequantized to bf16 with their block scales, then cuBLAS's bf16
+    dot (a float32 sum of K-block partial products would be a [K/128, M, N] intermediate)."""
+    (m, k), n = a.shape, w.shape[0]
+    a_bf16 = (a.astype(jnp.float32).reshape(m, k // 128, 128) * sa_t.T[:, :, None]).astype(jnp.bfloat16)
+    w_scales = jnp.repeat(sb.T, 128, axis=0)[:n]  # [N, K/128]
+    w_bf16 = (w.astype(jnp.float32).reshape(n, k // 128, 128) * w_scales[:, :, None]).astype(jnp.bfloat16)
+    return jax.lax.dot_general(a_bf16.reshape(m, k), w_bf16.reshape(n, k), (((1,), (1,)), ((), ())))
+
+
 def _torch_peer(cases) -> dict:
     """torch's times from jaxq.bench_torch in a child process (run before JAX takes the GPU's memory)."""
     import importlib.util
@@ -307,7 +335,7 @@ def _torch_peer(cases) -> dict:
     if importlib.util.find_spec("torch") is None:
         print("torch peer unavailable: torch is not installed")
         return {}
-    specs = [f"{kind}:{m}:{k}:{n}" for kind, m, k, n in cases]
+    specs = [f"{kind}:{m}:{k}:{n}" for kind, m, k, n in cases if kind in ("fp8", "int8")]
     done = subprocess.run([sys.executable, "-m", "jaxq.bench_torch", *specs], capture_output=True, text=True)
     if done.returncode:
         print(f"torch peer unavailable: {done.stderr.strip().splitlines()[-1:]}")
@@ -343,11 +371,12 @@ def run_scaled_mm(torch_times: dict, copy: float) -> list[dict]:
     for kind, m, k, n in SCALED_MM_CASES:
         make = functools.cache(lambda i, kind=kind, m=m, k=k, n=n: _scaled_mm_inputs(kind, m, k, n, i))
         moved = m * k + n * k + 2 * m * n
-        ours = _time_per_call(lambda a, w, sa, sb: jaxq.cutlass_scaled_mm(a, w.T, sa, sb, jnp.bfloat16), make, moved)
-        xla = _time_per_call(_xla_scaled_mm, make, moved)
+        block = kind == "fp8-block"
+        ours = _time_per_call(_jaxq_block_scaled_mm if block else _jaxq_scaled_mm, make, moved)
+        xla = _time_per_call(_xla_block_scaled_mm if block else _xla_scaled_mm, make, moved)
         ops = 2 * m * k * n
-        row = dict(op="cutlass_scaled_mm", variant=f"{kind} token x channel, bf16 out", shape=f"M{m} K{k} N{n}",
-                   us=ours * 1e6, tops=ops / ours / 1e12, pct_rate=100 * ops / ours / rates[kind],
+        row = dict(op="cutlass_scaled_mm", variant=f"{_VARIANTS[kind]}, bf16 out", shape=f"M{m} K{k} N{n}",
+                   us=ours * 1e6, tops=ops / ours / 1e12, pct_rate=100 * ops / ours / rates[kind.split("-")[0]],
                    pct_copy=100 * moved / ours / copy, xla_us=xla * 1e6, vs_xla=xla / ours)
         peer = torch_times.get(f"{kind} {m} {k} {n}")
         if peer:

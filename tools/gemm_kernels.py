@@ -4,7 +4,7 @@ compute-sanitizer.
 * ``weight_only``: AWQ GEMM and dequantization; GPTQ 2/3/4/8-bit GEMM (plain and exllama, M=1 and M=9,
   split K) and dequantization (with and without act-order g_idx).
 * ``scaled_mm``: int8 and fp8 W8A8 GEMMs in every M-bucket tile configuration, both output dtypes, scalar
-  and vector scales, bias, and both zero-point forms.
+  and vector scales, bias, and both zero-point forms; fp8 with block-wise scales in both of its tiles.
 
     compute-sanitizer --tool memcheck python tools/gemm_kernels.py weight_only [bfloat16]
 
@@ -69,6 +69,15 @@ def scaled_mm():
                     a, b, sa, sb, adj, azp))
                 jax.block_until_ready(jax.jit(lambda *x: jaxq.cutlass_scaled_mm_azp(*x[:4], jnp.float16, x[4], bias=x[5]))(
                     a, b, sa, sb, adj * 3, jnp.ones((n,), jnp.float16)))
+    k = 384
+    b = jnp.asarray(rng.integers(-8, 8, (k, n)), jnp.float8_e4m3fn)
+    sb = jnp.full((k // 128, -(-n // 128)), 0.5, jnp.float32)
+    for m in (5, 65):  # one per block-wise tile; 5 rows are padded to 8
+        a = jnp.asarray(rng.integers(-8, 8, (m, k)), jnp.float8_e4m3fn)
+        sa = jnp.ones((m, k // 128), jnp.float32)
+        for out in (jnp.bfloat16, jnp.float16):
+            f = jax.jit(lambda *x: jaxq.cutlass_scaled_mm(*x[:4], out, bias=x[4]))
+            jax.block_until_ready(f(a, b, sa, sb, jnp.ones((n,), out)))
     print("ran every scaled_mm kernel variant")
 
 

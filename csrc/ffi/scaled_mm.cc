@@ -1,6 +1,7 @@
 // XLA FFI handler for cutlass_scaled_mm / cutlass_scaled_mm_azp: bind buffers, re-check shapes, launch.
 // Operands: a [M, K], b [K, N] (column-major: XLA is asked for that layout), scale_a, scale_b, then the
-// optional ones the attributes announce, in this order: azp_adj [N], azp [M], bias [N].
+// optional ones the attributes announce, in this order: azp_adj [N], azp [M], bias [N]. With block_scales,
+// scale_a is [M, K/128] column-major (XLA is asked for that too) and scale_b [K/128, ceil(N/128)] row-major.
 #include "ffi/scaled_mm.h"
 
 #include <string>
@@ -26,9 +27,16 @@ ffi::Error BindScale(const char* name, const ffi::AnyBuffer& scale, int64_t per,
   return ffi::Error::Success();
 }
 
+ffi::Error BindBlockScale(const char* name, const ffi::AnyBuffer& scale, int64_t rows, int64_t cols,
+                          const float*& data) {
+  if (auto err = ExpectShape(name, scale, ffi::DataType::F32, {}, 0, {rows, cols}); err.failure()) return err;
+  data = static_cast<const float*>(scale.untyped_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error ScaledMm(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer scale_a,
                     ffi::AnyBuffer scale_b, ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> out,
-                    bool has_azp_adj, bool has_azp, bool has_bias) {
+                    bool has_azp_adj, bool has_azp, bool has_bias, bool block_scales) {
   ScaledMmParams p;
   auto ad = a.dimensions(), bd = b.dimensions();
   const bool int8 = a.element_type() == ffi::DataType::S8;
@@ -45,8 +53,15 @@ ffi::Error ScaledMm(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi
   if (!out_type || *out_type == FloatType::kF32) return ffi::Error::InvalidArgument("jaxq: out must be f16 or bf16");
   p.out_type = *out_type;
   if (auto err = ExpectShape("out", *out, out->element_type(), {}, 0, {p.m, p.n}); err.failure()) return err;
-  if (auto err = BindScale("scale_a", scale_a, p.m, p.scale_a, p.scale_a_per_row); err.failure()) return err;
-  if (auto err = BindScale("scale_b", scale_b, p.n, p.scale_b, p.scale_b_per_col); err.failure()) return err;
+  p.block_scales = block_scales;
+  if (block_scales) {
+    const int64_t k_blocks = p.k / 128, n_blocks = (p.n + 127) / 128;
+    if (auto err = BindBlockScale("scale_a", scale_a, p.m, k_blocks, p.scale_a); err.failure()) return err;
+    if (auto err = BindBlockScale("scale_b", scale_b, k_blocks, n_blocks, p.scale_b); err.failure()) return err;
+  } else {
+    if (auto err = BindScale("scale_a", scale_a, p.m, p.scale_a, p.scale_a_per_row); err.failure()) return err;
+    if (auto err = BindScale("scale_b", scale_b, p.n, p.scale_b, p.scale_b_per_col); err.failure()) return err;
+  }
 
   const size_t expected = size_t{has_azp_adj} + size_t{has_azp} + size_t{has_bias};
   if (optional.size() != expected || (has_azp && !has_azp_adj) || ((has_azp_adj || has_azp) && !int8)) {
@@ -74,8 +89,9 @@ ffi::Error ScaledMm(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi
   p.azp_adj = static_cast<const int32_t*>(azp_adj);
   p.azp = static_cast<const int32_t*>(azp);
   if (!ScaledMmSupports(p)) {
-    return ffi::Error::InvalidArgument("jaxq: scaled_mm needs K % 16 == 0 and N % 8 == 0; got K " +
-                                       std::to_string(p.k) + ", N " + std::to_string(p.n));
+    return ffi::Error::InvalidArgument(
+        "jaxq: scaled_mm needs K % 16 == 0 and N % 8 == 0 (block-wise fp8 scales: also K % 128 == 0 and "
+        "M % 4 == 0); got M " + std::to_string(p.m) + ", K " + std::to_string(p.k) + ", N " + std::to_string(p.n));
   }
   p.a = a.untyped_data();
   p.b = b.untyped_data();
@@ -98,5 +114,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqScaledMm, jaxq::ScaledMm,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("has_azp_adj")
                                   .Attr<bool>("has_azp")
-                                  .Attr<bool>("has_bias"),
+                                  .Attr<bool>("has_bias")
+                                  .Attr<bool>("block_scales"),
                               {ffi::Traits::kCmdBufferCompatible});

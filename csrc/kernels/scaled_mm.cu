@@ -25,10 +25,14 @@ ScaledMmTile ChooseScaledMmTile(int64_t m) {
   return ScaledMmTile::kLarge;
 }
 
+ScaledMmTile ChooseBlockScaledMmTile(int64_t m) { return m <= 64 ? ScaledMmTile::kM64 : ScaledMmTile::kLarge; }
+
 bool ScaledMmSupports(const ScaledMmParams& p) {
   const bool types = (p.out_type == FloatType::kBF16 || p.out_type == FloatType::kF16) &&
                      (p.operand == MmOperand::kInt8 || (p.azp_adj == nullptr && p.azp == nullptr));
-  return types && p.m >= 0 && p.n > 0 && p.k > 0 && p.k % 16 == 0 && p.n % 8 == 0 && p.m < (int64_t{1} << 31) &&
+  const bool blocks = !p.block_scales || (p.operand == MmOperand::kFp8E4M3 && p.azp_adj == nullptr &&
+                                          p.azp == nullptr && p.k % 128 == 0 && p.m % 4 == 0);
+  return types && blocks && p.m >= 0 && p.n > 0 && p.k > 0 && p.k % 16 == 0 && p.n % 8 == 0 && p.m < (int64_t{1} << 31) &&
          p.n < (int64_t{1} << 31) && p.k < (int64_t{1} << 31);
 }
 
@@ -45,10 +49,21 @@ cudaError_t RunForTile(const ScaledMmParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+template <FloatType kOut>
+cudaError_t RunBlockScaledForTile(const ScaledMmParams& p, cudaStream_t stream) {
+  return ChooseBlockScaledMmTile(p.m) == ScaledMmTile::kM64 ? RunBlockScaledMmSm90<kOut, ScaledMmTile::kM64>(p, stream)
+                                                             : RunBlockScaledMmSm90<kOut, ScaledMmTile::kLarge>(p, stream);
+}
+
 template <MmOperand kOperand>
 cudaError_t RunForOut(const ScaledMmParams& p, cudaStream_t stream) {
   return p.out_type == FloatType::kBF16 ? RunForTile<kOperand, FloatType::kBF16>(p, stream)
                                         : RunForTile<kOperand, FloatType::kF16>(p, stream);
+}
+
+cudaError_t RunBlockScaledForOut(const ScaledMmParams& p, cudaStream_t stream) {
+  return p.out_type == FloatType::kBF16 ? RunBlockScaledForTile<FloatType::kBF16>(p, stream)
+                                        : RunBlockScaledForTile<FloatType::kF16>(p, stream);
 }
 
 }  // namespace
@@ -56,6 +71,7 @@ cudaError_t RunForOut(const ScaledMmParams& p, cudaStream_t stream) {
 cudaError_t LaunchScaledMm(const ScaledMmParams& p, cudaStream_t stream) {
   if (!ScaledMmSupports(p)) return cudaErrorInvalidValue;
   if (p.m == 0) return cudaSuccess;
+  if (p.block_scales) return RunBlockScaledForOut(p, stream);
   return p.operand == MmOperand::kInt8 ? RunForOut<MmOperand::kInt8>(p, stream)
                                        : RunForOut<MmOperand::kFp8E4M3>(p, stream);
 }

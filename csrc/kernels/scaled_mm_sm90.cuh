@@ -5,6 +5,7 @@
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
+#include "cutlass/detail/blockwise_scale_layout.hpp"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/sm90_visitor_compute_tma_warpspecialized.hpp"
 #include "cutlass/epilogue/fusion/sm90_visitor_load_tma_warpspecialized.hpp"
@@ -72,6 +73,20 @@ struct TileConfig<ScaledMmTile::kLarge, MmOperand::kFp8E4M3>
     : Config<cute::Shape<_128, _128, _128>, Cluster2, Cooperative, cutlass::epilogue::TmaWarpSpecializedCooperative,
              false> {};
 
+// Block-wise scales: the mainloop multiplies each 128-deep K block's partial sums by s_a[m, kb] * s_b[kb, n/128]
+// while it adds them up (so fp8 is promoted every block). Small M gets a 64-row ping-pong tile, the rest
+// vLLM's 128 x 128 cooperative one.
+template <ScaledMmTile> struct BlockScaledTileConfig;
+template <>
+struct BlockScaledTileConfig<ScaledMmTile::kM64>
+    : Config<cute::Shape<_64, _128, _128>, Cluster1, cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8BlockScaledAccum,
+             cutlass::epilogue::TmaWarpSpecialized, false> {};
+template <>
+struct BlockScaledTileConfig<ScaledMmTile::kLarge>
+    : Config<cute::Shape<_128, _128, _128>, cute::Shape<_1, _2, _1>,
+             cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8BlockScaledAccum,
+             cutlass::epilogue::TmaWarpSpecializedCooperative, false> {};
+
 // Vectors along the kernel's rows (a column broadcast) or its columns (a row broadcast). Scales may be one
 // value instead: their stride is a runtime bool.
 template <class Tile, class T, class Compute = T>
@@ -132,10 +147,29 @@ struct Epilogue {
   }
 };
 
+template <class Cfg, class Accumulator, class ElementD, class LayoutD, class Tree>
+using EpilogueFor = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Cfg::Shape, typename Cfg::Cluster,
+    cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, float, void, LayoutD, 16 / sizeof(ElementD), ElementD,
+    LayoutD, 16 / sizeof(ElementD), typename Cfg::EpilogueSchedule, Tree>::CollectiveOp;
+
+// Both operands are K-major (A row-major, B column-major), so swapping them keeps the layouts. LayoutA/B may
+// carry the block-scale layouts (CUTLASS's tuple form).
+template <class Cfg, class Element, class LayoutA, class LayoutB, class Accumulator, class CollectiveEpilogue>
+using MainloopFor = typename cutlass::gemm::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, 16, Element, LayoutB, 16, Accumulator,
+    typename Cfg::Shape, typename Cfg::Cluster,
+    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+        sizeof(typename CollectiveEpilogue::SharedStorage))>,
+    typename Cfg::Schedule>::CollectiveOp;
+
+template <class Mainloop, class CollectiveEpilogue>
+using DeviceFor = cutlass::gemm::device::GemmUniversalAdapter<cutlass::gemm::kernel::GemmUniversal<
+    Shape<int, int, int, int>, Mainloop, CollectiveEpilogue, cutlass::gemm::PersistentScheduler>>;
+
 template <MmOperand kOperand, FloatType kOut, ScaledMmTile kTile>
 struct Gemm {
   using Element = typename OperandTraits<kOperand>::Element;
-  using Accumulator = typename OperandTraits<kOperand>::Accumulator;
   using ElementD = typename OutTraits<kOut>::Element;
   using Config = TileConfig<kTile, kOperand>;
   using Tile = typename Config::Shape;
@@ -143,24 +177,30 @@ struct Gemm {
   using Fusion = Epilogue<Tile, kSwap, ElementD, kOperand == MmOperand::kInt8>;
   // With A and B swapped the kernel writes D^T column-major, which is D row-major.
   using LayoutD = std::conditional_t<kSwap, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
-  static constexpr int kAlignD = 16 / sizeof(ElementD);
+  using Accumulator = typename OperandTraits<kOperand>::Accumulator;
+  using CollectiveEpilogue = EpilogueFor<Config, Accumulator, ElementD, LayoutD, typename Fusion::Tree>;
+  using Device = DeviceFor<MainloopFor<Config, Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
+                                       Accumulator, CollectiveEpilogue>,
+                           CollectiveEpilogue>;
+};
 
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, typename Config::Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, float, void, LayoutD, kAlignD, ElementD, LayoutD,
-      kAlignD, typename Config::EpilogueSchedule, typename Fusion::Tree>::CollectiveOp;
-
-  // Both operands are K-major (A row-major, B column-major), so swapping them keeps the layouts.
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, 16, Element,
-      cutlass::layout::ColumnMajor, 16, Accumulator, Tile, typename Config::Cluster,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      typename Config::Schedule>::CollectiveOp;
-
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
-  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+// fp8 with block-wise scales: s_a [m, k/128] m-major, s_b [k/128, n/128] n-major (the only majors CUTLASS's sm90
+// mainloop reads); D = acc + bias.
+template <FloatType kOut, ScaledMmTile kTile>
+struct BlockScaledGemm {
+  using Element = cutlass::float_e4m3_t;
+  using ElementD = typename OutTraits<kOut>::Element;
+  using Config = BlockScaledTileConfig<kTile>;
+  using Tile = typename Config::Shape;
+  using Scales = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128>;
+  using Tree = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, ElementD, float, kRound>, fusion::Sm90AccFetch,
+                               PerKernelCol<Tile, ElementD, float>>;
+  using CollectiveEpilogue = EpilogueFor<Config, float, ElementD, cutlass::layout::RowMajor, Tree>;
+  using Device = DeviceFor<
+      MainloopFor<Config, Element, cute::tuple<cutlass::layout::RowMajor, decltype(Scales::deduce_layoutSFA())>,
+                  cute::tuple<cutlass::layout::ColumnMajor, decltype(Scales::deduce_layoutSFB())>, float,
+                  CollectiveEpilogue>,
+      CollectiveEpilogue>;
 };
 
 int CachedSmCount(int device);
@@ -169,39 +209,74 @@ int CachedSmCount(int device);
 
 namespace jaxq {
 
+namespace sm90 {
+
+inline cutlass::KernelHardwareInfo HardwareInfo() {
+  cutlass::KernelHardwareInfo hw;
+  cudaGetDevice(&hw.device_id);
+  hw.sm_count = CachedSmCount(hw.device_id);
+  return hw;
+}
+
+template <class Device>
+cudaError_t Launch(const typename Device::Arguments& args, cudaStream_t stream) {
+  Device gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  // These tile schedulers and epilogues need no global workspace; XLA has none to give without asking.
+  if (Device::get_workspace_size(args) != 0) return cudaErrorInvalidConfiguration;
+  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidConfiguration;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+  return cudaGetLastError();
+}
+
+template <class Kernel>
+auto PackedStrides(int m, int n, int k) {
+  return cute::make_tuple(cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, cute::make_shape(m, k, 1)),
+                          cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, cute::make_shape(n, k, 1)),
+                          cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(m, n, 1)));
+}
+
+}  // namespace sm90
+
 template <MmOperand kOperand, FloatType kOut, ScaledMmTile kTile>
 cudaError_t RunScaledMmSm90(const ScaledMmParams& p, cudaStream_t stream) {
   using G = sm90::Gemm<kOperand, kOut, kTile>;
   using Element = typename G::Element;
-  using Kernel = typename G::Kernel;
   const int m = static_cast<int>(G::kSwap ? p.n : p.m);
   const int n = static_cast<int>(G::kSwap ? p.m : p.n);
   const int k = static_cast<int>(p.k);
   const auto* a = static_cast<const Element*>(G::kSwap ? p.b : p.a);
   const auto* b = static_cast<const Element*>(G::kSwap ? p.a : p.b);
-  auto stride_a = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, cute::make_shape(m, k, 1));
-  auto stride_b = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, cute::make_shape(n, k, 1));
-  auto stride_d = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(m, n, 1));
-  cutlass::KernelHardwareInfo hw;
-  cudaGetDevice(&hw.device_id);
-  hw.sm_count = sm90::CachedSmCount(hw.device_id);
+  const auto [stride_a, stride_b, stride_d] = sm90::PackedStrides<typename G::Device::GemmKernel>(m, n, k);
   typename G::Device::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                                      {m, n, k, 1},
                                      {a, stride_a, b, stride_b},
                                      {G::Fusion::Arguments(p), nullptr, stride_d,
                                       static_cast<typename G::ElementD*>(p.d), stride_d},
-                                     hw};
+                                     sm90::HardwareInfo()};
   if constexpr (kOperand == MmOperand::kFp8E4M3) {
     // Promote once per mainloop iteration (every 128 or 256 of K): the least the mainloop accepts.
     args.mainloop.mma_promotion_interval = cute::size<2>(typename G::Tile{}) / 32;
   }
-  typename G::Device gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  // These tile schedulers and epilogues need no global workspace; XLA has none to give without asking.
-  if (G::Device::get_workspace_size(args) != 0) return cudaErrorInvalidConfiguration;
-  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidConfiguration;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
-  return cudaGetLastError();
+  return sm90::Launch<typename G::Device>(args, stream);
+}
+
+template <FloatType kOut, ScaledMmTile kTile>
+cudaError_t RunBlockScaledMmSm90(const ScaledMmParams& p, cudaStream_t stream) {
+  using G = sm90::BlockScaledGemm<kOut, kTile>;
+  using ElementD = typename G::ElementD;
+  const int m = static_cast<int>(p.m), n = static_cast<int>(p.n), k = static_cast<int>(p.k);
+  const auto [stride_a, stride_b, stride_d] = sm90::PackedStrides<typename G::Device::GemmKernel>(m, n, k);
+  const auto problem = cute::make_shape(m, n, k, 1);
+  typename G::Device::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {m, n, k, 1},
+      {static_cast<const typename G::Element*>(p.a), stride_a, static_cast<const typename G::Element*>(p.b), stride_b,
+       p.scale_a, G::Scales::tile_atom_to_shape_SFA(problem), p.scale_b, G::Scales::tile_atom_to_shape_SFB(problem)},
+      {{{}, {static_cast<const ElementD*>(p.bias), ElementD(0), {}}, {}}, nullptr, stride_d,
+       static_cast<ElementD*>(p.d), stride_d},
+      sm90::HardwareInfo()};
+  return sm90::Launch<typename G::Device>(args, stream);
 }
 
 }  // namespace jaxq

@@ -18,11 +18,13 @@ folded into ``azp_adj``) or ``acc - azp * azp_adj`` (per-token ``azp [M]``), in 
 for that layout, so a weight stored ``[N, K]`` and passed as ``w.T`` reaches the kernel with no transpose; a
 row-major ``[K, N]`` array gets one copy per call from XLA.
 
-On CUDA (sm_90a) the per-tensor / per-token / per-channel forms run CUTLASS 3.x warp-specialized TMA kernels
-whose epilogue applies the scales, zero points and bias (``csrc/kernels/scaled_mm_sm90.cuh``; tile shapes by M
-bucket as vLLM picks them). The block-wise form still lowers to the jnp reference (XLA's dot) on every
-platform: its kernel is not written yet. Gradients with respect to int8/fp8 operands are not meaningful:
-asking for one raises.
+On CUDA (sm_90a) these run CUTLASS 3.x warp-specialized TMA kernels (``csrc/kernels/scaled_mm_sm90.cuh``;
+tile shapes by M bucket as vLLM picks them). For per-tensor / per-token / per-channel scales the epilogue
+applies the scales, zero points and bias; for block-wise scales the mainloop applies each K block's scales as
+it accumulates, and XLA hands the kernel ``scale_a`` column-major (M fastest, the layout DeepGEMM-style
+quantizers write). The block-wise kernel reads ``scale_a`` with TMA, which needs M % 4 == 0: other M are padded
+to the next multiple of 4 (rows of zeros, sliced off the result; about M * K bytes copied). Gradients with
+respect to int8/fp8 operands are not meaningful: asking for one raises.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 from jaxq._op import Op, ShardingRule, map_batching
 
 BLOCK = 128
+_BLOCK_M_ALIGNMENT = 4  # block-wise: the kernel's TMA reads scale_a's columns, M floats each, 16-byte aligned
 _OPERAND_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 _OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -118,7 +121,8 @@ def _sharding_rule(params, operand_shapes, result_shapes) -> ShardingRule:
             "azp_adj": (n_dims,), "azp": (("m",),), "bias": (n_dims,),
         }
         sizes = {}
-    granularity = {} if params["block"] else {"k": 16, "n": 16}  # the kernels' 16-byte rows on every shard
+    # Every shard keeps the kernels' 16-byte rows, and block-wise the 16-byte column stride of scale_a.
+    granularity = {"m": _BLOCK_M_ALIGNMENT} if params["block"] else {"k": 16, "n": 16}
     return ShardingRule(
         operands=tuple(dims[name] for name in names),
         results=((("m",), n_dims),),
@@ -168,20 +172,22 @@ def _batching(op, args, dims, **params):
     return (out.reshape(size, m, out.shape[-1]),), (0,)
 
 
-def _ffi_attributes(has_bias, azp, **_):
-    return dict(has_azp_adj=azp != "none", has_azp=azp == "token", has_bias=has_bias)
+def _ffi_attributes(has_bias, azp, block, **_):
+    return dict(has_azp_adj=azp != "none", has_azp=azp == "token", has_bias=has_bias, block_scales=block)
 
 
-def _operand_layouts(has_bias, azp, **_):
-    """``b`` column-major (minor-to-major ``(0, 1)``: K fastest); everything else row-major."""
-    return [(0, 1) if name == "b" else None for name in _operand_names(has_bias=has_bias, azp=azp)]
+def _operand_layouts(has_bias, azp, block, **_):
+    """``b`` column-major (minor-to-major ``(0, 1)``: K fastest), and block-wise ``scale_a`` (M fastest);
+    everything else row-major."""
+    column_major = {"b", "scale_a"} if block else {"b"}
+    return [(0, 1) if name in column_major else None for name in _operand_names(has_bias=has_bias, azp=azp)]
 
 
 _scaled_mm = Op(
     "cutlass_scaled_mm",
     shapes=_shapes,
     reference=_reference,
-    ffi_target=lambda block, **_: None if block else "jaxq_scaled_mm",
+    ffi_target="jaxq_scaled_mm",
     ffi_attributes=_ffi_attributes,
     ffi_operand_layouts=_operand_layouts,
     sharding_rule=_sharding_rule,
@@ -248,8 +254,13 @@ def cutlass_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias=None):
     """
     fn = "cutlass_scaled_mm"
     out_dtype, block = _prepare(fn, a, b, scale_a, scale_b, out_dtype, bias)
+    m = a.shape[0]
+    pad = -m % _BLOCK_M_ALIGNMENT if block else 0
+    if pad:
+        a, scale_a = (jnp.pad(x, ((0, pad), (0, 0))) for x in (a, scale_a))
     operands = [a, b, scale_a, scale_b] + ([bias] if bias is not None else [])
-    return _scaled_mm(*operands, out_dtype=out_dtype, has_bias=bias is not None, azp="none", block=block)[0]
+    out = _scaled_mm(*operands, out_dtype=out_dtype, has_bias=bias is not None, azp="none", block=block)[0]
+    return out[:m] if pad else out
 
 
 def cutlass_scaled_mm_azp(a, b, scale_a, scale_b, out_dtype, azp_adj, azp=None, bias=None):
