@@ -331,6 +331,15 @@ def test_scaled_mm_block_wise_kernel(m, k, n, out_dtype, with_bias):
     _compare_close(f, a, b, sa, sb, tol=2e-3)
 
 
+def test_scaled_mm_block_wise_batched_on_gpu():
+    rng = np.random.default_rng(6)
+    a = jnp.asarray(rng.standard_normal((3, 7, 256)) * 4, jnp.float8_e4m3fn)
+    b = jnp.asarray(rng.standard_normal((256, 384)) * 4, jnp.float8_e4m3fn)
+    sa = jnp.asarray(rng.uniform(0.5, 2, (3, 7, 2)) * 1e-2, jnp.float32)
+    sb = jnp.asarray(rng.uniform(0.5, 2, (2, 3)) * 1e-2, jnp.float32)
+    _compare_close(jax.vmap(lambda a, sa: jaxq.cutlass_scaled_mm(a, b, sa, sb, jnp.bfloat16)), a, sa, tol=2e-3)
+
+
 def test_scaled_mm_block_wise_reads_column_major_scales_without_a_copy():
     """Scales a DeepGEMM-style quantizer wrote column-major ([K/128, M] in memory), passed as its .T, and a
     [N, K] weight passed as w.T, reach the kernel with no transpose or copy."""
