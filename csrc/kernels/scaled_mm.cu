@@ -55,15 +55,11 @@ cudaError_t RunBlockScaledForTile(const ScaledMmParams& p, cudaStream_t stream) 
                                                              : RunBlockScaledMmSm90<kOut, ScaledMmTile::kLarge>(p, stream);
 }
 
-template <MmOperand kOperand>
+template <FloatType kOut>
 cudaError_t RunForOut(const ScaledMmParams& p, cudaStream_t stream) {
-  return p.out_type == FloatType::kBF16 ? RunForTile<kOperand, FloatType::kBF16>(p, stream)
-                                        : RunForTile<kOperand, FloatType::kF16>(p, stream);
-}
-
-cudaError_t RunBlockScaledForOut(const ScaledMmParams& p, cudaStream_t stream) {
-  return p.out_type == FloatType::kBF16 ? RunBlockScaledForTile<FloatType::kBF16>(p, stream)
-                                        : RunBlockScaledForTile<FloatType::kF16>(p, stream);
+  if (p.block_scales) return RunBlockScaledForTile<kOut>(p, stream);
+  return p.operand == MmOperand::kInt8 ? RunForTile<MmOperand::kInt8, kOut>(p, stream)
+                                       : RunForTile<MmOperand::kFp8E4M3, kOut>(p, stream);
 }
 
 }  // namespace
@@ -71,9 +67,7 @@ cudaError_t RunBlockScaledForOut(const ScaledMmParams& p, cudaStream_t stream) {
 cudaError_t LaunchScaledMm(const ScaledMmParams& p, cudaStream_t stream) {
   if (!ScaledMmSupports(p)) return cudaErrorInvalidValue;
   if (p.m == 0) return cudaSuccess;
-  if (p.block_scales) return RunBlockScaledForOut(p, stream);
-  return p.operand == MmOperand::kInt8 ? RunForOut<MmOperand::kInt8>(p, stream)
-                                       : RunForOut<MmOperand::kFp8E4M3>(p, stream);
+  return p.out_type == FloatType::kBF16 ? RunForOut<FloatType::kBF16>(p, stream) : RunForOut<FloatType::kF16>(p, stream);
 }
 
 }  // namespace jaxq
