@@ -5,7 +5,8 @@
 For each op and shape it prints the time per call, the achieved bandwidth (bytes read + written), that
 bandwidth as a share of the device-to-device copy bandwidth measured in the same run, and the speed-up
 over the jnp version. Each jitted program makes many calls, on inputs rotated so that L2 never holds
-them, and keeps every output alive so nothing is skipped.
+them, and keeps every output alive so nothing is skipped. Times are device time from a profiler trace
+(see ``_time_per_call``), the same for every op and peer.
 """
 
 from __future__ import annotations
@@ -13,41 +14,78 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import glob
 import math
+import tempfile
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.profiler import ProfileData
 
 import jaxq
 from jaxq.ops import _weight_only, awq as awq_ops, gptq as gptq_ops
 
 _ROTATE_BYTES = 256 << 20  # 5x the H100's 50 MB L2
 _MIN_CALLS, _MAX_CALLS = 8, 256
+_RUNS = 5
+
+
+def _device_span_seconds(trace_dir: str) -> float | None:
+    """First kernel start to last kernel end on the GPU streams of a profiler trace; None without GPU
+    activity (a CPU run)."""
+    starts, ends = [], []
+    for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    for event in line.events:
+                        starts.append(event.start_ns)
+                        ends.append(event.start_ns + event.duration_ns)
+    return (max(ends) - min(starts)) * 1e-9 if starts else None
 
 
 def _program_seconds(fn: Callable, inputs: list[tuple]) -> float:
+    """Seconds of one run of a jitted program calling ``fn`` on each input, the best of a few runs
+    (interference only ever adds time): device time on a GPU, else wall-clock time."""
     @jax.jit
     def program(inputs):
         return [fn(*args) for args in inputs]
 
     jax.block_until_ready(program(inputs))
     samples = []
-    for _ in range(10):
-        start = time.perf_counter()
-        jax.block_until_ready(program(inputs))
-        samples.append(time.perf_counter() - start)
-    return min(samples)  # host-side hiccups only ever add time
+    for _ in range(_RUNS):
+        if jax.default_backend() == "gpu":
+            with tempfile.TemporaryDirectory() as trace_dir:
+                with jax.profiler.trace(trace_dir):
+                    jax.block_until_ready(program(inputs))
+                samples.append(_device_span_seconds(trace_dir))
+        else:
+            start = time.perf_counter()
+            jax.block_until_ready(program(inputs))
+            samples.append(time.perf_counter() - start)
+    if None in samples:
+        raise RuntimeError("the profiler trace holds no GPU kernels")
+    return min(samples)
 
 
 def _time_per_call(fn: Callable, make_input: Callable[[int], tuple], bytes_per_call: int) -> float:
-    """Seconds per call of ``fn``: the slope between a jitted program of n calls and one of 2n, each
-    call on its own input (XLA would merge identical calls), n large enough that the inputs are several
-    times the L2. The slope drops what a program costs once (dispatch, argument handling)."""
+    """Seconds per call of ``fn`` in a jitted program of many calls, each on its own input (XLA would merge
+    identical calls), enough of them that the inputs are several times the L2.
+
+    On a GPU this is device time: the program's span from its first kernel's start to its last kernel's
+    end in a profiler trace, over the calls. Wall-clock time would add the host's per-argument and
+    per-result work of the benchmark program itself (about 17 µs per call on the H100 machine, measured
+    with tools/trace_calls.py), which a model's jitted step does not pay for its inner ops. Elsewhere it
+    is the wall-clock slope between programs of n and 2n calls."""
     calls = max(_MIN_CALLS, min(_MAX_CALLS, math.ceil(_ROTATE_BYTES / max(bytes_per_call, 1))))
     inputs = [make_input(i) for i in range(2 * calls)]
+    if jax.default_backend() == "gpu":
+        return _program_seconds(fn, inputs) / (2 * calls)
     return (_program_seconds(fn, inputs) - _program_seconds(fn, inputs[:calls])) / calls
 
 
@@ -236,7 +274,7 @@ def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy:
                 row["kernel_us"] = _time_per_call(case.kernel, make_input, moved) * 1e6
                 row["dequant_dot_us"] = _time_per_call(
                     lambda x, *w, case=case: jnp.dot(x, case.dequantize(*w)), make_input, moved) * 1e6
-            if splits and case.family == "awq" and m <= 16 and (case.k, case.n) == (8192, 28672):
+            if splits and case.family == "awq" and m <= 16:
                 for split in splits:  # the K-split choice of jaxq/ops/_weight_only.py, checked
                     row[f"split{split}_us"] = _time_per_call(
                         lambda x, q, z, s, split=split: awq_ops._awq_gemm(x, q, z, s, split_k_hint=split)[0],
