@@ -149,7 +149,7 @@ def test_weight_only_kernels_are_used():
     assert "jaxq_weight_only_gemm" in text
 
 
-AWQ_SHAPES = [(1, 256, 128), (7, 512, 96), (16, 1024, 256), (17, 384, 32), (32, 4096, 1024), (48, 512, 160)]
+AWQ_SHAPES = [(1, 256, 128), (7, 512, 96), (16, 1024, 256), (17, 384, 32), (32, 4096, 1024), (48, 512, 160), (64, 512, 128)]
 
 
 @pytest.mark.parametrize("m,k,n", AWQ_SHAPES)
@@ -191,13 +191,28 @@ def test_gptq_gemm_kernel(m, k, n, bits, variant):
     _compare(lambda *a: (jaxq.gptq_dequantize(*a, bits=bits, use_v2_format=v2, use_exllama=exllama),), qw, qz, sc, g_idx)
 
 
-@pytest.mark.parametrize("split", [None, 1, 3])
-def test_awq_gemm_kernel_large_and_split(split):
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("split", [None, 1, 3, 7])
+def test_awq_gemm_kernel_large_and_split(m, split):
+    """Long K split unevenly: warps start and end inside groups."""
     rng = np.random.default_rng(1)
     k, n = 8192, 2048
     qw, sc, qz = formats.quantize_awq(jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16), 128)
-    x = jnp.asarray(rng.standard_normal((16, k)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     _compare_close(lambda *a: jaxq.awq_gemm(*a, split_k_iters=split), x, qw, sc, qz, tol=1e-2)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("bits", formats.GPTQ_BITS)
+def test_gptq_gemm_kernel_long_k(m, bits):
+    """The default K split at a long K, for every bit width (steps of 16 to 128 rows, 1 to 8 per group)."""
+    rng = np.random.default_rng(bits)
+    k, n = 8192, 1024
+    qw, qz, sc, _ = formats.quantize_gptq(jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16), bits, 128, symmetric=False)
+    qw = jaxq.gptq_shuffle(qw, jnp.zeros((0,), jnp.int32), bits)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    f = lambda *a: jaxq.gptq_gemm(*a, jnp.zeros((0,), jnp.int32), use_exllama=True, bits=bits)
+    _compare_close(f, x, qw, qz, sc, tol=1e-2)
 
 
 def test_weight_only_gemm_gradient_on_gpu():

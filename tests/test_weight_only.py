@@ -195,8 +195,13 @@ def test_split_k_choice_and_workspace():
     reference ignores it, so the GPU tests check that results do not depend on it."""
     from jaxq.ops import _weight_only as wo
 
-    assert wo.split_k(1, 28672, 8192, 32) == 3  # 224 column tiles x 4 warps x 3 >= 2112 warps
+    assert wo.split_k(1, 28672, 8192, 32, sm_count=132) == 1  # 224 column tiles: 1.7 per SM
+    assert wo.split_k(16, 14336, 4096, 32, sm_count=132) == 1  # 112 tiles: 0.85 per SM
+    assert wo.split_k(1, 8192, 28672, 32, sm_count=132) == 4  # 64 tiles: 4 splits give 1.9 blocks per SM
+    assert wo.split_k(1, 8192, 28672, 32, sm_count=200) == 5
     assert wo.split_k(1, 28672, 8192, 32, hint=8) == 8
+    # every warp keeps at least 4 steps: K=512 has 16 steps of 32 rows, 4 per warp of one block
+    assert wo.split_k(1, 128, 512, 32, sm_count=132) == 1
     assert wo.split_k(1, 256, 128, 32, hint=8) == 1  # never more splits than a block's warps have steps
     assert wo.gemm_workspace_words(5, 256, 1) == 2  # no partial sums, one counter per column tile
     assert wo.gemm_workspace_words(20, 256, 3) == 3 * 20 * 256 + 2 * 2

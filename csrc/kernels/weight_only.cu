@@ -88,22 +88,29 @@ struct Codes {
   static constexpr float kBias = kConvert ? 0.f : static_cast<float>(Half2Ops<T>::kMagic == 0x6400 ? 1024 : 128);
   static constexpr uint32_t kOnes = std::is_same_v<T, __half> ? 0x3c003c00u : 0x3f803f80u;
 
-  // (bias + q_lo, bias + q_hi) from q_lo in bits 0..15 and q_hi in 16..31.
+  // (bias + q_lo, bias + q_hi) from q_lo in bits 0..Bits-1 and q_hi in 16..15+Bits of `fields` (other bits
+  // are ignored).
   __device__ __forceinline__ static uint32_t Operand(uint32_t fields) {
     if constexpr (kConvert) {
-      const float lo = __uint_as_float(0x4b000000u | (fields & 0xffffu)) - 8388608.f;
-      const float hi = __uint_as_float(0x4b000000u | (fields >> 16)) - 8388608.f;
+      const float lo = __uint_as_float(0x4b000000u | (fields & (1u << Bits) - 1)) - 8388608.f;
+      const float hi = __uint_as_float(0x4b000000u | (fields >> 16 & (1u << Bits) - 1)) - 8388608.f;
       return AsU32<T>(__floats2bfloat162_rn(lo, hi));  // exact: codes < 256
     } else {
-      return fields | Half2Ops<T>::kMagic * 0x10001u;
+      // One LOP3, (fields & mask) | magic: written out, because the compiler splits it in two when both
+      // constants are immediates.
+      uint32_t out;
+      asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(out) : "r"(fields), "n"(((1u << Bits) - 1) * 0x10001u), "r"(Half2Ops<T>::kMagic * 0x10001u));
+      return out;
     }
   }
 };
 
-// The current group's scale and (bias + zero) of each of a lane's 16 columns.
-struct GroupConstants {
-  float scale[16];
-  float zero[16];
+// A group's scales and zeros of a lane's 16 columns as loaded (16-bit scales, packed zeros). They are
+// loaded when the group starts and read only when it is folded, steps later, so the loads' latency never
+// stalls the warp; kept packed they cost a third of the registers of floats.
+struct GroupWords {
+  uint32_t scale[16];
+  uint32_t zero[4];
 };
 
 // ------------------------------------------------------------------------------------ async copies
@@ -190,9 +197,9 @@ struct GptqTiles {
     }
   }
 
-  // Pair j of column c: value PairLo(j) in bits 0..15, PairHi(j) in 16..31.
+  // Pair j of column c: value PairLo(j) from bit 0, PairHi(j) from bit 16; the bits above each value are
+  // left for Codes::Operand to mask.
   __device__ __forceinline__ uint32_t Pair(int c, int j) const {
-    constexpr uint32_t mask = ((1u << Bits) - 1) * 0x10001u;
     if constexpr (Bits == 3 && !Exllama) {
       uint32_t words[3] = {w[0][c], w[1][c], w[2][c]};
       return ValueOf<3, false>(words, 2 * j) | (ValueOf<3, false>(words, 2 * j + 1) << 16);
@@ -200,11 +207,9 @@ struct GptqTiles {
       if (j == 15) {
         return ((w[0][c] >> 15) & 0x10001u) | ((w[1][c] >> 14) & 0x20002u) | ((w[2][c] >> 13) & 0x40004u);
       }
-      return (w[j / 5][c] >> (3 * (j % 5))) & mask;
-    } else if constexpr (Bits == 8) {
-      return (w[0][c] >> (8 * j)) & mask;  // values (j, j + 2)
+      return w[j / 5][c] >> (3 * (j % 5));
     } else {
-      return (w[0][c] >> (Bits * j)) & mask;
+      return w[0][c] >> (Bits * j);  // 8-bit: values (j, j + 2)
     }
   }
 };
@@ -246,7 +251,7 @@ struct AwqTiles {
     }
   }
 
-  __device__ __forceinline__ uint32_t Pair(int c, int j) const { return (w[j][c / 4] >> (4 * (c % 4))) & 0x000f000fu; }
+  __device__ __forceinline__ uint32_t Pair(int c, int j) const { return w[j][c / 4] >> (4 * (c % 4)); }
 };
 
 template <typename T>
@@ -279,65 +284,78 @@ struct Traits {
                                    GptqTiles<Bits, Format == WeightFormat::kGptqExllama>>;
 };
 
-// Loads the current group's zeros and scales of the lane's 16 columns.
-// Loads the group's zeros and scales of the lane's 16 columns: a few vector loads, all issued before any is
-// used, and bit fields at compile-time offsets. Lanes past N keep zeros (their columns are never stored).
-template <typename T, WeightFormat Format, int Bits, typename Tiles>
-__device__ __forceinline__ void LoadGroup(GroupConstants& gc, const WeightOnlyParams& p, int64_t group,
-                                          int64_t n0, int g) {
-  const uint16_t* scales = static_cast<const uint16_t*>(p.scales) + group * p.n + n0;
-  uint32_t scale_words[4][4] = {};  // 16-bit scales, two per word
-  uint32_t zero_bits[4] = {};       // AWQ: one word per i; GPTQ: the lane's 16 * Bits bits from bit 0
-  if constexpr (Format == WeightFormat::kAwq) {
-    // Lane g's columns 32 (g / 2) + 8i + 2j + g % 2: half-word g % 2 of word j of eight scales per i.
-    if (n0 + 32 * (g / 2) < p.n) {
-      const uint4 z = __ldg(reinterpret_cast<const uint4*>(p.qzeros + group * (p.n / 8) + n0 / 8) + g / 2);
-      zero_bits[0] = z.x, zero_bits[1] = z.y, zero_bits[2] = z.z, zero_bits[3] = z.w;
+// Where a lane's scales and zeros of one group start, and how far the next group's are.
+// AWQ: lane g's columns are 32 (g / 2) + 8i + 2j + g % 2, half-word g % 2 of word j of eight scales per i,
+// and nibbles of one zero word per i. GPTQ: 16 consecutive columns from 16 g, their zeros from bit
+// (n0 + 16 g) * Bits of the row (word-aligned except for 3-bit lanes with odd g: half a word in).
+template <WeightFormat Format, int Bits>
+struct GroupSource {
+  const uint16_t* scales;
+  const uint32_t* zeros;
+  int64_t scale_stride, zero_stride;
+  bool valid;  // lanes past N load nothing (their columns are never stored)
+
+  __device__ GroupSource(const WeightOnlyParams& p, int64_t group, int64_t n0, int g) {
+    const int64_t first_column = Format == WeightFormat::kAwq ? n0 + 32 * (g / 2) : n0 + 16 * g;
+    valid = first_column < p.n;
+    scale_stride = p.n;
+    zero_stride = Format == WeightFormat::kAwq ? p.n / 8 : p.n * Bits / 32;
+    scales = static_cast<const uint16_t*>(p.scales) + group * scale_stride + first_column;
+    zeros = p.qzeros + group * zero_stride + first_column * (Format == WeightFormat::kAwq ? 4 : Bits) / 32;
+  }
+
+  __device__ __forceinline__ void Load(GroupWords& words) const {
+    if (!valid) return;
+    auto copy4 = [](uint32_t* dst, uint4 v) { dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w; };
+    const uint4* s = reinterpret_cast<const uint4*>(scales);
+    if constexpr (Format == WeightFormat::kAwq) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(scales + 32 * (g / 2) + 8 * i));
-        scale_words[i][0] = v.x, scale_words[i][1] = v.y, scale_words[i][2] = v.z, scale_words[i][3] = v.w;
-      }
-    }
-    const int half = 16 * (g % 2);
-#pragma unroll
-    for (int c = 0; c < 16; ++c) {
-      const uint32_t s = (scale_words[c / 4][c % 4] >> half) & 0xffffu;
-      const uint32_t z = (zero_bits[c / 4] >> (half + 4 * (c % 4))) & 0xfu;
-      gc.scale[c] = static_cast<float>(*reinterpret_cast<const T*>(&s));
-      gc.zero[c] = Codes<T, Bits>::kBias + static_cast<float>(z + p.zero_offset);
-    }
-  } else {
-    if (n0 + 16 * g < p.n) {
-      const uint4* src = reinterpret_cast<const uint4*>(scales + 16 * g);
-      const uint4 lo = __ldg(src), hi = __ldg(src + 1);
-      scale_words[0][0] = lo.x, scale_words[0][1] = lo.y, scale_words[0][2] = lo.z, scale_words[0][3] = lo.w;
-      scale_words[1][0] = hi.x, scale_words[1][1] = hi.y, scale_words[1][2] = hi.z, scale_words[1][3] = hi.w;
-      // The lane's zeros start at bit (n0 + 16 g) * Bits of the row: word-aligned except for 3-bit lanes
-      // with odd g, which start half a word in.
-      const uint32_t* row = p.qzeros + group * (p.n * Bits / 32) + (n0 + 16 * g) * Bits / 32;
+      for (int i = 0; i < 4; ++i) copy4(words.scale + 4 * i, __ldg(s + i));
+      copy4(words.zero, __ldg(reinterpret_cast<const uint4*>(zeros)));
+    } else {
+      copy4(words.scale, __ldg(s));
+      copy4(words.scale + 4, __ldg(s + 1));
       if constexpr (Bits == 8) {
-        const uint4 z = __ldg(reinterpret_cast<const uint4*>(row));
-        zero_bits[0] = z.x, zero_bits[1] = z.y, zero_bits[2] = z.z, zero_bits[3] = z.w;
+        copy4(words.zero, __ldg(reinterpret_cast<const uint4*>(zeros)));
       } else if constexpr (Bits == 4) {
-        const uint2 z = __ldg(reinterpret_cast<const uint2*>(row));
-        zero_bits[0] = z.x, zero_bits[1] = z.y;
+        const uint2 z = __ldg(reinterpret_cast<const uint2*>(zeros));
+        words.zero[0] = z.x, words.zero[1] = z.y;
       } else if constexpr (Bits == 2) {
-        zero_bits[0] = __ldg(row);
+        words.zero[0] = __ldg(zeros);
       } else {
-        const uint64_t window = (static_cast<uint64_t>(__ldg(row + 1)) << 32 | __ldg(row)) >> (16 * (g % 2));
-        zero_bits[0] = static_cast<uint32_t>(window), zero_bits[1] = static_cast<uint32_t>(window >> 32);
+        words.zero[0] = __ldg(zeros), words.zero[1] = __ldg(zeros + 1);
       }
     }
-#pragma unroll
-    for (int c = 0; c < 16; ++c) {
-      const uint32_t s = (scale_words[c / 8][(c % 8) / 2] >> (16 * (c % 2))) & 0xffffu;
-      const int bit = c * Bits;
-      uint32_t z = zero_bits[bit / 32] >> (bit % 32);
-      if (bit % 32 + Bits > 32) z |= zero_bits[bit / 32 + 1] << (32 - bit % 32);
-      gc.scale[c] = static_cast<float>(*reinterpret_cast<const T*>(&s));
-      gc.zero[c] = Codes<T, Bits>::kBias + static_cast<float>((z & ((1u << Bits) - 1)) + p.zero_offset);
-    }
+  }
+
+  __device__ __forceinline__ void Advance() {
+    scales += scale_stride;
+    zeros += zero_stride;
+  }
+};
+
+// Column c's scale as float32, and (bias + zero + zero_offset) as float32, from a group's words. `half`
+// (AWQ: 16 (g % 2), GPTQ: 16 (g % 2) for 3-bit lanes' zeros, else 0) is where the lane's bits start.
+template <typename T, WeightFormat Format, int Bits>
+__device__ __forceinline__ float ScaleOf(const GroupWords& words, int c, int half) {
+  const uint32_t bits = Format == WeightFormat::kAwq ? (words.scale[c] >> half) & 0xffffu
+                                                     : (words.scale[c / 2] >> (16 * (c % 2))) & 0xffffu;
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  } else {
+    return __uint_as_float(bits << 16);
+  }
+}
+
+template <WeightFormat Format, int Bits>
+__device__ __forceinline__ uint32_t ZeroOf(const GroupWords& words, int c, int half) {
+  if constexpr (Format == WeightFormat::kAwq) {
+    return (words.zero[c / 4] >> (half + 4 * (c % 4))) & 0xfu;
+  } else if constexpr (Bits == 3) {
+    const uint64_t window = (static_cast<uint64_t>(words.zero[1]) << 32 | words.zero[0]) >> half;
+    return static_cast<uint32_t>(window >> (3 * c)) & 0x7u;
+  } else {
+    return (words.zero[c * Bits / 32] >> (c * Bits % 32)) & ((1u << Bits) - 1);
   }
 }
 
@@ -347,15 +365,19 @@ template <typename Tiles, int MTiles>
 struct StageLayout {
   static constexpr int kXVecs = (Tiles::kXBytes + 15) / 16;
   static constexpr int kVecs = Tiles::kVecs + MTiles * kXVecs;
-  // Deep enough to keep ~6 KB per warp in flight, within the shared memory a few blocks per SM can have.
-  static constexpr int kStages = kVecs * 16 * 32 * 4 <= 8192 ? 4 : kVecs * 16 * 32 * 3 <= 24576 ? 3 : 2;
+  // Deep enough that ~4 KB of weights per warp are in flight while one stage is consumed (at 16 warps per
+  // SM that covers HBM's latency at full bandwidth), within 24 KB of shared memory per warp.
+  static constexpr int kWeightBytes = Tiles::kVecs * 16 * 32;
+  static constexpr int kWanted = 1 + (4096 + kWeightBytes - 1) / kWeightBytes;
+  static constexpr int kFit = 24576 / (kVecs * 16 * 32);
+  static constexpr int kStages = (kWanted > 3 ? kWanted : 3) < kFit ? (kWanted > 3 ? kWanted : 3) : (kFit > 2 ? kFit : 2);
   static constexpr int kBytesPerWarp = kStages * kVecs * 16 * 32;
 };
 
-// Blocks per SM the register budget aims at: the kernel is issue-bound at low occupancy, so as many as
-// fit without spilling.
+// Blocks per SM the register budget aims at: the kernel is latency-bound at low occupancy, so as many as
+// fit without spilling (4 needs <= 128 registers, which 2- and 3-bit fields and two m8 tiles exceed).
 template <WeightFormat Format, int Bits, int MTiles>
-constexpr int kMinBlocks = MTiles == 2 ? 2 : 3;
+constexpr int kMinBlocks = MTiles == 2 ? 2 : Bits == 4 || Bits == 8 ? 4 : 3;
 
 template <typename T, WeightFormat Format, int Bits, int MTiles>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>) WeightOnlyGemmKernel(WeightOnlyParams p, int split_k) {
@@ -374,102 +396,104 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   const int64_t block_slabs = (blockIdx.y + 1) * slabs / split_k - block_first;
   const int64_t first = block_first + warp * block_slabs / kWarps;
   const int count = static_cast<int>(block_first + (warp + 1) * block_slabs / kWarps - first);
-  const int64_t group_size = p.k / p.groups;
+  // A warp step lies in one group (the launcher checks), so groups change for the whole warp at once.
+  const int steps_per_group = static_cast<int>(p.k / p.groups / kSlabK);
   const T* x = static_cast<const T*>(p.x);
-  // Lanes whose 16 columns (GPTQ) or 4 words (AWQ) lie past N copy zeros.
-  const bool lane_valid = Format == WeightFormat::kAwq ? n0 + 32 * t < p.n : n0 + 16 * g < p.n;
-  uint4* warp_slots = shared + warp * (Layout::kBytesPerWarp / 16) + lane;
 
-  // Per lane, where step 0's weights and x start and how far a step moves them. Lanes past N (or rows of
-  // x past M) copy zeros from a valid address.
+  // The issue path advances pointers by fixed steps; lanes past N (weights) and rows of x past M copy
+  // zeros from an address that does not move.
+  const bool lane_valid = Format == WeightFormat::kAwq ? n0 + 32 * t < p.n : n0 + 16 * g < p.n;
   const int64_t words_per_row = Format == WeightFormat::kAwq ? p.n / 8 : p.n;
-  const int64_t weight_step = Tiles::kStepRows * words_per_row;
-  const uint32_t* weights = lane_valid ? p.qweight + Tiles::FirstWord(p.n, first * kSlabK, n0, g, t) : p.qweight;
-  const T* x_rows[MTiles];
+  const uint32_t* weight_src = lane_valid ? p.qweight + Tiles::FirstWord(p.n, first * kSlabK, n0, g, t) : p.qweight;
+  const int64_t weight_step = lane_valid ? Tiles::kStepRows * words_per_row : 0;
+  const T* x_src[MTiles];
+  bool x_valid[MTiles];
 #pragma unroll
   for (int mt = 0; mt < MTiles; ++mt) {
     const int64_t row = m0 + 8 * mt + g;
-    x_rows[mt] = row < p.m ? x + row * p.k + first * kSlabK + Tiles::LaneK(t) : nullptr;
+    x_valid[mt] = row < p.m;
+    x_src[mt] = x_valid[mt] ? x + row * p.k + first * kSlabK + Tiles::LaneK(t) : x;
   }
-  auto issue = [&](int i) {
-    uint4* slots = warp_slots + (i % kStages) * Layout::kVecs * 32;
-    Tiles::Issue(slots, lane_valid ? weights + i * weight_step : p.qweight, p.n, lane_valid);
+  uint4* const warp_slots = shared + warp * (Layout::kBytesPerWarp / 16) + lane;
+  constexpr int kStageVecs = Layout::kVecs * 32;
+  uint4* issue_slots = warp_slots;
+  auto issue = [&]() {
+    Tiles::Issue(issue_slots, weight_src, p.n, lane_valid);
+    weight_src += weight_step;
 #pragma unroll
     for (int mt = 0; mt < MTiles; ++mt) {
-      const bool valid = x_rows[mt] != nullptr;
-      const T* src = valid ? x_rows[mt] + i * kSlabK : x;
-      uint4* x_slots = slots + (Tiles::kVecs + mt * Layout::kXVecs) * 32;
+      const T* src = x_src[mt];
+      const bool valid = x_valid[mt];
+      uint4* x_slots = issue_slots + (Tiles::kVecs + mt * Layout::kXVecs) * 32;
       if constexpr (Format == WeightFormat::kAwq) {
         CopyAsync<4, false>(x_slots, src, valid);
-        CopyAsync<4, false>(reinterpret_cast<uint32_t*>(x_slots) + 1, valid ? src + 8 : x, valid);
+        CopyAsync<4, false>(reinterpret_cast<uint32_t*>(x_slots) + 1, valid ? src + 8 : src, valid);
       } else if constexpr (Tiles::kXBytes < 16) {
         CopyAsync<Tiles::kXBytes, false>(x_slots, src, valid);
       } else {
 #pragma unroll
-        for (int v = 0; v < Layout::kXVecs; ++v) CopyAsync<16, false>(x_slots + v * 32, valid ? src + 8 * v : x, valid);
+        for (int v = 0; v < Layout::kXVecs; ++v) CopyAsync<16, false>(x_slots + v * 32, valid ? src + 8 * v : src, valid);
       }
+      if (valid) x_src[mt] += kSlabK;
     }
+    issue_slots = issue_slots + kStageVecs == warp_slots + kStages * kStageVecs ? warp_slots : issue_slots + kStageVecs;
   };
-
 
   using C = Codes<T, Bits>;
   float acc[MTiles][8][4] = {};
-  float group_acc[MTiles][8][4];  // the current group's unscaled sums
-  float x_sum[MTiles][4];         // sum of x over the current group's k (every row of the MMA the same)
-  GroupConstants gc;
-  int64_t loaded_group = -1;
-  // acc += scale * (group_acc - (bias + zero) * x_sum), column by column.
+  float group_acc[MTiles][8][4] = {};  // the current group's unscaled sums
+  float x_sum[MTiles][4] = {};         // sum of x over the current group's k (every row of the MMA the same)
+  int64_t group = first / steps_per_group;
+  int group_steps_left = steps_per_group - static_cast<int>(first % steps_per_group);
+  GroupSource<Format, Bits> group_source(p, group, n0, g);
+  GroupWords group_words = {};
+  if (count > 0) group_source.Load(group_words);
+  const int half = Format == WeightFormat::kAwq || Bits == 3 ? 16 * (g % 2) : 0;
+  const float zero_bias = C::kBias + static_cast<float>(p.zero_offset);
+  // acc += scale * (group_acc - (bias + zero) * x_sum), column by column; then a fresh group.
   auto fold_group = [&]() {
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const float scale = ScaleOf<T, Format, Bits>(group_words, c, half);
+      const float zero = zero_bias + static_cast<float>(ZeroOf<Format, Bits>(group_words, c, half));
+#pragma unroll
+      for (int mt = 0; mt < MTiles; ++mt) {
+#pragma unroll
+        for (int r = 2 * (c % 2); r < 2 * (c % 2) + 2; ++r) {
+          float& sum = group_acc[mt][c / 2][r];
+          acc[mt][c / 2][r] = fmaf(scale, fmaf(-zero, x_sum[mt][r % 2], sum), acc[mt][c / 2][r]);
+          sum = 0.f;
+        }
+      }
+    }
 #pragma unroll
     for (int mt = 0; mt < MTiles; ++mt) {
 #pragma unroll
-      for (int tau = 0; tau < 8; ++tau) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int c = 2 * tau + r / 2;
-          acc[mt][tau][r] = fmaf(gc.scale[c], fmaf(-gc.zero[c], x_sum[mt][r % 2], group_acc[mt][tau][r]), acc[mt][tau][r]);
-        }
-      }
+      for (int r = 0; r < 4; ++r) x_sum[mt][r] = 0.f;
     }
   };
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
-    if (i < count) issue(i);
+    if (i < count) issue();
     CommitAsync();
   }
+  const uint4* read_slots = warp_slots;
   for (int i = 0; i < count; ++i) {
-    if (i + kStages - 1 < count) issue(i + kStages - 1);
+    if (i + kStages - 1 < count) issue();
     CommitAsync();
     WaitAsync<kStages - 1>();
-    const uint4* slots = warp_slots + (i % kStages) * Layout::kVecs * 32;
     Tiles tiles;
-    tiles.Read(slots);
-    // A warp step lies in one group (the launcher checks), so groups change for the whole warp at once.
-    const int64_t group = (first + i) * kSlabK / group_size;
-    if (group != loaded_group) {
-      if (loaded_group >= 0) fold_group();
-      LoadGroup<T, Format, Bits, Tiles>(gc, p, group, n0, g);
-      loaded_group = group;
-#pragma unroll
-      for (int mt = 0; mt < MTiles; ++mt) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) x_sum[mt][r] = 0.f;
-#pragma unroll
-        for (int tau = 0; tau < 8; ++tau) {
-#pragma unroll
-          for (int r = 0; r < 4; ++r) group_acc[mt][tau][r] = 0.f;
-        }
-      }
-    }
+    tiles.Read(read_slots);
     // x values of this lane's k for the B fragments (row g of each m8 tile).
     constexpr int kXWords = Tiles::kXBytes / 4;
     uint32_t xv[MTiles][kXWords];
 #pragma unroll
     for (int mt = 0; mt < MTiles; ++mt) {
-      const uint32_t* words = reinterpret_cast<const uint32_t*>(slots + (Tiles::kVecs + mt * Layout::kXVecs) * 32);
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(read_slots + (Tiles::kVecs + mt * Layout::kXVecs) * 32);
 #pragma unroll
       for (int v = 0; v < kXWords; ++v) xv[mt][v] = words[(v / 4) * 128 + v % 4];
     }
+    read_slots = read_slots + kStageVecs == warp_slots + kStages * kStageVecs ? warp_slots : read_slots + kStageVecs;
 #pragma unroll
     for (int h = 0; h < Tiles::kChunks; ++h) {
       const int j0 = 2 * h, j1 = 2 * h + 1;
@@ -499,8 +523,14 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
         for (int mt = 0; mt < MTiles; ++mt) Mma<T>(group_acc[mt][tau], a, b[mt][0], b[mt][1]);
       }
     }
+    if (--group_steps_left == 0 && i + 1 < count) {  // the group ends here; the next starts next step
+      fold_group();
+      group_source.Advance();
+      group_source.Load(group_words);
+      group_steps_left = steps_per_group;
+    }
   }
-  if (loaded_group >= 0) fold_group();
+  if (count > 0) fold_group();
   WaitAsync<0>();
   __syncthreads();  // the pipeline's shared memory becomes the reduction buffer
   auto reduce = reinterpret_cast<float(*)[8 * MTiles][kWarpColumns + 1]>(shared);
@@ -728,10 +758,11 @@ bool WeightOnlyGemmSupports(const WeightOnlyParams& p) {
 cudaError_t LaunchWeightOnlyGemm(const WeightOnlyParams& p, int split_k, cudaStream_t stream) {
   if (!WeightOnlyGemmSupports(p) || split_k < 1) return cudaErrorInvalidValue;
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  const int64_t counters = WeightOnlyWorkspaceWords(p.m, p.n, split_k) - (split_k > 1 ? split_k * p.m * p.n : 0);
-  cudaError_t err = cudaMemsetAsync(p.workspace + (split_k > 1 ? split_k * p.m * p.n : 0), 0,
-                                    counters * sizeof(uint32_t), stream);
-  if (err != cudaSuccess) return err;
+  if (split_k > 1) {  // only a split K uses the arrival counters
+    const int64_t counters = WeightOnlyWorkspaceWords(p.m, p.n, 1);
+    const cudaError_t err = cudaMemsetAsync(p.workspace + split_k * p.m * p.n, 0, counters * sizeof(uint32_t), stream);
+    if (err != cudaSuccess) return err;
+  }
   return p.type == FloatType::kF16 ? LaunchGemmType<__half>(p, split_k, stream)
                                    : LaunchGemmType<__nv_bfloat16>(p, split_k, stream);
 }

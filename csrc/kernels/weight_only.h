@@ -34,8 +34,8 @@ int64_t WeightOnlyWorkspaceWords(int64_t m, int64_t n, int split_k);
 bool WeightOnlyGemmSupports(const WeightOnlyParams& p);
 
 // out[m, n] = x @ W with W dequantized in registers; K split over `split_k` blocks per column tile, whose
-// partial sums the last block to finish adds in split order. The workspace counters must be zero: the
-// launcher clears them on the stream.
+// partial sums the last block to finish adds in split order. With split_k > 1 the launcher clears the
+// workspace's arrival counters on the stream first.
 cudaError_t LaunchWeightOnlyGemm(const WeightOnlyParams& p, int split_k, cudaStream_t stream);
 
 // out[k, n] = W in the scales' dtype.

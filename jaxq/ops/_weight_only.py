@@ -10,6 +10,7 @@ sums are added in a fixed order (deterministic).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -20,18 +21,38 @@ FORMAT_AWQ, FORMAT_GPTQ, FORMAT_GPTQ_EXLLAMA = 0, 1, 2  # == jaxq::WeightFormat 
 ACTIVATION_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 KERNEL_TILE_N = 32  # the kernel handles N in multiples of this (and K in multiples of 32)
 KERNEL_ROWS_PER_PASS = 16  # rows of x per pass over the weight
-_TARGET_WARPS = 132 * 16  # enough warps in flight to saturate HBM on an H100
 _WARPS_PER_BLOCK = 4
 _WARP_COLUMNS = 128
+_MIN_STEPS_PER_WARP = 4  # below this the cp.async pipeline's fill and the reduction dominate a block
+_H100_SMS = 132
 
 
-def split_k(m: int, n: int, k: int, slab_k: int, hint: int | None = None) -> int:
-    """Blocks that share the K range of one column tile: enough warps to keep HBM busy, never more than
-    the K range has warp steps. ``hint`` (e.g. awq_gemm's ``split_k_iters``) overrides the choice."""
+@functools.cache
+def _sm_count() -> int:
+    """Streaming multiprocessors of the first GPU (an H100's count where there is none: the split then only
+    shapes the workspace of a reference lowering)."""
+    try:
+        return int(getattr(jax.devices("gpu")[0], "core_count", _H100_SMS))
+    except RuntimeError:
+        return _H100_SMS
+
+
+def split_k(m: int, n: int, k: int, slab_k: int, hint: int | None = None, *, sm_count: int | None = None) -> int:
+    """Blocks that share the K range of one column tile.
+
+    Measured on the H100 (benchmarks/RESULTS.md, session 5): splitting costs more than waves suggest (the
+    partial sums' round trip, the arrival counters' memset, the last block's reduction, and blocks of one
+    tile reading distant rows of the weight instead of sweeping K together), so K is split only when the
+    column tiles alone leave SMs idle: not at all from 0.8 tiles per SM, else into the fewest splits that
+    give 1.5 blocks per SM; never so many that a warp gets fewer than a few steps. ``hint`` (e.g.
+    awq_gemm's ``split_k_iters``) overrides the choice (still capped at one step per warp)."""
     tiles = -(-n // _WARP_COLUMNS) * -(-m // KERNEL_ROWS_PER_PASS)
     steps = max(1, k // (slab_k * _WARPS_PER_BLOCK))
-    wanted = hint if hint else -(-_TARGET_WARPS // (tiles * _WARPS_PER_BLOCK))
-    return int(max(1, min(wanted, steps)))
+    if hint:
+        return int(max(1, min(hint, steps)))
+    sms = sm_count or _sm_count()
+    wanted = 1 if tiles >= 0.8 * sms else -(-3 * sms // (2 * tiles))
+    return int(max(1, min(wanted, steps // _MIN_STEPS_PER_WARP)))
 
 
 def gemm_workspace_words(m: int, n: int, splits: int) -> int:
