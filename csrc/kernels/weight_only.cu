@@ -1,6 +1,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "kernels/weight_only.h"
@@ -370,7 +371,7 @@ struct StageLayout {
   static constexpr int kWeightBytes = Tiles::kVecs * 16 * 32;
   static constexpr int kWanted = 1 + (4096 + kWeightBytes - 1) / kWeightBytes;
   static constexpr int kFit = 24576 / (kVecs * 16 * 32);
-  static constexpr int kStages = (kWanted > 3 ? kWanted : 3) < kFit ? (kWanted > 3 ? kWanted : 3) : (kFit > 2 ? kFit : 2);
+  static constexpr int kStages = std::max(2, std::min(std::max(3, kWanted), kFit));
   static constexpr int kBytesPerWarp = kStages * kVecs * 16 * 32;
 };
 
@@ -416,6 +417,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   }
   uint4* const warp_slots = shared + warp * (Layout::kBytesPerWarp / 16) + lane;
   constexpr int kStageVecs = Layout::kVecs * 32;
+  auto next_stage = [&](uint4* slots) {
+    return slots + kStageVecs == warp_slots + kStages * kStageVecs ? warp_slots : slots + kStageVecs;
+  };
   uint4* issue_slots = warp_slots;
   auto issue = [&]() {
     Tiles::Issue(issue_slots, weight_src, p.n, lane_valid);
@@ -436,7 +440,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
       }
       if (valid) x_src[mt] += kSlabK;
     }
-    issue_slots = issue_slots + kStageVecs == warp_slots + kStages * kStageVecs ? warp_slots : issue_slots + kStageVecs;
+    issue_slots = next_stage(issue_slots);
   };
 
   using C = Codes<T, Bits>;
@@ -477,7 +481,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
     if (i < count) issue();
     CommitAsync();
   }
-  const uint4* read_slots = warp_slots;
+  uint4* read_slots = warp_slots;
   for (int i = 0; i < count; ++i) {
     if (i + kStages - 1 < count) issue();
     CommitAsync();
@@ -493,7 +497,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
 #pragma unroll
       for (int v = 0; v < kXWords; ++v) xv[mt][v] = words[(v / 4) * 128 + v % 4];
     }
-    read_slots = read_slots + kStageVecs == warp_slots + kStages * kStageVecs ? warp_slots : read_slots + kStageVecs;
+    read_slots = next_stage(read_slots);
 #pragma unroll
     for (int h = 0; h < Tiles::kChunks; ++h) {
       const int j0 = 2 * h, j1 = 2 * h + 1;
