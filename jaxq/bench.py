@@ -33,20 +33,22 @@ _MIN_CALLS, _MAX_CALLS = 8, 256
 _RUNS = 5
 
 
+def gpu_stream_lines(trace_dir: str):
+    """(plane name, line) of every GPU stream line (its events are kernels, copies and memsets) in the
+    profiler traces under ``trace_dir``."""
+    for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if plane.name.startswith("/device:GPU"):
+                yield from ((plane.name, line) for line in plane.lines if line.name.startswith("Stream"))
+
+
 def _device_span_seconds(trace_dir: str) -> float | None:
     """First kernel start to last kernel end on the GPU streams of a profiler trace; None without GPU
     activity (a CPU run)."""
-    starts, ends = [], []
-    for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
-        for plane in ProfileData.from_file(path).planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            for line in plane.lines:
-                if line.name.startswith("Stream"):
-                    for event in line.events:
-                        starts.append(event.start_ns)
-                        ends.append(event.start_ns + event.duration_ns)
-    return (max(ends) - min(starts)) * 1e-9 if starts else None
+    events = [e for _, line in gpu_stream_lines(trace_dir) for e in line.events]
+    if not events:
+        return None
+    return (max(e.start_ns + e.duration_ns for e in events) - min(e.start_ns for e in events)) * 1e-9
 
 
 def _program_seconds(fn: Callable, inputs: list[tuple]) -> float:

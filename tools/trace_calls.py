@@ -8,14 +8,12 @@ gap before it, then the totals against the program's wall time.
 
 XLA_FLAGS set around it (e.g. --xla_gpu_enable_command_buffer=) show what a flag changes.
 """
-import glob
 import sys
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-from jax.profiler import ProfileData
 
 from jaxq import bench
 
@@ -59,27 +57,21 @@ def main(argv):
         start = time.perf_counter()
         jax.block_until_ready(program(inputs))
         traced_wall = time.perf_counter() - start
-    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
     print(f"{calls} calls; program wall time untraced min {min(walls) * 1e6:.0f} us, traced {traced_wall * 1e6:.0f} us")
-    for plane in ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:GPU"):
+    for plane_name, line in bench.gpu_stream_lines(trace_dir):
+        events = sorted(line.events, key=lambda e: e.start_ns)
+        if not events:
             continue
-        for line in plane.lines:
-            events = sorted(line.events, key=lambda e: e.start_ns)
-            if not events:
-                continue
-            print(f"--- {plane.name} / {line.name}: {len(events)} events")
-            if not line.name.startswith("Stream"):
-                continue
-            busy, previous_end = 0.0, None
-            for e in events:
-                gap = "" if previous_end is None else f"{(e.start_ns - previous_end) / 1e3:8.1f}"
-                print(f"  {gap:>8} us gap  {e.duration_ns / 1e3:8.1f} us  {e.name[:100]}")
-                busy += e.duration_ns
-                previous_end = max(previous_end or 0, e.start_ns + e.duration_ns)
-            span = previous_end - events[0].start_ns
-            print(f"  span {span / 1e3:.1f} us, kernels {busy / 1e3:.1f} us, idle {(span - busy) / 1e3:.1f} us; "
-                  f"per call: {span / calls / 1e3:.1f} us span, {busy / calls / 1e3:.1f} us kernels")
+        print(f"--- {plane_name} / {line.name}: {len(events)} events")
+        busy, previous_end = 0.0, None
+        for e in events:
+            gap = "" if previous_end is None else f"{(e.start_ns - previous_end) / 1e3:8.1f}"
+            print(f"  {gap:>8} us gap  {e.duration_ns / 1e3:8.1f} us  {e.name[:100]}")
+            busy += e.duration_ns
+            previous_end = max(previous_end or 0, e.start_ns + e.duration_ns)
+        span = previous_end - events[0].start_ns
+        print(f"  span {span / 1e3:.1f} us, kernels {busy / 1e3:.1f} us, idle {(span - busy) / 1e3:.1f} us; "
+              f"per call: {span / calls / 1e3:.1f} us span, {busy / calls / 1e3:.1f} us kernels")
 
 
 if __name__ == "__main__":
