@@ -216,42 +216,50 @@ struct GptqTiles {
 };
 
 struct AwqTiles {
-  static constexpr int kChunks = 1;
-  static constexpr int kSlabK = 16;
+  static constexpr int kChunks = 2;
+  static constexpr int kSlabK = 32;
+  static constexpr int kPairs = 4;
 
-  uint32_t w[2][4];  // after the transpose: rows (2t, 2t+1) and (2t+8, 2t+9) of four words' half-words
+  // After the transpose, w[j][i] holds rows 8t + 2j and 8t + 2j + 1 of the step (its low and high
+  // half-word) of half-word g % 2 of word 4 (g / 2) + i: four columns, a nibble each.
+  uint32_t w[kPairs][4];
 
   // Lane g holds half-word g % 2 of words 4 (g / 2) + i: columns 2 j + g % 2 of each, j < 4.
   __device__ static int Column(int g, int c) { return 32 * (g / 2) + 8 * (c / 4) + 2 * (c % 4) + g % 2; }
-  __device__ static int LaneK(int t) { return 2 * t; }
+  // A lane's eight k are consecutive, so its x arrives in one 16-byte copy and pairs (2j, 2j + 1) are its
+  // words.
+  __device__ static int LaneK(int t) { return 8 * t; }
+  __host__ __device__ static constexpr int PairLo(int j) { return 2 * j; }
+  __host__ __device__ static constexpr int PairHi(int j) { return 2 * j + 1; }
 
-  static constexpr int kVecs = 2;
-  static constexpr int kXBytes = 8;  // two pairs: k0 + 2t and k0 + 2t + 8
+  static constexpr int kVecs = kPairs;
+  static constexpr int kXBytes = 16;
 
-  static constexpr int kStepRows = 16;
-  // Lane (r, c) = (g, t) reads row k0 + r (and + 8), words 4c..4c+3 of the strip.
+  static constexpr int kStepRows = kSlabK;
+  // movmatrix hands lane t rows 2t and 2t + 1 of the matrix whose row r lane g = r loads, so lane g loads
+  // rows 8 (g / 2) + g % 2 + 2j: then lane t receives rows 8t + 2j and 8t + 2j + 1. Words 4t..4t+3 of the strip.
   __device__ static int64_t FirstWord(int64_t n, int64_t k0, int64_t n0, int g, int t) {
-    return (k0 + g) * (n / 8) + n0 / 8 + 4 * t;
+    return (k0 + 8 * (g / 2) + g % 2) * (n / 8) + n0 / 8 + 4 * t;
   }
 
   __device__ __forceinline__ static void Issue(uint4* slots, const uint32_t* src, int64_t n, bool valid) {
-    CopyAsync<16, true>(slots, src, valid);
-    CopyAsync<16, true>(slots + 32, src + 8 * (n / 8), valid);
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) CopyAsync<16, true>(slots + j * 32, src + 2 * j * (n / 8), valid);
   }
 
-  // movmatrix gives each lane two consecutive rows of one half-word of each of four words.
   __device__ __forceinline__ void Read(const uint4* slots) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const uint4 v = slots[half * 32];
+    for (int j = 0; j < kPairs; ++j) {
+      const uint4 v = slots[j * 32];
       const uint32_t in[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(w[half][i]) : "r"(in[i]));
+        asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(w[j][i]) : "r"(in[i]));
       }
     }
   }
 
+  // Pair j of column c: its nibble in rows 8t + 2j (bits 0..3) and 8t + 2j + 1 (bits 16..19).
   __device__ __forceinline__ uint32_t Pair(int c, int j) const { return w[j][c / 4] >> (4 * (c % 4)); }
 };
 
@@ -429,10 +437,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
       const T* src = x_src[mt];
       const bool valid = x_valid[mt];
       uint4* x_slots = issue_slots + (Tiles::kVecs + mt * Layout::kXVecs) * 32;
-      if constexpr (Format == WeightFormat::kAwq) {
-        CopyAsync<4, false>(x_slots, src, valid);
-        CopyAsync<4, false>(reinterpret_cast<uint32_t*>(x_slots) + 1, valid ? src + 8 : src, valid);
-      } else if constexpr (Tiles::kXBytes < 16) {
+      if constexpr (Tiles::kXBytes < 16) {
         CopyAsync<Tiles::kXBytes, false>(x_slots, src, valid);
       } else {
 #pragma unroll
@@ -504,13 +509,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
       uint32_t b[MTiles][2];
 #pragma unroll
       for (int mt = 0; mt < MTiles; ++mt) {
-        if constexpr (Format == WeightFormat::kAwq) {
-          b[mt][0] = xv[mt][0];
-          b[mt][1] = xv[mt][1];
-        } else {
-          b[mt][0] = XPair(xv[mt], Tiles::PairLo(j0), Tiles::PairHi(j0));
-          b[mt][1] = XPair(xv[mt], Tiles::PairLo(j1), Tiles::PairHi(j1));
-        }
+        b[mt][0] = XPair(xv[mt], Tiles::PairLo(j0), Tiles::PairHi(j0));
+        b[mt][1] = XPair(xv[mt], Tiles::PairLo(j1), Tiles::PairHi(j1));
         const uint32_t ones[4] = {C::kOnes, C::kOnes, C::kOnes, C::kOnes};
         Mma<T>(x_sum[mt], ones, b[mt][0], b[mt][1]);
       }
@@ -518,10 +518,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
       for (int tau = 0; tau < 8; ++tau) {
         const int c0 = 2 * tau, c1 = 2 * tau + 1;
         const uint32_t a[4] = {
-            C::Operand(tiles.Pair(c0, Format == WeightFormat::kAwq ? 0 : j0)),
-            C::Operand(tiles.Pair(c1, Format == WeightFormat::kAwq ? 0 : j0)),
-            C::Operand(tiles.Pair(c0, Format == WeightFormat::kAwq ? 1 : j1)),
-            C::Operand(tiles.Pair(c1, Format == WeightFormat::kAwq ? 1 : j1)),
+            C::Operand(tiles.Pair(c0, j0)),
+            C::Operand(tiles.Pair(c1, j0)),
+            C::Operand(tiles.Pair(c0, j1)),
+            C::Operand(tiles.Pair(c1, j1)),
         };
 #pragma unroll
         for (int mt = 0; mt < MTiles; ++mt) Mma<T>(group_acc[mt][tau], a, b[mt][0], b[mt][1]);

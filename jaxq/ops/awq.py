@@ -20,7 +20,7 @@ from jaxq.ops import _weight_only as wo
 # Rows of x up to which awq_gemm runs its own kernel; above, dequantize + XLA's dot is faster
 # (measured crossover on H100, benchmarks/RESULTS.md).
 AWQ_GEMM_KERNEL_MAX_M = 64
-_SLAB_K = 16  # K rows of one warp step of the kernel (WeightOnlySlabK in csrc/kernels/weight_only.cu)
+_SLAB_K = 32  # K rows of one warp step of the kernel (WeightOnlySlabK in csrc/kernels/weight_only.cu)
 
 
 def awq_dequantize_reference(qweight, qzeros, scales) -> jax.Array:
