@@ -311,17 +311,22 @@ WEIGHT_ONLY_OPS = {"awq_gemm", "gptq_gemm"}
 
 # (operand, M, K, N): issue 4's shapes. Weights are stored [N, K] and passed as w.T, as checkpoints keep them.
 SCALED_MM_CASES = [("fp8", m, 8192, 28672) for m in (16, 128, 4096)]
+# use_fast_accum (the tensor core's accumulator over all of K) changes the kernel above M = 64 only.
+SCALED_MM_CASES += [("fp8-fast", m, 8192, 28672) for m in (128, 4096)]
 SCALED_MM_CASES += [("int8", 4096, 4096, 14336), ("int8", 16, 8192, 28672), ("int8", 4096, 8192, 28672)]
 # Block-wise 128x128 weight scales, 1x128 activation groups (DeepSeek-V3's projection shape).
 SCALED_MM_CASES += [("fp8-block", m, 7168, 18432) for m in (16, 4096)]
 SCALED_MM_OPS = {"cutlass_scaled_mm"}
-_VARIANTS = {"fp8": "fp8 token x channel", "int8": "int8 token x channel", "fp8-block": "fp8 block 1x128 / 128x128"}
+_VARIANTS = {"fp8": "fp8 token x channel", "fp8-fast": "fp8 token x channel, use_fast_accum",
+             "int8": "int8 token x channel", "fp8-block": "fp8 block 1x128 / 128x128"}
 
 
 def _scaled_mm_inputs(kind, m, k, n, i):
     """a [M, K], the weight w [N, K] as stored, and scales: per-token / per-channel, or block-wise with the
     activation scales as a DeepGEMM-style quantizer writes them, [K/128, M] (pass its .T)."""
     keys = jax.random.split(jax.random.key(20_000 + i), 4)
+    if kind == "fp8-fast":
+        return _scaled_mm_inputs("fp8", m, k, n, i)
     if kind == "fp8-block":
         a, w, _, _ = _scaled_mm_inputs("fp8", m, k, n, i)
         sa_t = jax.random.uniform(keys[2], (k // 128, m), jnp.float32, 1e-3, 1e-2)
@@ -346,9 +351,9 @@ def _xla_scaled_mm(a, w, sa, sb):
     return (sa * (sb * acc.astype(jnp.float32))).astype(jnp.bfloat16)
 
 
-def _jaxq_scaled_mm(a, w, sa, sb):
+def _jaxq_scaled_mm(a, w, sa, sb, use_fast_accum=False):
     """What a user calls: the weight as stored [N, K] passed as w.T."""
-    return jaxq.cutlass_scaled_mm(a, w.T, sa, sb, jnp.bfloat16)
+    return jaxq.cutlass_scaled_mm(a, w.T, sa, sb, jnp.bfloat16, use_fast_accum=use_fast_accum)
 
 
 def _jaxq_block_scaled_mm(a, w, sa_t, sb):
@@ -375,7 +380,7 @@ def _torch_peer(cases) -> dict:
     if importlib.util.find_spec("torch") is None:
         print("torch peer unavailable: torch is not installed")
         return {}
-    specs = [f"{kind}:{m}:{k}:{n}" for kind, m, k, n in cases if kind in ("fp8", "int8")]
+    specs = [f"{kind}:{m}:{k}:{n}" for kind, m, k, n in cases if kind in ("fp8", "fp8-fast", "int8")]
     done = subprocess.run([sys.executable, "-m", "jaxq.bench_torch", *specs], capture_output=True, text=True)
     if done.returncode:
         print(f"torch peer unavailable: {done.stderr.strip().splitlines()[-1:]}")
@@ -388,15 +393,18 @@ def _torch_peer(cases) -> dict:
 def tensor_core_rates() -> dict:
     """Operations per second of the largest dense products XLA (cuBLASLt) runs, 8192^3, per operand type."""
     rates = {}
-    for kind in ("fp8", "int8", "bf16"):
+    for kind in ("fp8", "fp8-highest", "int8", "bf16"):
         size = 8192
         if kind == "bf16":
             make = lambda i: tuple(jax.random.normal(jax.random.key(i + j), (size, size), jnp.bfloat16) for j in (0, 1))
             fn = lambda a, b: jnp.dot(a, b)
         else:
-            make = lambda i, kind=kind: _scaled_mm_inputs(kind, size, size, size, i)[:2]
+            make = lambda i, kind=kind: _scaled_mm_inputs(kind.split("-")[0], size, size, size, i)[:2]
             acc = jnp.int32 if kind == "int8" else jnp.float32
-            fn = lambda a, w, acc=acc: jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+            # precision=HIGHEST tells whether XLA's default fp8 dot uses cuBLASLt's fast accumulation.
+            precision = jax.lax.Precision.HIGHEST if kind == "fp8-highest" else None
+            fn = lambda a, w, acc=acc, precision=precision: jax.lax.dot_general(
+                a, w, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=acc)
         rates[kind] = 2 * size**3 / _time_per_call(fn, make, size * size * 2)
     return rates
 
@@ -412,7 +420,8 @@ def run_scaled_mm(torch_times: dict, copy: float) -> list[dict]:
         make = functools.cache(lambda i, kind=kind, m=m, k=k, n=n: _scaled_mm_inputs(kind, m, k, n, i))
         moved = m * k + n * k + 2 * m * n
         block = kind == "fp8-block"
-        ours = _time_per_call(_jaxq_block_scaled_mm if block else _jaxq_scaled_mm, make, moved)
+        jaxq_fn = functools.partial(_jaxq_scaled_mm, use_fast_accum=kind == "fp8-fast")
+        ours = _time_per_call(_jaxq_block_scaled_mm if block else jaxq_fn, make, moved)
         xla = _time_per_call(_xla_block_scaled_mm if block else _xla_scaled_mm, make, moved)
         ops = 2 * m * k * n
         row = dict(op="cutlass_scaled_mm", variant=f"{_VARIANTS[kind]}, bf16 out", shape=f"M{m} K{k} N{n}",

@@ -71,6 +71,18 @@ def test_fp8_matches_oracle(form, m):
     assert rel_l2(got, oracle.scaled_mm(a, b, sa, sb, bias)) < 2e-3
 
 
+@pytest.mark.parametrize("m", [1, 65, 130])
+def test_fp8_fast_accum_reference_keeps_float32_sums(m):
+    """use_fast_accum changes the CUDA kernel's accumulator only: the reference lowering's result is the same."""
+    rng = np.random.default_rng(11 + m)
+    a, b = fp8(rng, (m, 256)), fp8(rng, (256, 48))
+    sa, sb = scales(rng, (m, 1)), scales(rng, (1, 48))
+    exact = jaxq.cutlass_scaled_mm(a, b, sa, sb, jnp.bfloat16)
+    fast = jax.jit(lambda *x: jaxq.cutlass_scaled_mm(*x, jnp.bfloat16, use_fast_accum=True))(a, b, sa, sb)
+    np.testing.assert_array_equal(np.asarray(fast.astype(jnp.float32)), np.asarray(exact.astype(jnp.float32)))
+    assert rel_l2(fast, oracle.scaled_mm(a, b, sa, sb)) < 2e-3
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 256, 128), (5, 512, 208), (33, 128, 384)])
 def test_fp8_blockwise_matches_oracle(m, k, n):
     rng = np.random.default_rng(m + n)
@@ -190,6 +202,13 @@ def test_errors_name_the_argument():
     a2, b2 = int8(rng, (4, 256)), int8(rng, (256, 256))
     with pytest.raises(ValueError, match="block-wise scales need float8_e4m3fn"):
         jaxq.cutlass_scaled_mm(a2, b2, scales(rng, (4, 2)), scales(rng, (2, 2)), jnp.bfloat16)
+    with pytest.raises(ValueError, match="use_fast_accum applies to float8_e4m3fn"):
+        jaxq.cutlass_scaled_mm(a, b, sa, sb, jnp.bfloat16, use_fast_accum=True)
+    with pytest.raises(ValueError, match="use_fast_accum applies to float8_e4m3fn"):
+        jaxq.cutlass_scaled_mm(fp8(rng, (4, 256)), fp8(rng, (256, 256)), scales(rng, (4, 2)), scales(rng, (2, 2)),
+                               jnp.bfloat16, use_fast_accum=True)
+    with pytest.raises(TypeError, match="use_fast_accum must be a bool"):
+        jaxq.cutlass_scaled_mm(fp8(rng, (4, 64)), fp8(rng, (64, 32)), sa, sb, jnp.bfloat16, use_fast_accum=1)
     with pytest.raises(TypeError, match="int8"):
         jaxq.cutlass_scaled_mm_azp(fp8(rng, (4, 64)), fp8(rng, (64, 32)), sa, sb, jnp.bfloat16, jnp.zeros((32,), jnp.int32))
     with pytest.raises(ValueError, match="azp must be int32"):

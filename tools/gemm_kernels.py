@@ -4,7 +4,8 @@ compute-sanitizer.
 * ``weight_only``: AWQ GEMM and dequantization; GPTQ 2/3/4/8-bit GEMM (plain and exllama, M=1 and M=9,
   split K) and dequantization (with and without act-order g_idx).
 * ``scaled_mm``: int8 and fp8 W8A8 GEMMs in every M-bucket tile configuration, both output dtypes, scalar
-  and vector scales, bias, and both zero-point forms; fp8 with block-wise scales in both of its tiles.
+  and vector scales, bias, both zero-point forms, fp8 fast accumulation; fp8 with block-wise scales in both
+  of its tiles.
 
     compute-sanitizer --tool memcheck python tools/gemm_kernels.py weight_only [bfloat16]
 
@@ -62,6 +63,9 @@ def scaled_mm():
                 bias = jnp.ones((n,), out)
                 jax.block_until_ready(jax.jit(lambda *x: jaxq.cutlass_scaled_mm(*x, out))(a, b, sa, sb))
                 jax.block_until_ready(jax.jit(lambda *x: jaxq.cutlass_scaled_mm(*x[:4], out, bias=x[4]))(a, b, sa1, sbn, bias))
+                if dtype == jnp.float8_e4m3fn:
+                    f = jax.jit(lambda *x: jaxq.cutlass_scaled_mm(*x, out, use_fast_accum=True))
+                    jax.block_until_ready(f(a, b, sa, sb))
             if dtype == jnp.int8:
                 adj = jaxq.cutlass_azp_adj(b)
                 azp = jnp.arange(m, dtype=jnp.int32)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's GPU checks, the same every session: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
-#   stages: tests sanitizer bench ncu ncu_gemm (default: tests sanitizer bench). The build runs first every time.
+#   stages: tests sanitizer bench ncu ncu_gemm sweep (default: tests sanitizer bench). The build runs first
+#   every time (BUILD=0 skips it).
 #   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm), SANITIZER_TOOLS and BENCH_ARGS
 #   narrow a run. BUILD=0 reuses the package a previous call installed on a still-warm machine (same tree).
 # Logs go to $OUT (the device tool's output folder) or ./gpu-out.
@@ -63,6 +64,11 @@ for stage in $stages; do
         [ $rc -eq 0 ] || status=1
       done
     done ;;
+  sweep)
+    echo "=== scaled-GEMM tile configurations outside JAX (tools/scaled_mm_sweep; SWEEP_ARGS: KIND:M,K,N ...)"
+    bash "$REPO/tools/scaled_mm_sweep/run.sh" /tmp/scaled_mm_sweep ${SWEEP_ARGS:-fp8:128,8192,28672 \
+      fp8:4096,8192,28672 int8:4096,4096,14336 int8:4096,8192,28672} 2>&1 | tee "$OUT/sweep.log" | tail -60
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
   bench)
     echo "=== benchmark"
     # BENCH_ARGS narrows the run, e.g. BENCH_ARGS="--ops awq_gemm,gptq_gemm".

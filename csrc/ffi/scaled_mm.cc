@@ -36,7 +36,7 @@ ffi::Error BindBlockScale(const char* name, const ffi::AnyBuffer& scale, int64_t
 
 ffi::Error ScaledMm(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer scale_a,
                     ffi::AnyBuffer scale_b, ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> out,
-                    bool has_azp_adj, bool has_azp, bool has_bias, bool block_scales) {
+                    bool has_azp_adj, bool has_azp, bool has_bias, bool block_scales, bool fast_accum) {
   ScaledMmParams p;
   auto ad = a.dimensions(), bd = b.dimensions();
   const bool int8 = a.element_type() == ffi::DataType::S8;
@@ -54,6 +54,7 @@ ffi::Error ScaledMm(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi
   p.out_type = *out_type;
   if (auto err = ExpectShape("out", *out, out->element_type(), {}, 0, {p.m, p.n}); err.failure()) return err;
   p.block_scales = block_scales;
+  p.fast_accum = fast_accum;
   if (block_scales) {
     const int64_t k_blocks = p.k / 128, n_blocks = (p.n + 127) / 128;
     if (auto err = BindBlockScale("scale_a", scale_a, p.m, k_blocks, p.scale_a); err.failure()) return err;
@@ -91,7 +92,7 @@ ffi::Error ScaledMm(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi
   if (!ScaledMmSupports(p)) {
     return ffi::Error::InvalidArgument(
         "jaxq: scaled_mm needs K % 16 == 0 and N % 8 == 0 (block-wise fp8 scales: also K % 128 == 0 and "
-        "M % 4 == 0); got M " + std::to_string(p.m) + ", K " + std::to_string(p.k) + ", N " + std::to_string(p.n));
+        "M % 4 == 0; fast accumulation: fp8 without block-wise scales); got M " + std::to_string(p.m) + ", K " + std::to_string(p.k) + ", N " + std::to_string(p.n));
   }
   p.a = a.untyped_data();
   p.b = b.untyped_data();
@@ -115,5 +116,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqScaledMm, jaxq::ScaledMm,
                                   .Attr<bool>("has_azp_adj")
                                   .Attr<bool>("has_azp")
                                   .Attr<bool>("has_bias")
-                                  .Attr<bool>("block_scales"),
+                                  .Attr<bool>("block_scales")
+                                  .Attr<bool>("fast_accum"),
                               {ffi::Traits::kCmdBufferCompatible});

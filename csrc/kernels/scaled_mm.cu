@@ -32,19 +32,20 @@ bool ScaledMmSupports(const ScaledMmParams& p) {
                      (p.operand == MmOperand::kInt8 || (p.azp_adj == nullptr && p.azp == nullptr));
   const bool blocks = !p.block_scales || (p.operand == MmOperand::kFp8E4M3 && p.azp_adj == nullptr &&
                                           p.azp == nullptr && p.k % 128 == 0 && p.m % 4 == 0);
-  return types && blocks && p.m >= 0 && p.n > 0 && p.k > 0 && p.k % 16 == 0 && p.n % 8 == 0 && p.m < (int64_t{1} << 31) &&
+  const bool fast_accum = !p.fast_accum || (p.operand == MmOperand::kFp8E4M3 && !p.block_scales);
+  return types && blocks && fast_accum && p.m >= 0 && p.n > 0 && p.k > 0 && p.k % 16 == 0 && p.n % 8 == 0 && p.m < (int64_t{1} << 31) &&
          p.n < (int64_t{1} << 31) && p.k < (int64_t{1} << 31);
 }
 
 namespace {
 
-template <MmOperand kOperand, FloatType kOut>
+template <MmOperand kOperand, FloatType kOut, bool kFastAccum>
 cudaError_t RunForTile(const ScaledMmParams& p, cudaStream_t stream) {
   switch (ChooseScaledMmTile(p.m)) {
-    case ScaledMmTile::kM16: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kM16>(p, stream);
-    case ScaledMmTile::kM64: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kM64>(p, stream);
-    case ScaledMmTile::kM128: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kM128>(p, stream);
-    case ScaledMmTile::kLarge: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kLarge>(p, stream);
+    case ScaledMmTile::kM16: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kM16, false>(p, stream);
+    case ScaledMmTile::kM64: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kM64, false>(p, stream);
+    case ScaledMmTile::kM128: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kM128, kFastAccum>(p, stream);
+    case ScaledMmTile::kLarge: return RunScaledMmSm90<kOperand, kOut, ScaledMmTile::kLarge, kFastAccum>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -58,8 +59,9 @@ cudaError_t RunBlockScaledForTile(const ScaledMmParams& p, cudaStream_t stream) 
 template <FloatType kOut>
 cudaError_t RunForOut(const ScaledMmParams& p, cudaStream_t stream) {
   if (p.block_scales) return RunBlockScaledForTile<kOut>(p, stream);
-  return p.operand == MmOperand::kInt8 ? RunForTile<MmOperand::kInt8, kOut>(p, stream)
-                                       : RunForTile<MmOperand::kFp8E4M3, kOut>(p, stream);
+  if (p.operand == MmOperand::kInt8) return RunForTile<MmOperand::kInt8, kOut, false>(p, stream);
+  return p.fast_accum ? RunForTile<MmOperand::kFp8E4M3, kOut, true>(p, stream)
+                      : RunForTile<MmOperand::kFp8E4M3, kOut, false>(p, stream);
 }
 
 }  // namespace

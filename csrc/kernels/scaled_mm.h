@@ -13,8 +13,8 @@ namespace jaxq {
 
 enum class MmOperand : int32_t { kInt8 = 0, kFp8E4M3 = 1 };
 
-// Tile configurations by M bucket, as vLLM chooses them on sm90. The two small ones compute D^T = B^T A^T
-// (N takes the 64-row side of the tensor-core tile, M the narrow one).
+// M buckets, each with its tile configuration (csrc/kernels/scaled_mm_sm90.cuh). The two small ones compute
+// D^T = B^T A^T (N takes the 64-row side of the tensor-core tile, M the narrow one).
 enum class ScaledMmTile : int32_t { kM16 = 0, kM64 = 1, kM128 = 2, kLarge = 3 };
 
 struct ScaledMmParams {
@@ -27,6 +27,10 @@ struct ScaledMmParams {
   bool scale_a_per_row = false;
   bool scale_b_per_col = false;
   bool block_scales = false;              // fp8 only; needs k % 128 == 0 and m % 4 == 0 (TMA reads s_a's rows)
+  // fp8 without block scales: for m > 64, CUTLASS's FP8FastAccum schedules, which keep the whole K sum in the
+  // tensor core's accumulator instead of adding each k-block's partial sums into float32 registers. For
+  // m <= 64 the kernels are bound by reading B and keep the float32 sums.
+  bool fast_accum = false;
   const void* bias = nullptr;             // [n] in out_type, or null
   const int32_t* azp_adj = nullptr;       // int8 only: [n], or null (no zero-point term)
   const int32_t* azp = nullptr;           // int8 only: [m] per-token zero points; null: azp_adj is pre-multiplied
@@ -44,9 +48,9 @@ bool ScaledMmSupports(const ScaledMmParams& p);
 
 cudaError_t LaunchScaledMm(const ScaledMmParams& p, cudaStream_t stream);
 
-// One instantiation per (operand, output type, tile); each lives in its own translation unit (the build
+// One instantiation per (operand, output type, tile, fast accumulation); each lives in its own translation unit (the build
 // generates them), because one takes about a minute and 3.5 GB to compile.
-template <MmOperand kOperand, FloatType kOut, ScaledMmTile kTile>
+template <MmOperand kOperand, FloatType kOut, ScaledMmTile kTile, bool kFastAccum>
 cudaError_t RunScaledMmSm90(const ScaledMmParams& p, cudaStream_t stream);
 template <FloatType kOut, ScaledMmTile kTile>
 cudaError_t RunBlockScaledMmSm90(const ScaledMmParams& p, cudaStream_t stream);

@@ -50,28 +50,52 @@ struct Config {
 using Basic = cutlass::gemm::KernelTmaWarpSpecialized;
 using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using Cooperative = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using BasicFastAccum = cutlass::gemm::KernelTmaWarpSpecializedFP8FastAccum;
+using PingpongFastAccum = cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum;
+using CooperativeFastAccum = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
 using Cluster1 = cute::Shape<_1, _1, _1>;
 using Cluster2 = cute::Shape<_2, _1, _1>;
 
-template <ScaledMmTile, MmOperand> struct TileConfig;
+template <class Schedule>
+constexpr bool kIsFastAccum = std::is_same_v<Schedule, BasicFastAccum> || std::is_same_v<Schedule, PingpongFastAccum> ||
+                              std::is_same_v<Schedule, CooperativeFastAccum>;
+
+// Tile configurations by M bucket. The small ones are vLLM's; from M = 65 up, the fastest of
+// tools/scaled_mm_sweep's candidates on the H100 at K = 8192, N = 28672 (int8 also at K = 4096, N = 14336); see
+// benchmarks/RESULTS.md.
+template <ScaledMmTile, MmOperand, bool kFastAccum = false> struct TileConfig;
 template <MmOperand kOperand>
 struct TileConfig<ScaledMmTile::kM16, kOperand>
     : Config<cute::Shape<_64, _16, _256>, Cluster1, Basic, cutlass::epilogue::TmaWarpSpecialized, true> {};
 template <MmOperand kOperand>
 struct TileConfig<ScaledMmTile::kM64, kOperand>
     : Config<cute::Shape<_64, _64, _256>, Cluster1, Basic, cutlass::epilogue::TmaWarpSpecialized, true> {};
-template <MmOperand kOperand>
-struct TileConfig<ScaledMmTile::kM128, kOperand>
+template <>
+struct TileConfig<ScaledMmTile::kM128, MmOperand::kInt8>
     : Config<cute::Shape<_64, _128, _128>, Cluster2, Pingpong, cutlass::epilogue::TmaWarpSpecialized, false> {};
 template <>
 struct TileConfig<ScaledMmTile::kLarge, MmOperand::kInt8>
-    : Config<cute::Shape<_128, _128, _128>, Cluster2, Pingpong, cutlass::epilogue::TmaWarpSpecialized, false> {};
-// Ping-pong gives one warp group the whole 128 x 128 tile: with fp8's second (promotion) accumulator that is
-// 256 registers a thread, and it spilled (350 TFLOP/s measured). Cooperative splits the tile over two groups.
+    : Config<cute::Shape<_128, _256, _128>, cute::Shape<_1, _2, _1>, Cooperative,
+             cutlass::epilogue::TmaWarpSpecializedCooperative, false> {};
+// fp8 with float32 sums: each warp group of a cooperative tile holds its accumulator twice (the wgmma one
+// and the promoted one), which a 128 x 256 tile would spill; ping-pong (one group per tile) spills at 128 x 128
+// (350 TFLOP/s measured).
+template <>
+struct TileConfig<ScaledMmTile::kM128, MmOperand::kFp8E4M3>
+    : Config<cute::Shape<_128, _128, _128>, cute::Shape<_1, _2, _1>, Cooperative,
+             cutlass::epilogue::TmaWarpSpecializedCooperative, false> {};
 template <>
 struct TileConfig<ScaledMmTile::kLarge, MmOperand::kFp8E4M3>
-    : Config<cute::Shape<_128, _128, _128>, Cluster2, Cooperative, cutlass::epilogue::TmaWarpSpecializedCooperative,
+    : Config<cute::Shape<_128, _192, _128>, Cluster2, Cooperative, cutlass::epilogue::TmaWarpSpecializedCooperative,
              false> {};
+// fp8 with the tensor core's own accumulation over all of K (fast_accum): no promotion registers.
+template <>
+struct TileConfig<ScaledMmTile::kM128, MmOperand::kFp8E4M3, true>
+    : Config<cute::Shape<_64, _256, _128>, Cluster2, PingpongFastAccum, cutlass::epilogue::TmaWarpSpecialized, false> {};
+template <>
+struct TileConfig<ScaledMmTile::kLarge, MmOperand::kFp8E4M3, true>
+    : Config<cute::Shape<_256, _128, _128>, Cluster2, CooperativeFastAccum,
+             cutlass::epilogue::TmaWarpSpecializedCooperative, false> {};
 
 // Block-wise scales: the mainloop multiplies each 128-deep K block's partial sums by s_a[m, kb] * s_b[kb, n/128]
 // while it adds them up (so fp8 is promoted every block). Small M gets a 64-row ping-pong tile, the rest
@@ -167,11 +191,11 @@ template <class Mainloop, class CollectiveEpilogue>
 using DeviceFor = cutlass::gemm::device::GemmUniversalAdapter<cutlass::gemm::kernel::GemmUniversal<
     Shape<int, int, int, int>, Mainloop, CollectiveEpilogue, cutlass::gemm::PersistentScheduler>>;
 
-template <MmOperand kOperand, FloatType kOut, ScaledMmTile kTile>
+template <MmOperand kOperand, FloatType kOut, class Cfg>
 struct Gemm {
   using Element = typename OperandTraits<kOperand>::Element;
   using ElementD = typename OutTraits<kOut>::Element;
-  using Config = TileConfig<kTile, kOperand>;
+  using Config = Cfg;
   using Tile = typename Config::Shape;
   static constexpr bool kSwap = Config::kSwapAB;
   using Fusion = Epilogue<Tile, kSwap, ElementD, kOperand == MmOperand::kInt8>;
@@ -238,9 +262,10 @@ auto PackedStrides(int m, int n, int k) {
 
 }  // namespace sm90
 
-template <MmOperand kOperand, FloatType kOut, ScaledMmTile kTile>
-cudaError_t RunScaledMmSm90(const ScaledMmParams& p, cudaStream_t stream) {
-  using G = sm90::Gemm<kOperand, kOut, kTile>;
+// The scaled GEMM with tile configuration Cfg (RunScaledMmSm90's choice, or any other for tools/scaled_mm_sweep).
+template <MmOperand kOperand, FloatType kOut, class Cfg>
+cudaError_t RunScaledMmWith(const ScaledMmParams& p, cudaStream_t stream) {
+  using G = sm90::Gemm<kOperand, kOut, Cfg>;
   using Element = typename G::Element;
   const int m = static_cast<int>(G::kSwap ? p.n : p.m);
   const int n = static_cast<int>(G::kSwap ? p.m : p.n);
@@ -254,11 +279,16 @@ cudaError_t RunScaledMmSm90(const ScaledMmParams& p, cudaStream_t stream) {
                                      {G::Fusion::Arguments(p), nullptr, stride_d,
                                       static_cast<typename G::ElementD*>(p.d), stride_d},
                                      sm90::HardwareInfo()};
-  if constexpr (kOperand == MmOperand::kFp8E4M3) {
+  if constexpr (kOperand == MmOperand::kFp8E4M3 && !sm90::kIsFastAccum<typename Cfg::Schedule>) {
     // Promote once per mainloop iteration (every 128 or 256 of K): the least the mainloop accepts.
     args.mainloop.mma_promotion_interval = cute::size<2>(typename G::Tile{}) / 32;
   }
   return sm90::Launch<typename G::Device>(args, stream);
+}
+
+template <MmOperand kOperand, FloatType kOut, ScaledMmTile kTile, bool kFastAccum>
+cudaError_t RunScaledMmSm90(const ScaledMmParams& p, cudaStream_t stream) {
+  return RunScaledMmWith<kOperand, kOut, sm90::TileConfig<kTile, kOperand, kFastAccum>>(p, stream);
 }
 
 template <FloatType kOut, ScaledMmTile kTile>

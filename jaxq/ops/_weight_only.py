@@ -2,7 +2,7 @@
 family's dequantization reference and sharding rule, its workspace, gradient and batching, and the
 trace-time choice between the CUDA kernel and dequantize + XLA dot.
 
-The kernel (``csrc/kernels/weight_only_gemm.cu``) streams the packed weight once per 16 rows of ``x``,
+The kernel (``csrc/kernels/weight_only.cu``) streams the packed weight once per 16 rows of ``x``,
 dequantizes in registers to exactly the reference's ``W = (q - z) * s`` (rounded to x's dtype) and
 multiplies on tensor cores with float32 accumulation; K is split over warps and blocks, and the partial
 sums are added in a fixed order (deterministic).

@@ -19,12 +19,12 @@ for that layout, so a weight stored ``[N, K]`` and passed as ``w.T`` reaches the
 row-major ``[K, N]`` array gets one copy per call from XLA.
 
 On CUDA (sm_90a) these run CUTLASS 3.x warp-specialized TMA kernels (``csrc/kernels/scaled_mm_sm90.cuh``;
-tile shapes by M bucket as vLLM picks them). For per-tensor / per-token / per-channel scales the epilogue
-applies the scales, zero points and bias; for block-wise scales the mainloop applies each K block's scales as
-it accumulates, and XLA hands the kernel ``scale_a`` column-major (M fastest, the layout DeepGEMM-style
-quantizers write). The block-wise kernel reads ``scale_a`` with TMA, which needs M % 4 == 0: other M are padded
-to the next multiple of 4 (rows of zeros, sliced off the result; about M * K bytes copied). Gradients with
-respect to int8/fp8 operands are not meaningful: asking for one raises.
+tile shapes by M bucket: vLLM's up to M = 64, measured ones above). For per-tensor / per-token / per-channel
+scales the epilogue applies the scales, zero points and bias; for block-wise scales the mainloop applies each
+K block's scales as it accumulates, and XLA hands the kernel ``scale_a`` column-major (M fastest, the layout
+DeepGEMM-style quantizers write). The block-wise kernel reads ``scale_a`` with TMA, which needs M % 4 == 0:
+other M are padded to the next multiple of 4 (rows of zeros, sliced off the result; about M * K bytes copied).
+Gradients with respect to int8/fp8 operands are not meaningful: asking for one raises.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _unpack(args, params):
     return named["a"], named["b"], named["scale_a"], named["scale_b"], named.get("azp_adj"), named.get("azp"), named.get("bias")
 
 
-def _reference(*args, out_dtype, has_bias, azp, block):
+def _reference(*args, out_dtype, has_bias, azp, block, fast_accum):
     a, b, scale_a, scale_b, azp_adj, azp_values, bias = _unpack(args, dict(has_bias=has_bias, azp=azp))
     m, k = a.shape
     n = b.shape[1]
@@ -172,8 +172,9 @@ def _batching(op, args, dims, **params):
     return (out.reshape(size, m, out.shape[-1]),), (0,)
 
 
-def _ffi_attributes(has_bias, azp, block, **_):
-    return dict(has_azp_adj=azp != "none", has_azp=azp == "token", has_bias=has_bias, block_scales=block)
+def _ffi_attributes(has_bias, azp, block, fast_accum, **_):
+    return dict(has_azp_adj=azp != "none", has_azp=azp == "token", has_bias=has_bias, block_scales=block,
+                fast_accum=fast_accum)
 
 
 def _operand_layouts(has_bias, azp, block, **_):
@@ -241,7 +242,7 @@ def _prepare(fn, a, b, scale_a, scale_b, out_dtype, bias):
     return out_dtype, block
 
 
-def cutlass_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias=None):
+def cutlass_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias=None, *, use_fast_accum=False):
     """``D[M, N] = s_a * (s_b * (a @ b)) + bias`` in ``out_dtype`` (see the module docstring).
 
     Args:
@@ -251,15 +252,26 @@ def cutlass_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias=None):
       scale_b: float32 ``()``/``[1]`` or ``[1, N]``; block-wise: ``[K/128, ceil(N/128)]``.
       out_dtype: bfloat16 or float16.
       bias: optional ``[N]`` in ``out_dtype``.
+      use_fast_accum: fp8 with per-tensor/token/channel scales only (as ``torch._scaled_mm``'s flag and the
+        schedule vLLM's kernels use). Above M = 64 rows the CUDA kernel then leaves the whole K sum in the
+        tensor core's accumulator, whose additions are narrower than float32: faster where the GEMM is
+        compute-bound, less accurate for long K (see benchmarks/RESULTS.md for the measured error). Up to 64
+        rows, and in the reference lowering, the sums stay float32 either way.
     """
     fn = "cutlass_scaled_mm"
     out_dtype, block = _prepare(fn, a, b, scale_a, scale_b, out_dtype, bias)
+    if not isinstance(use_fast_accum, bool):
+        raise TypeError(f"{fn}: use_fast_accum must be a bool; got {use_fast_accum!r}")
+    if use_fast_accum and (block or jnp.dtype(a.dtype) != jnp.dtype(jnp.float8_e4m3fn)):
+        raise ValueError(f"{fn}: use_fast_accum applies to float8_e4m3fn operands without block-wise scales "
+                         f"(int8 sums are exact; block-wise scales are applied per K block)")
     m = a.shape[0]
     pad = -m % _BLOCK_M_ALIGNMENT if block else 0
     if pad:
         a, scale_a = (jnp.pad(x, ((0, pad), (0, 0))) for x in (a, scale_a))
     operands = [a, b, scale_a, scale_b] + ([bias] if bias is not None else [])
-    out = _scaled_mm(*operands, out_dtype=out_dtype, has_bias=bias is not None, azp="none", block=block)[0]
+    out = _scaled_mm(*operands, out_dtype=out_dtype, has_bias=bias is not None, azp="none", block=block,
+                     fast_accum=use_fast_accum)[0]
     return out[:m] if pad else out
 
 
@@ -285,7 +297,7 @@ def cutlass_scaled_mm_azp(a, b, scale_a, scale_b, out_dtype, azp_adj, azp=None, 
         raise ValueError(f"{fn}: azp must be int32 of shape ({m},)")
     operands = [a, b, scale_a, scale_b, azp_adj] + ([azp] if azp is not None else []) + ([bias] if bias is not None else [])
     return _scaled_mm(*operands, out_dtype=out_dtype, has_bias=bias is not None,
-                      azp="token" if azp is not None else "tensor", block=False)[0]
+                      azp="token" if azp is not None else "tensor", block=False, fast_accum=False)[0]
 
 
 def cutlass_azp_adj(b, azp=None) -> jax.Array:
