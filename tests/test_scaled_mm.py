@@ -158,6 +158,29 @@ def test_sharded_equals_unsharded(layout):
     assert ("all-reduce" in f.lower(*args).compile().as_text()) == (layout == "row_parallel")
 
 
+@pytest.mark.parametrize("layout", ["tokens", "column_parallel", "row_parallel"])
+def test_fast_accum_sharded_and_vmapped_equal_unsharded(layout):
+    rng = np.random.default_rng(12)
+    m, k, n = 16, 1024, 256
+    mesh = jax.make_mesh((8,), ("d",))
+    a, b = fp8(rng, (m, k)), fp8(rng, (k, n))
+    sa, sb = scales(rng, (m, 1)), scales(rng, (1, n))
+    specs = {"tokens": (P("d", None), P(), P("d", None), P()),
+             "column_parallel": (P(), P(None, "d"), P(), P(None, "d")),
+             "row_parallel": (P(None, "d"), P("d", None), P(), P())}[layout]
+    f = jax.jit(lambda *x: jaxq.cutlass_scaled_mm(*x, jnp.bfloat16, use_fast_accum=True))
+    got = f(*[_put(mesh, x, s) for x, s in zip((a, b, sa, sb), specs)])
+    want = f(a, b, sa, sb)
+    assert rel_l2(want, oracle.scaled_mm(a, b, sa, sb)) < 2e-3
+    if layout == "row_parallel":  # partial sums are rounded to bf16 before the all-reduce
+        assert rel_l2(got, want) < 1e-2
+    else:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    batched = jax.vmap(lambda a, s: jaxq.cutlass_scaled_mm(a, b, s, sb, jnp.bfloat16, use_fast_accum=True))(
+        a.reshape(2, 8, k), sa.reshape(2, 8, 1))
+    np.testing.assert_array_equal(np.asarray(batched.reshape(m, n)), np.asarray(want))
+
+
 @pytest.mark.parametrize("layout", ["tokens", "tokens_uneven", "column_parallel", "row_parallel"])
 def test_blockwise_sharded_equals_unsharded(layout):
     rng = np.random.default_rng(4)
