@@ -3,21 +3,6 @@
 
 namespace jaxq {
 
-namespace sm90 {
-// CUTLASS would query the SM count on every launch; it never changes for a device.
-int CachedSmCount(int device) {
-  constexpr int kMaxDevices = 64;
-  static int counts[kMaxDevices] = {};
-  if (device < 0 || device >= kMaxDevices) {
-    int count = 0;
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    return count;
-  }
-  if (counts[device] == 0) cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
-  return counts[device];
-}
-}  // namespace sm90
-
 ScaledMmTile ChooseScaledMmTile(int64_t m) {
   if (m <= 16) return ScaledMmTile::kM16;
   if (m <= 64) return ScaledMmTile::kM64;

@@ -65,6 +65,7 @@ done
   echo "constexpr int kSweepEntryCount = sizeof(kSweepEntries) / sizeof(kSweepEntries[0]);"
 } >> "$registry"
 nvcc $flags -c "$here/sweep.cu" -o "$build/sweep.o"
-nvcc -gencode arch=compute_90a,code=sm_90a "${objects[@]}" "$build/sweep.o" -o "$build/scaled_mm_sweep"
+nvcc $flags -c "$repo/csrc/kernels/sm_count.cu" -o "$build/sm_count.o"
+nvcc -gencode arch=compute_90a,code=sm_90a "${objects[@]}" "$build/sweep.o" "$build/sm_count.o" -o "$build/scaled_mm_sweep"
 echo "built ${#objects[@]} configurations in $((SECONDS - start)) s"
 [ $# -eq 0 ] || "$build/scaled_mm_sweep" "$@"

@@ -15,15 +15,6 @@
 #include "kernels/scaled_mm.h"
 #include "sweep_registry.h"
 
-// The kernels' SM count (csrc/kernels/scaled_mm.cu caches it; this driver links only the configurations).
-namespace jaxq::sm90 {
-int CachedSmCount(int device) {
-  int count = 0;
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return count;
-}
-}  // namespace jaxq::sm90
-
 namespace {
 
 #define CHECK_CUDA(call)                                                                  \
