@@ -131,6 +131,13 @@ def _put(mesh, x, spec):
     return jax.device_put(x, NamedSharding(mesh, spec))
 
 
+def _assert_matches_unsharded(layout, got, want):
+    if layout == "row_parallel":  # partial sums are rounded to bf16 before the all-reduce
+        assert rel_l2(got, want) < 1e-2
+    else:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("layout", ["tokens", "column_parallel", "row_parallel"])
 def test_sharded_equals_unsharded(layout):
     rng = np.random.default_rng(3)
@@ -151,10 +158,7 @@ def test_sharded_equals_unsharded(layout):
     got = f(*args)
     want = f(a, b, sa, sb, bias, azp, adj)
     for g, w in zip(got, want):
-        if layout == "row_parallel":  # partial sums are rounded to bf16 before the all-reduce
-            assert rel_l2(g, w) < 1e-2
-        else:
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        _assert_matches_unsharded(layout, g, w)
     assert ("all-reduce" in f.lower(*args).compile().as_text()) == (layout == "row_parallel")
 
 
@@ -172,10 +176,7 @@ def test_fast_accum_sharded_and_vmapped_equal_unsharded(layout):
     got = f(*[_put(mesh, x, s) for x, s in zip((a, b, sa, sb), specs)])
     want = f(a, b, sa, sb)
     assert rel_l2(want, oracle.scaled_mm(a, b, sa, sb)) < 2e-3
-    if layout == "row_parallel":  # partial sums are rounded to bf16 before the all-reduce
-        assert rel_l2(got, want) < 1e-2
-    else:
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    _assert_matches_unsharded(layout, got, want)
     batched = jax.vmap(lambda a, s: jaxq.cutlass_scaled_mm(a, b, s, sb, jnp.bfloat16, use_fast_accum=True))(
         a.reshape(2, 8, k), sa.reshape(2, 8, 1))
     np.testing.assert_array_equal(np.asarray(batched.reshape(m, n)), np.asarray(want))
