@@ -3,9 +3,10 @@ family's dequantization reference and sharding rule, its workspace, gradient and
 trace-time choice between the CUDA kernel and dequantize + XLA dot.
 
 The kernel (``csrc/kernels/weight_only.cu``) streams the packed weight once per 16 rows of ``x``,
-dequantizes in registers to exactly the reference's ``W = (q - z) * s`` (rounded to x's dtype) and
-multiplies on tensor cores with float32 accumulation; K is split over warps and blocks, and the partial
-sums are added in a fixed order (deterministic).
+multiplies the integer codes (exact in x's dtype) on tensor cores with float32 accumulation and applies
+each group's zero and scale to those sums in float32, so ``W`` is never rounded to x's dtype (the
+reference rounds it; results agree within the GPU tests' tolerances). K is split over warps and blocks,
+and the partial sums are added in a fixed order (deterministic).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxq._op import Op, ShardingRule, map_batching
 
-FORMAT_AWQ, FORMAT_GPTQ, FORMAT_GPTQ_EXLLAMA = 0, 1, 2  # == jaxq::WeightFormat in weight_only_gemm.h
+FORMAT_AWQ, FORMAT_GPTQ, FORMAT_GPTQ_EXLLAMA = 0, 1, 2  # == jaxq::WeightFormat in csrc/kernels/weight_only.h
 ACTIVATION_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 KERNEL_TILE_N = 32  # the kernel handles N in multiples of this (and K in multiples of 32)
 KERNEL_ROWS_PER_PASS = 16  # rows of x per pass over the weight
