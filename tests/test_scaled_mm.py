@@ -131,6 +131,17 @@ def _put(mesh, x, spec):
     return jax.device_put(x, NamedSharding(mesh, spec))
 
 
+# Specs of (a, b, scale_a, scale_b) with per-token and per-channel scales, by layout.
+_OPERAND_SPECS = {"tokens": (P("d", None), P(), P("d", None), P()),
+                  "column_parallel": (P(), P(None, "d"), P(), P(None, "d")),
+                  "row_parallel": (P(None, "d"), P("d", None), P(), P())}
+
+
+def _row_col_operands(rng, make, m=16, k=1024, n=256):
+    """a [m, k], b [k, n] from ``make`` (int8 or fp8), per-token and per-channel scales."""
+    return make(rng, (m, k)), make(rng, (k, n)), scales(rng, (m, 1)), scales(rng, (1, n))
+
+
 def _assert_matches_unsharded(layout, got, want):
     if layout == "row_parallel":  # partial sums are rounded to bf16 before the all-reduce
         assert rel_l2(got, want) < 1e-2
@@ -141,16 +152,15 @@ def _assert_matches_unsharded(layout, got, want):
 @pytest.mark.parametrize("layout", ["tokens", "column_parallel", "row_parallel"])
 def test_sharded_equals_unsharded(layout):
     rng = np.random.default_rng(3)
-    m, k, n = 16, 1024, 256
     mesh = jax.make_mesh((8,), ("d",))
-    a, b = int8(rng, (m, k)), int8(rng, (k, n))
-    sa, sb = scales(rng, (m, 1)), scales(rng, (1, n))
+    a, b, sa, sb = _row_col_operands(rng, int8)
+    m, n = a.shape[0], b.shape[1]
     bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
     azp = jnp.asarray(rng.integers(-20, 20, m), jnp.int32)
     adj = jaxq.cutlass_azp_adj(b)
-    specs = {"tokens": (P("d", None), P(), P("d", None), P(), P(), P("d"), P()),
-             "column_parallel": (P(), P(None, "d"), P(), P(None, "d"), P("d"), P(), P("d")),
-             "row_parallel": (P(None, "d"), P("d", None), P(), P(), P(), P(), P())}[layout]
+    # a, b, scale_a, scale_b, then bias, azp, azp_adj
+    specs = _OPERAND_SPECS[layout] + {"tokens": (P(), P("d"), P()), "column_parallel": (P("d"), P(), P("d")),
+                                      "row_parallel": (P(), P(), P())}[layout]
     args = [_put(mesh, x, s) for x, s in zip((a, b, sa, sb, bias, azp, adj), specs)]
     f = jax.jit(lambda a, b, sa, sb, bias, azp, adj: (
         jaxq.cutlass_scaled_mm(a, b, sa, sb, jnp.bfloat16, bias=bias),
@@ -165,15 +175,11 @@ def test_sharded_equals_unsharded(layout):
 @pytest.mark.parametrize("layout", ["tokens", "column_parallel", "row_parallel"])
 def test_fast_accum_sharded_and_vmapped_equal_unsharded(layout):
     rng = np.random.default_rng(12)
-    m, k, n = 16, 1024, 256
     mesh = jax.make_mesh((8,), ("d",))
-    a, b = fp8(rng, (m, k)), fp8(rng, (k, n))
-    sa, sb = scales(rng, (m, 1)), scales(rng, (1, n))
-    specs = {"tokens": (P("d", None), P(), P("d", None), P()),
-             "column_parallel": (P(), P(None, "d"), P(), P(None, "d")),
-             "row_parallel": (P(None, "d"), P("d", None), P(), P())}[layout]
+    a, b, sa, sb = _row_col_operands(rng, fp8)
+    (m, k), n = a.shape, b.shape[1]
     f = jax.jit(lambda *x: jaxq.cutlass_scaled_mm(*x, jnp.bfloat16, use_fast_accum=True))
-    got = f(*[_put(mesh, x, s) for x, s in zip((a, b, sa, sb), specs)])
+    got = f(*[_put(mesh, x, s) for x, s in zip((a, b, sa, sb), _OPERAND_SPECS[layout])])
     want = f(a, b, sa, sb)
     assert rel_l2(want, oracle.scaled_mm(a, b, sa, sb)) < 2e-3
     _assert_matches_unsharded(layout, got, want)
