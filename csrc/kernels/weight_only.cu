@@ -116,13 +116,11 @@ struct GroupWords {
 
 // ------------------------------------------------------------------------------------ async copies
 
-// Copies `bytes` (4, 8 or 16) from global to shared memory without holding registers; src_bytes = 0
-// fills zeros instead (rows of x past M, columns past N). Streaming copies (weights: read once) bypass L1;
-// with LinePrefetch they also have L2 fetch the whole 128-byte line around them.
+// Copies `Bytes` (4, 8 or 16) from global memory to shared-window address `s` without holding registers;
+// src_bytes = 0 fills zeros instead (rows of x past M, columns past N). Streaming copies (weights: read
+// once) bypass L1; with LinePrefetch they also have L2 fetch the whole 128-byte line around them.
 template <int Bytes, bool Streaming, bool LinePrefetch = false>
-__device__ __forceinline__ void CopyAsync(void* dst, const void* src, bool valid) {
-  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  const int src_bytes = valid ? Bytes : 0;
+__device__ __forceinline__ void CopyAsync(uint32_t s, const void* src, int src_bytes) {
   if constexpr (Streaming && LinePrefetch) {
     asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(src_bytes));
   } else if constexpr (Streaming) {
@@ -131,6 +129,10 @@ __device__ __forceinline__ void CopyAsync(void* dst, const void* src, bool valid
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(s), "l"(src), "n"(Bytes), "r"(src_bytes));
   }
 }
+
+// Shared memory holds a warp's vectors lane-major: vector v of lane l at 16 (32 v + l) bytes from the
+// warp's stage, so a lane's consecutive vectors are this far apart.
+constexpr uint32_t kVectorStride = 32 * 16;
 
 __device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;"); }
 
@@ -181,12 +183,13 @@ struct GptqTiles {
     return ((k0 + t * kValues) * Bits / 32) * n + n0 + 16 * g;
   }
 
-  // Lane g's 16 columns of the lane's word rows: kWordRows x four 16-byte vectors from `src`.
-  __device__ __forceinline__ static void Issue(uint4* slots, const uint32_t* src, int64_t n, bool valid) {
+  // Lane g's 16 columns of the lane's word rows: kWordRows x four 16-byte vectors from `src` into the
+  // lane's slots from shared address `slots`.
+  __device__ __forceinline__ static void Issue(uint32_t slots, const uint32_t* src, int64_t n, int src_bytes) {
 #pragma unroll
     for (int r = 0; r < kWordRows; ++r) {
 #pragma unroll
-      for (int u = 0; u < 4; ++u) CopyAsync<16, true>(slots + (4 * r + u) * 32, src + r * n + 4 * u, valid);
+      for (int u = 0; u < 4; ++u) CopyAsync<16, true>(slots + (4 * r + u) * kVectorStride, src + r * n + 4 * u, src_bytes);
     }
   }
 
@@ -248,9 +251,9 @@ struct AwqTiles {
   // A column tile is 64 bytes of each row, the other half of its 128-byte line the next tile's; blocks
   // sweep K together, so fetching the whole line into L2 serves both (measured on the H100 at M=1 K=8192
   // N=28672: 58.2 -> 51.5 µs; no gain for GPTQ, whose tiles read 512 bytes a row).
-  __device__ __forceinline__ static void Issue(uint4* slots, const uint32_t* src, int64_t n, bool valid) {
+  __device__ __forceinline__ static void Issue(uint32_t slots, const uint32_t* src, int64_t n, int src_bytes) {
 #pragma unroll
-    for (int j = 0; j < kPairs; ++j) CopyAsync<16, true, true>(slots + j * 32, src + 2 * j * (n / 8), valid);
+    for (int j = 0; j < kPairs; ++j) CopyAsync<16, true, true>(slots + j * kVectorStride, src + 2 * j * (n / 8), src_bytes);
   }
 
   __device__ __forceinline__ void Read(const uint4* slots) {
@@ -415,43 +418,42 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   const int steps_per_group = static_cast<int>(p.k / p.groups / kSlabK);
   const T* x = static_cast<const T*>(p.x);
 
-  // The issue path advances pointers by fixed steps; lanes past N (weights) and rows of x past M copy
-  // zeros from an address that does not move.
+  // The issue path runs every step in kernels short of registers, so it keeps what it needs precomputed:
+  // source pointers that advance by fixed steps, byte counts (0 for lanes past N and rows of x past M,
+  // which copy zeros from an address that does not move) and 32-bit shared addresses.
   const bool lane_valid = Format == WeightFormat::kAwq ? n0 + 32 * t < p.n : n0 + 16 * g < p.n;
   const int64_t words_per_row = Format == WeightFormat::kAwq ? p.n / 8 : p.n;
   const uint32_t* weight_src = lane_valid ? p.qweight + Tiles::FirstWord(p.n, first * kSlabK, n0, g, t) : p.qweight;
   const int64_t weight_step = lane_valid ? Tiles::kStepRows * words_per_row : 0;
+  const int weight_bytes = lane_valid ? 16 : 0;
+  constexpr int kXCopyBytes = Tiles::kXBytes < 16 ? Tiles::kXBytes : 16;
   const T* x_src[MTiles];
-  bool x_valid[MTiles];
+  int x_bytes[MTiles], x_step[MTiles];
 #pragma unroll
   for (int mt = 0; mt < MTiles; ++mt) {
     const int64_t row = m0 + 8 * mt + g;
-    x_valid[mt] = row < p.m;
-    x_src[mt] = x_valid[mt] ? x + row * p.k + first * kSlabK + Tiles::LaneK(t) : x;
+    const bool valid = row < p.m;
+    x_src[mt] = valid ? x + row * p.k + first * kSlabK + Tiles::LaneK(t) : x;
+    x_bytes[mt] = valid ? kXCopyBytes : 0;
+    x_step[mt] = valid ? kSlabK : 0;
   }
   uint4* const warp_slots = shared + warp * (Layout::kBytesPerWarp / 16) + lane;
   constexpr int kStageVecs = Layout::kVecs * 32;
-  auto next_stage = [&](uint4* slots) {
-    return slots + kStageVecs == warp_slots + kStages * kStageVecs ? warp_slots : slots + kStageVecs;
-  };
-  uint4* issue_slots = warp_slots;
+  const auto ring_start = static_cast<uint32_t>(__cvta_generic_to_shared(warp_slots));
+  const uint32_t ring_end = ring_start + kStages * Layout::kVecs * kVectorStride;
+  uint32_t issue_at = ring_start;
   auto issue = [&]() {
-    Tiles::Issue(issue_slots, weight_src, p.n, lane_valid);
+    Tiles::Issue(issue_at, weight_src, p.n, weight_bytes);
     weight_src += weight_step;
 #pragma unroll
     for (int mt = 0; mt < MTiles; ++mt) {
-      const T* src = x_src[mt];
-      const bool valid = x_valid[mt];
-      uint4* x_slots = issue_slots + (Tiles::kVecs + mt * Layout::kXVecs) * 32;
-      if constexpr (Tiles::kXBytes < 16) {
-        CopyAsync<Tiles::kXBytes, false>(x_slots, src, valid);
-      } else {
+      const uint32_t x_at = issue_at + (Tiles::kVecs + mt * Layout::kXVecs) * kVectorStride;
 #pragma unroll
-        for (int v = 0; v < Layout::kXVecs; ++v) CopyAsync<16, false>(x_slots + v * 32, valid ? src + 8 * v : src, valid);
-      }
-      if (valid) x_src[mt] += kSlabK;
+      for (int v = 0; v < Layout::kXVecs; ++v) CopyAsync<kXCopyBytes, false>(x_at + v * kVectorStride, x_src[mt] + 8 * v, x_bytes[mt]);
+      x_src[mt] += x_step[mt];
     }
-    issue_slots = next_stage(issue_slots);
+    issue_at += Layout::kVecs * kVectorStride;
+    if (issue_at == ring_end) issue_at = ring_start;
   };
 
   using C = Codes<T, Bits>;
@@ -492,11 +494,13 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
     if (i < count) issue();
     CommitAsync();
   }
-  uint4* read_slots = warp_slots;
+  int read_stage = 0;
   for (int i = 0; i < count; ++i) {
     if (i + kStages - 1 < count) issue();
     CommitAsync();
     WaitAsync<kStages - 1>();
+    const uint4* read_slots = warp_slots + read_stage * kStageVecs;
+    read_stage = read_stage == kStages - 1 ? 0 : read_stage + 1;
     Tiles tiles;
     tiles.Read(read_slots);
     // x values of this lane's k for the B fragments (row g of each m8 tile).
@@ -508,7 +512,6 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
 #pragma unroll
       for (int v = 0; v < kXWords; ++v) xv[mt][v] = words[(v / 4) * 128 + v % 4];
     }
-    read_slots = next_stage(read_slots);
 #pragma unroll
     for (int h = 0; h < Tiles::kChunks; ++h) {
       const int j0 = 2 * h, j1 = 2 * h + 1;
