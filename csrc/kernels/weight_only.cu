@@ -593,10 +593,19 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   __syncthreads();
   if (!last_block) return;
   __threadfence();
-  for (int r = 0; r < rows && n < p.n; ++r) {
-    float v = 0.f;
-    for (int s = 0; s < split_k; ++s) v += __ldcg(partials + (s * p.m + m0 + r) * p.n + n);
-    out[(m0 + r) * p.n + n] = static_cast<T>(v);
+  if (n >= p.n) return;
+  // Rows unrolled (predicated on `rows`): a split's loads for all rows are in flight together, where a loop
+  // over rows waited for an L2 round trip per row and split.
+  float sums[8 * MTiles] = {};
+  for (int s = 0; s < split_k; ++s) {
+#pragma unroll
+    for (int r = 0; r < 8 * MTiles; ++r) {
+      if (r < rows) sums[r] += __ldcg(partials + (s * p.m + m0 + r) * p.n + n);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 8 * MTiles; ++r) {
+    if (r < rows) out[(m0 + r) * p.n + n] = static_cast<T>(sums[r]);
   }
 }
 
