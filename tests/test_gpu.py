@@ -215,6 +215,25 @@ def test_gptq_gemm_kernel_long_k(m, bits):
     _compare_close(f, x, qw, qz, sc, tol=1e-2)
 
 
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_gptq_gemm_kernel_narrow_column_blocks(m, bits):
+    """More column tiles than SMs, by less than a 96-column block per SM: the kernel gives the first block of
+    each SM a whole tile and the rest 96 columns (csrc/kernels/weight_only.cu, ColumnBlocksFor); the last one
+    here holds 32 columns."""
+    sms = jax.devices("cuda")[0].core_count
+    k, n = 256, sms * 128 + 3 * 96 + 32
+    rng = np.random.default_rng(m * bits)
+    dtype = jnp.float16 if m == 5 else jnp.bfloat16
+    qw, qz, sc, _ = formats.quantize_gptq(jnp.asarray(rng.standard_normal((k, n)), dtype), bits, 128, symmetric=False)
+    exllama = bits != 8
+    if exllama:
+        qw = jaxq.gptq_shuffle(qw, jnp.zeros((0,), jnp.int32), bits)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    f = lambda *a: jaxq.gptq_gemm(*a, jnp.zeros((0,), jnp.int32), use_exllama=exllama, bits=bits)
+    _compare_close(f, x, qw, qz, sc, tol=_gemm_tol(dtype))
+
+
 def test_weight_only_gemm_gradient_on_gpu():
     rng = np.random.default_rng(2)
     qw, sc, qz = formats.quantize_awq(jnp.asarray(rng.standard_normal((256, 128)), jnp.bfloat16), 64)

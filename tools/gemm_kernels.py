@@ -2,7 +2,8 @@
 compute-sanitizer.
 
 * ``weight_only``: AWQ GEMM and dequantization; GPTQ 2/3/4/8-bit GEMM (plain and exllama, M=1 and M=9,
-  split K) and dequantization (with and without act-order g_idx).
+  split K, and 4-bit with more column tiles than SMs, which deals out narrower blocks) and dequantization
+  (with and without act-order g_idx).
 * ``scaled_mm``: int8 and fp8 W8A8 GEMMs in every M-bucket tile configuration, both output dtypes, scalar
   and vector scales, bias, both zero-point forms, fp8 fast accumulation; fp8 with block-wise scales in both
   of its tiles.
@@ -47,6 +48,10 @@ def weight_only():
                     jax.block_until_ready(f(x, weight, qz, sc, no_perm))
                     jax.block_until_ready(jax.jit(lambda *a: jaxq.gptq_dequantize(*a, bits=bits, use_exllama=exllama))(
                         weight, qz, sc, no_perm))
+            n = jax.devices("cuda")[0].core_count * 128 + 3 * 96 + 32
+            qw, qz, sc, _ = formats.quantize_gptq(jnp.asarray(rng.standard_normal((256, n)), dtype), 4, 128)
+            x = jnp.asarray(rng.standard_normal((m, 256)), dtype)
+            jax.block_until_ready(jax.jit(lambda *a: jaxq.gptq_gemm(*a, no_perm, use_exllama=False, bits=4))(x, qw, qz, sc))
     print("ran every weight-only kernel variant")
 
 

@@ -15,6 +15,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 #include "kernels/scaled_mm.h"
+#include "kernels/sm_count.h"
 
 namespace jaxq::sm90 {
 
@@ -226,8 +227,6 @@ struct BlockScaledGemm {
                   CollectiveEpilogue>,
       CollectiveEpilogue>;
 };
-
-int CachedSmCount(int device);
 
 }  // namespace jaxq::sm90
 

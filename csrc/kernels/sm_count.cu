@@ -1,8 +1,10 @@
-// The SM count the sm90 scaled GEMMs launch for, in a translation unit of its own so that tools linking only
-// some instantiations (tools/scaled_mm_sweep) share it.
+// The SM count the sm90 scaled GEMMs and the weight-only GEMM launch for, in a translation unit of its own so
+// that tools linking only some instantiations (tools/scaled_mm_sweep) share it.
+#include "kernels/sm_count.h"
+
 #include <cuda_runtime.h>
 
-namespace jaxq::sm90 {
+namespace jaxq {
 
 // CUTLASS would query the SM count on every launch; it never changes for a device.
 int CachedSmCount(int device) {
@@ -17,4 +19,4 @@ int CachedSmCount(int device) {
   return counts[device];
 }
 
-}  // namespace jaxq::sm90
+}  // namespace jaxq

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "kernels/sm_count.h"
 #include "kernels/weight_only.h"
 
 namespace jaxq {
@@ -12,6 +13,26 @@ namespace {
 constexpr int kWarps = 4;           // per block, splitting the block's K range
 constexpr int kWarpColumns = 128;   // output columns per warp (16 per thread)
 constexpr int kRowsPerPass = 16;    // rows of x per pass over the weight (two m8 MMA tiles)
+
+// How a launch deals out columns: blocks x < full_tiles take kWarpColumns columns each, later ones
+// tail_columns each (lanes past a block's columns load nothing and store nothing).
+struct ColumnBlocks {
+  int64_t full_tiles;
+  int tail_columns;
+
+  __host__ __device__ int64_t First(int64_t block) const {
+    return block < full_tiles ? block * kWarpColumns : full_tiles * kWarpColumns + (block - full_tiles) * tail_columns;
+  }
+  __host__ __device__ int64_t End(int64_t block, int64_t n) const {
+    const int64_t end = First(block) + (block < full_tiles ? kWarpColumns : tail_columns);
+    return end < n ? end : n;
+  }
+  int64_t Count(int64_t n) const {
+    const int64_t full = (n + kWarpColumns - 1) / kWarpColumns;
+    if (full <= full_tiles) return full;
+    return full_tiles + (n - full_tiles * kWarpColumns + tail_columns - 1) / tail_columns;
+  }
+};
 
 // ------------------------------------------------------------------------------------------- values
 
@@ -313,9 +334,9 @@ struct GroupSource {
   int64_t scale_stride, zero_stride;
   bool valid;  // lanes past N load nothing (their columns are never stored)
 
-  __device__ GroupSource(const WeightOnlyParams& p, int64_t group, int64_t n0, int g) {
+  __device__ GroupSource(const WeightOnlyParams& p, int64_t group, int64_t n0, int64_t n_end, int g) {
     const int64_t first_column = Format == WeightFormat::kAwq ? n0 + 32 * (g / 2) : n0 + 16 * g;
-    valid = first_column < p.n;
+    valid = first_column < n_end;
     scale_stride = p.n;
     zero_stride = Format == WeightFormat::kAwq ? p.n / 8 : p.n * Bits / 32;
     scales = static_cast<const uint16_t*>(p.scales) + group * scale_stride + first_column;
@@ -398,7 +419,7 @@ template <WeightFormat Format, int Bits, int MTiles>
 constexpr int kMinBlocks = MTiles == 2 ? 2 : Bits == 4 || Bits == 8 ? 4 : 3;
 
 template <typename T, WeightFormat Format, int Bits, int MTiles>
-__global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>) WeightOnlyGemmKernel(WeightOnlyParams p, int split_k) {
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>) WeightOnlyGemmKernel(WeightOnlyParams p, int split_k, ColumnBlocks columns) {
   using Tiles = typename Traits<T, Format, Bits>::Tiles;
   using Layout = StageLayout<Tiles, MTiles>;
   constexpr int kSlabK = Tiles::kSlabK, kStages = Layout::kStages;
@@ -406,7 +427,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   __shared__ bool last_block;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kWarpColumns;
+  const int64_t n0 = columns.First(blockIdx.x), n_end = columns.End(blockIdx.x, p.n);
   const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kRowsPerPass;
   const int64_t slabs = p.k / kSlabK;
   // Each warp takes a contiguous run of the block's slabs, so its group (scales, zeros) changes rarely.
@@ -421,7 +442,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   // The issue path runs every step in kernels short of registers, so it keeps what it needs precomputed:
   // source pointers that advance by fixed steps, byte counts (0 for lanes past N and rows of x past M,
   // which copy zeros from an address that does not move) and 32-bit shared addresses.
-  const bool lane_valid = Format == WeightFormat::kAwq ? n0 + 32 * t < p.n : n0 + 16 * g < p.n;
+  const bool lane_valid = Format == WeightFormat::kAwq ? n0 + 32 * t < n_end : n0 + 16 * g < n_end;
   const int64_t words_per_row = Format == WeightFormat::kAwq ? p.n / 8 : p.n;
   const uint32_t* weight_src = lane_valid ? p.qweight + Tiles::FirstWord(p.n, first * kSlabK, n0, g, t) : p.qweight;
   const int64_t weight_step = lane_valid ? Tiles::kStepRows * words_per_row : 0;
@@ -462,7 +483,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   float x_sum[MTiles][4] = {};         // sum of x over the current group's k (every row of the MMA the same)
   int64_t group = first / steps_per_group;
   int group_steps_left = steps_per_group - static_cast<int>(first % steps_per_group);
-  GroupSource<Format, Bits> group_source(p, group, n0, g);
+  GroupSource<Format, Bits> group_source(p, group, n0, n_end, g);
   GroupWords group_words = {};
   if (count > 0) group_source.Load(group_words);
   const int half = Format == WeightFormat::kAwq || Bits == 3 ? 16 * (g % 2) : 0;
@@ -568,7 +589,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   const int rows = static_cast<int>(p.m - m0 < 8 * MTiles ? p.m - m0 : 8 * MTiles);
   T* out = static_cast<T*>(p.out);
   if (split_k == 1) {
-    for (int r = 0; r < rows && n < p.n; ++r) {
+    for (int r = 0; r < rows && n < n_end; ++r) {
       float v = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) v += reduce[w][r][col];
@@ -578,7 +599,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   }
   float* partials = reinterpret_cast<float*>(p.workspace);
   uint32_t* counters = p.workspace + split_k * p.m * p.n;
-  for (int r = 0; r < rows && n < p.n; ++r) {
+  for (int r = 0; r < rows && n < n_end; ++r) {
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) v += reduce[w][r][col];
@@ -593,7 +614,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   __syncthreads();
   if (!last_block) return;
   __threadfence();
-  if (n >= p.n) return;
+  if (n >= n_end) return;
   // Rows unrolled (predicated on `rows`): a split's loads for all rows are in flight together, where a loop
   // over rows waited for an L2 round trip per row and split.
   float sums[8 * MTiles] = {};
@@ -684,7 +705,8 @@ __global__ void GptqDequantizeKernel(WeightOnlyParams p) {
 }
 
 template <typename T, WeightFormat Format, int Bits, int MTiles>
-cudaError_t LaunchGemmKernel(const WeightOnlyParams& p, int split_k, dim3 grid, cudaStream_t stream) {
+cudaError_t LaunchGemmKernel(const WeightOnlyParams& p, int split_k, ColumnBlocks columns, dim3 grid,
+                             cudaStream_t stream) {
   using Layout = StageLayout<typename Traits<T, Format, Bits>::Tiles, MTiles>;
   constexpr int kPipelineBytes = kWarps * Layout::kBytesPerWarp;
   constexpr int kReduceBytes = kWarps * 8 * MTiles * (kWarpColumns + 1) * 4;
@@ -693,16 +715,37 @@ cudaError_t LaunchGemmKernel(const WeightOnlyParams& p, int split_k, dim3 grid, 
   static const cudaError_t configured =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (configured != cudaSuccess) return configured;
-  kernel<<<grid, kWarps * 32, kBytes, stream>>>(p, split_k);
+  kernel<<<grid, kWarps * 32, kBytes, stream>>>(p, split_k, columns);
   return cudaGetLastError();
+}
+
+// Whole tiles, except for GPTQ in one row pass without a K split when the tiles outnumber the SMs by at most a
+// 96-column block per SM: then the first `sms` blocks (which the block scheduler deals one per SM) take whole
+// tiles and the rest 96 columns, so that the SMs holding two blocks read 224 columns of weights, not 256 (at
+// N=28672 on the H100 all but nine SMs then hold two blocks; with whole tiles 92 hold two and 40 one). A narrow
+// block issues as many instructions as a whole one (its idle lanes run along), so this evens out bytes only:
+// 2-5% for GPTQ at K8192 N20480-28672, M1 and M16 (benchmarks/RESULTS.md, session 10). 96 GPTQ columns are
+// 384-byte row segments, whole 128-byte lines; AWQ's would be 48-byte segments, which lost 1-3% at M16, so AWQ
+// keeps whole tiles.
+template <WeightFormat Format>
+ColumnBlocks ColumnBlocksFor(const WeightOnlyParams& p, int split_k) {
+  constexpr int kTailColumns = 96;
+  const ColumnBlocks whole{(p.n + kWarpColumns - 1) / kWarpColumns, kWarpColumns};
+  if (Format == WeightFormat::kAwq || split_k > 1 || p.m > kRowsPerPass) return whole;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return whole;
+  const int64_t sms = CachedSmCount(device);
+  const int64_t tail = p.n - sms * kWarpColumns;
+  return tail > 0 && tail <= sms * kTailColumns ? ColumnBlocks{sms, kTailColumns} : whole;
 }
 
 template <typename T, WeightFormat Format, int Bits>
 cudaError_t LaunchGemmTyped(const WeightOnlyParams& p, int split_k, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.n + kWarpColumns - 1) / kWarpColumns), static_cast<unsigned>(split_k),
+  const ColumnBlocks columns = ColumnBlocksFor<Format>(p, split_k);
+  const dim3 grid(static_cast<unsigned>(columns.Count(p.n)), static_cast<unsigned>(split_k),
                   static_cast<unsigned>((p.m + kRowsPerPass - 1) / kRowsPerPass));
-  return p.m <= 8 ? LaunchGemmKernel<T, Format, Bits, 1>(p, split_k, grid, stream)
-                  : LaunchGemmKernel<T, Format, Bits, 2>(p, split_k, grid, stream);
+  return p.m <= 8 ? LaunchGemmKernel<T, Format, Bits, 1>(p, split_k, columns, grid, stream)
+                  : LaunchGemmKernel<T, Format, Bits, 2>(p, split_k, columns, grid, stream);
 }
 
 template <typename T, WeightFormat Format>
