@@ -138,7 +138,7 @@ struct GroupWords {
 // ------------------------------------------------------------------------------------ async copies
 
 // Copies `Bytes` (4, 8 or 16) from global memory to shared-window address `s` without holding registers;
-// src_bytes = 0 fills zeros instead (rows of x past M, columns past N). Streaming copies (weights: read
+// src_bytes = 0 fills zeros instead (rows of x past M, columns past the block's). Streaming copies (weights: read
 // once) bypass L1; with LinePrefetch they also have L2 fetch the whole 128-byte line around them.
 template <int Bytes, bool Streaming, bool LinePrefetch = false>
 __device__ __forceinline__ void CopyAsync(uint32_t s, const void* src, int src_bytes) {
@@ -332,7 +332,7 @@ struct GroupSource {
   const uint16_t* scales;
   const uint32_t* zeros;
   int64_t scale_stride, zero_stride;
-  bool valid;  // lanes past N load nothing (their columns are never stored)
+  bool valid;  // lanes past the block's columns load nothing (their columns are never stored)
 
   __device__ GroupSource(const WeightOnlyParams& p, int64_t group, int64_t n0, int64_t n_end, int g) {
     const int64_t first_column = Format == WeightFormat::kAwq ? n0 + 32 * (g / 2) : n0 + 16 * g;
@@ -440,8 +440,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   const T* x = static_cast<const T*>(p.x);
 
   // The issue path runs every step in kernels short of registers, so it keeps what it needs precomputed:
-  // source pointers that advance by fixed steps, byte counts (0 for lanes past N and rows of x past M,
-  // which copy zeros from an address that does not move) and 32-bit shared addresses.
+  // source pointers that advance by fixed steps, byte counts (0 for lanes past the block's columns and rows of x
+  // past M, which copy zeros from an address that does not move) and 32-bit shared addresses.
   const bool lane_valid = Format == WeightFormat::kAwq ? n0 + 32 * t < n_end : n0 + 16 * g < n_end;
   const int64_t words_per_row = Format == WeightFormat::kAwq ? p.n / 8 : p.n;
   const uint32_t* weight_src = lane_valid ? p.qweight + Tiles::FirstWord(p.n, first * kSlabK, n0, g, t) : p.qweight;
