@@ -515,10 +515,22 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
     if (i < count) issue();
     CommitAsync();
   }
+  // Ends a group: folds its sums and loads the next one's scales and zeros. AWQ does this at the top of the next
+  // step, once that step's copies are on their way: at the end of the group's last step it held them back, which
+  // cost AWQ 8-10% at M16 and 4% at M1; GPTQ lost 2-3% at M1 and M16 with that order (on the H200;
+  // benchmarks/RESULTS.md, session 12).
+  constexpr bool kFoldAfterCopies = Format == WeightFormat::kAwq;
+  auto end_group = [&]() {
+    fold_group();
+    group_source.Advance();
+    group_source.Load(group_words);
+    group_steps_left = steps_per_group;
+  };
   int read_stage = 0;
   for (int i = 0; i < count; ++i) {
     if (i + kStages - 1 < count) issue();
     CommitAsync();
+    if (kFoldAfterCopies && group_steps_left == 0) end_group();
     WaitAsync<kStages - 1>();
     const uint4* read_slots = warp_slots + read_stage * kStageVecs;
     read_stage = read_stage == kStages - 1 ? 0 : read_stage + 1;
@@ -557,12 +569,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
         for (int mt = 0; mt < MTiles; ++mt) Mma<T>(group_acc[mt][tau], a, b[mt][0], b[mt][1]);
       }
     }
-    if (--group_steps_left == 0 && i + 1 < count) {  // the group ends here; the next starts next step
-      fold_group();
-      group_source.Advance();
-      group_source.Load(group_words);
-      group_steps_left = steps_per_group;
-    }
+    if (--group_steps_left == 0 && !kFoldAfterCopies && i + 1 < count) end_group();
   }
   if (count > 0) fold_group();
   WaitAsync<0>();
