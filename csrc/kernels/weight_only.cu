@@ -517,7 +517,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   }
   // Ends a group: folds its sums and loads the next one's scales and zeros. AWQ does this at the top of the next
   // step, once that step's copies are on their way: at the end of the group's last step it held them back, which
-  // cost AWQ 8-10% at M16 and 4% at M1; GPTQ lost 2-3% at M1 and M16 with that order (on the H200;
+  // cost AWQ 9-10% at M16 and 4% at M1; GPTQ lost up to 2.5% at M1 and M16 with this order (on the H200;
   // benchmarks/RESULTS.md, session 12).
   constexpr bool kFoldAfterCopies = Format == WeightFormat::kAwq;
   auto end_group = [&]() {
