@@ -23,15 +23,8 @@
 #include <vector>
 
 #include "kernels/weight_only.cu"
+#include "weight_only_ab/timing.cuh"
 
-#define CHECK(call)                                                                          \
-  do {                                                                                       \
-    cudaError_t e_ = (call);                                                                 \
-    if (e_ != cudaSuccess) {                                                                 \
-      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));     \
-      std::exit(1);                                                                          \
-    }                                                                                        \
-  } while (0)
 
 namespace probe {
 
@@ -242,7 +235,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kThreads <= 256 ? 256 / C::kTh
 
 int main(int argc, char** argv) {
   const int m = argc > 1 ? std::atoi(argv[1]) : 16, k = 8192, n = 28672, group = 128, groups = k / group;
-  constexpr int kCopies = 3;  // weights rotated so that no call finds the previous one's in L2
+  constexpr int kCopies = tool_timing::kCopies;
   std::mt19937 rng(1);
   std::vector<uint32_t> h_qw(static_cast<size_t>(k / 8) * n), h_qz(static_cast<size_t>(groups) * n / 8);
   std::vector<__nv_bfloat16> h_sc(static_cast<size_t>(groups) * n), h_x(static_cast<size_t>(m) * k);
@@ -282,28 +275,8 @@ int main(int argc, char** argv) {
     CHECK(jaxq::LaunchWeightOnlyGemm(p, 1, nullptr));
   };
   auto run_sums = [&](int) { probe::XGroupSums<<<(m * groups * 32 + 255) / 256, 256>>>(x, xs, m, k); };
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
-  auto time = [&](auto&& fn) {
-    float best = 1e30f;
-    for (int rep = 0; rep < 5; ++rep) {
-      CHECK(cudaEventRecord(e0));
-      for (int i = 0; i < 30; ++i) fn(i % kCopies);
-      CHECK(cudaEventRecord(e1));
-      CHECK(cudaEventSynchronize(e1));
-      float ms;
-      CHECK(cudaEventElapsedTime(&ms, e0, e1));
-      best = std::fmin(best, ms * 1000.f / 30);
-    }
-    return best;
-  };
-  const size_t copy_bytes = size_t{1} << 30;
-  void *c0, *c1;
-  CHECK(cudaMalloc(&c0, copy_bytes));
-  CHECK(cudaMalloc(&c1, copy_bytes));
-  const float copy_us = time([&](int) { CHECK(cudaMemcpyAsync(c1, c0, copy_bytes, cudaMemcpyDeviceToDevice)); });
-  const double copy_bw = 2.0 * copy_bytes / (copy_us * 1e-6);
+  const auto time = [](auto&& fn) { return tool_timing::BestMicroseconds(fn); };
+  const double copy_bw = tool_timing::CopyBandwidth();
   const double bytes = static_cast<double>(k) * n / 2 + groups * n * 2.5;
   run_ref(0);
   CHECK(cudaDeviceSynchronize());

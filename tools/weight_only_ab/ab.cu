@@ -12,8 +12,7 @@
 #include <random>
 #include <vector>
 #include "kernels/weight_only.cu"
-
-#define CHECK(call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) { printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); exit(1);} } while (0)
+#include "timing.cuh"
 
 struct Case { const char* name; jaxq::WeightFormat f; int bits; bool bf16; int m, k, n, split; };
 
@@ -34,23 +33,7 @@ int main(int argc, char** argv) {
       {"awq M16 K4096 N14336 s2", jaxq::WeightFormat::kAwq, 4, true, 16, 4096, 14336, 2},
       {"gptq4 M33", jaxq::WeightFormat::kGptqExllama, 4, true, 33, 8192, 28672, 1},
   };
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0)); CHECK(cudaEventCreate(&e1));
-  auto time = [&](auto&& fn) {
-    float best = 1e30f;
-    for (int rep = 0; rep < 5; ++rep) {
-      CHECK(cudaEventRecord(e0));
-      for (int i = 0; i < 30; ++i) fn(i % 3);
-      CHECK(cudaEventRecord(e1)); CHECK(cudaEventSynchronize(e1));
-      float ms; CHECK(cudaEventElapsedTime(&ms, e0, e1));
-      best = fminf(best, ms * 1000.f / 30);
-    }
-    return best;
-  };
-  const size_t cb = size_t{1} << 30;
-  void *c0, *c1; CHECK(cudaMalloc(&c0, cb)); CHECK(cudaMalloc(&c1, cb));
-  const float cu = time([&](int) { CHECK(cudaMemcpyAsync(c1, c0, cb, cudaMemcpyDeviceToDevice)); });
-  const double bw = 2.0 * cb / (cu * 1e-6);
+  const double bw = tool_timing::CopyBandwidth();
   printf("[%s] copy %.0f GB/s\n", tag, bw / 1e9);
   for (const Case& c : cases) {
     std::mt19937 rng(7);
@@ -64,7 +47,7 @@ int main(int argc, char** argv) {
     std::vector<uint16_t> h_sc(static_cast<size_t>(groups) * c.n), h_x(static_cast<size_t>(c.m) * c.k);
     for (auto& v : h_sc) { float f = u(rng) * 1e-2f; if (c.bf16) { __nv_bfloat16 b = __float2bfloat16(f); memcpy(&v, &b, 2); } else { __half h = __float2half(f); memcpy(&v, &h, 2); } }
     for (auto& v : h_x) { float f = nrm(rng); if (c.bf16) { __nv_bfloat16 b = __float2bfloat16(f); memcpy(&v, &b, 2); } else { __half h = __float2half(f); memcpy(&v, &h, 2); } }
-    uint32_t *qw[3], *qz, *ws;
+    uint32_t *qw[tool_timing::kCopies], *qz, *ws;
     void *sc, *x, *out;
     for (auto& p : qw) { CHECK(cudaMalloc(&p, qw_words * 4)); CHECK(cudaMemcpy(p, h_qw.data(), qw_words * 4, cudaMemcpyHostToDevice)); }
     CHECK(cudaMalloc(&qz, qz_words * 4)); CHECK(cudaMemcpy(qz, h_qz.data(), qz_words * 4, cudaMemcpyHostToDevice));
@@ -88,7 +71,7 @@ int main(int argc, char** argv) {
     snprintf(fname, sizeof fname, "%s_%s.bin", tag, c.name);
     for (char* ch = fname; *ch; ++ch) if (*ch == ' ') *ch = '_';
     FILE* fp = fopen(fname, "wb"); fwrite(h_out.data(), 2, h_out.size(), fp); fclose(fp);
-    const float us = time(run);
+    const float us = tool_timing::BestMicroseconds(run);
     const double bytes = qw_words * 4.0 + qz_words * 4.0 + h_sc.size() * 2.0;
     printf("[%s] %-28s %7.1f us  %5.1f%% of copy\n", tag, c.name, us, 100 * bytes / (us * 1e-6) / bw);
     for (auto& pp : qw) CHECK(cudaFree(pp));

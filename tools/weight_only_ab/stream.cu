@@ -7,11 +7,10 @@
 // 2 KB in order, each copy instruction one contiguous 512 bytes. Desync starts each block's K range at a
 // block-dependent step, as blocks drift apart when they compute; spin adds dependent integer work per step.
 // Results: benchmarks/RESULTS.md, session 12.
-#include <cstdio>
-#include <cstdlib>
 #include <cstdint>
+#include <cstdio>
 
-#define CHECK(call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) { printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); exit(1);} } while (0)
+#include "timing.cuh"
 
 __device__ __forceinline__ void CopyAsync(uint32_t s, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src));
@@ -64,34 +63,18 @@ __global__ void __launch_bounds__(128) Strip(const uint8_t* qw, int rows, int ro
 int main() {
   const int k = 8192, n = 28672, rows = k / 8, row_bytes = n * 4;
   const size_t bytes = static_cast<size_t>(rows) * row_bytes;
-  uint8_t* qw[3];
+  uint8_t* qw[tool_timing::kCopies];
   uint32_t* out;
   for (auto& p : qw) { CHECK(cudaMalloc(&p, bytes)); CHECK(cudaMemset(p, 1, bytes)); }
   CHECK(cudaMalloc(&out, 1 << 24));
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0)); CHECK(cudaEventCreate(&e1));
-  auto time = [&](auto&& fn) {
-    float best = 1e30f;
-    for (int rep = 0; rep < 5; ++rep) {
-      CHECK(cudaEventRecord(e0));
-      for (int i = 0; i < 30; ++i) fn(i % 3);
-      CHECK(cudaEventRecord(e1)); CHECK(cudaEventSynchronize(e1));
-      float ms; CHECK(cudaEventElapsedTime(&ms, e0, e1));
-      best = ms * 1000.f / 30 < best ? ms * 1000.f / 30 : best;
-    }
-    return best;
-  };
-  const size_t cb = size_t{1} << 30;
-  void *c0, *c1; CHECK(cudaMalloc(&c0, cb)); CHECK(cudaMalloc(&c1, cb));
-  const float cu = time([&](int) { CHECK(cudaMemcpyAsync(c1, c0, cb, cudaMemcpyDeviceToDevice)); });
-  const double bw = 2.0 * cb / (cu * 1e-6);
+  const double bw = tool_timing::CopyBandwidth();
   printf("copy %.0f GB/s\n", bw / 1e9);
   auto run = [&](const char* name, auto kernel, int width, int desync, int spin) {
     const int strips = row_bytes / width;
     const int splits = (224 + strips - 1) / strips;
     const int smem = 4 * 3 * 2048;
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const float us = time([&](int c) { kernel<<<strips * splits, 128, smem>>>(qw[c], rows, row_bytes, splits, desync, spin, out); });
+    const float us = tool_timing::BestMicroseconds([&](int c) { kernel<<<strips * splits, 128, smem>>>(qw[c], rows, row_bytes, splits, desync, spin, out); });
     CHECK(cudaGetLastError());
     printf("%-24s width %4d splits %d desync %d spin %3d: %6.1f us %5.1f%%\n", name, width, splits, desync, spin, us, 100 * bytes / (us * 1e-6) / bw);
   };

@@ -1,0 +1,56 @@
+// Timing shared by the standalone GPU tools: CUDA events around 30 calls, best of 5; calls get a rotating index
+// 0..kCopies-1 so that each can use its own copy of the weights and none finds the previous call's in L2.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+#define CHECK(call)                                                                      \
+  do {                                                                                   \
+    cudaError_t e_ = (call);                                                             \
+    if (e_ != cudaSuccess) {                                                             \
+      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                      \
+    }                                                                                    \
+  } while (0)
+
+namespace tool_timing {
+
+constexpr int kCopies = 3;
+
+// Microseconds per call of fn(copy index).
+template <typename Fn>
+float BestMicroseconds(Fn&& fn) {
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  float best = 1e30f;
+  for (int rep = 0; rep < 5; ++rep) {
+    CHECK(cudaEventRecord(e0));
+    for (int i = 0; i < 30; ++i) fn(i % kCopies);
+    CHECK(cudaEventRecord(e1));
+    CHECK(cudaEventSynchronize(e1));
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    best = std::fmin(best, ms * 1000.f / 30);
+  }
+  CHECK(cudaEventDestroy(e0));
+  CHECK(cudaEventDestroy(e1));
+  return best;
+}
+
+// Device-to-device copy bandwidth (bytes read + written per second) of a 1 GiB cudaMemcpy.
+inline double CopyBandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *src, *dst;
+  CHECK(cudaMalloc(&src, bytes));
+  CHECK(cudaMalloc(&dst, bytes));
+  const float us = BestMicroseconds([&](int) { CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); });
+  CHECK(cudaFree(src));
+  CHECK(cudaFree(dst));
+  return 2.0 * bytes / (us * 1e-6);
+}
+
+}  // namespace tool_timing
