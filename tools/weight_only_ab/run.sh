@@ -15,8 +15,9 @@ build)
   cp "$REPO"/csrc/kernels/{weight_only.h,sm_count.h,types.h} "$BIN/base/kernels/"
   flags=(-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a)
   nvcc "${flags[@]}" -I"$BIN/base" "$HERE/ab.cu" "$REPO/csrc/kernels/sm_count.cu" -o "$BIN/ab_base" &
+  base_build=$!
   nvcc "${flags[@]}" -I"$REPO/csrc" "$HERE/ab.cu" "$REPO/csrc/kernels/sm_count.cu" -o "$BIN/ab_new"
-  wait ;;
+  wait "$base_build" ;;  # a bare `wait` would not report the background build's failure
 run)
   cd "$BIN"
   ./ab_base base > base.txt
