@@ -25,7 +25,6 @@
 #include "kernels/weight_only.cu"
 #include "weight_only_ab/timing.cuh"
 
-
 namespace probe {
 
 constexpr int kTileN = 128;
@@ -275,14 +274,13 @@ int main(int argc, char** argv) {
     CHECK(jaxq::LaunchWeightOnlyGemm(p, 1, nullptr));
   };
   auto run_sums = [&](int) { probe::XGroupSums<<<(m * groups * 32 + 255) / 256, 256>>>(x, xs, m, k); };
-  const auto time = [](auto&& fn) { return tool_timing::BestMicroseconds(fn); };
   const double copy_bw = tool_timing::CopyBandwidth();
   const double bytes = static_cast<double>(k) * n / 2 + groups * n * 2.5;
   run_ref(0);
   CHECK(cudaDeviceSynchronize());
   std::vector<__nv_bfloat16> a(static_cast<size_t>(m) * n), b(a.size());
   CHECK(cudaMemcpy(a.data(), out_ref, a.size() * 2, cudaMemcpyDeviceToHost));
-  if (argc <= 2) std::printf("M%d K%d N%d, copy %.0f GB/s, x sums %.1f us\n", m, k, n, copy_bw / 1e9, time(run_sums));
+  if (argc <= 2) std::printf("M%d K%d N%d, copy %.0f GB/s, x sums %.1f us\n", m, k, n, copy_bw / 1e9, tool_timing::BestMicroseconds(run_sums));
   const int only = argc > 2 ? std::atoi(argv[2]) : -1;  // profile mode: run one variant (and jaxq's kernel) once
   int index = 0;
   auto variant = [&](const char* name, auto cfg) {
@@ -305,7 +303,7 @@ int main(int argc, char** argv) {
       num += (ra - rb) * (ra - rb), den += ra * ra;
     }
     if (only >= 0) return;  // jaxq's kernel has run once already, for the reference output
-    const float ref_us = time(run_ref), new_us = time(run_new);
+    const float ref_us = tool_timing::BestMicroseconds(run_ref), new_us = tool_timing::BestMicroseconds(run_new);
     std::printf("%-28s rel L2 %.1e | jaxq %.1f us (%.1f%%) | prototype kernel %.1f us (%.1f%%)\n", name,
                 std::sqrt(num / den), ref_us, 100 * bytes / (ref_us * 1e-6) / copy_bw, new_us,
                 100 * bytes / (new_us * 1e-6) / copy_bw);

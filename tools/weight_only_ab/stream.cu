@@ -12,11 +12,13 @@
 
 #include "timing.cuh"
 
+constexpr int kStages = 3;  // of the ring, 2 KB per warp each, as in the kernel for 4-bit weights
+
 __device__ __forceinline__ void CopyAsync(uint32_t s, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src));
 }
 
-template <int Width, int Map, int S>
+template <int Width, int Map>
 __global__ void __launch_bounds__(128) Strip(const uint8_t* qw, int rows, int row_bytes, int splits, int desync, int spin, uint32_t* out) {
   extern __shared__ uint4 smem[];
   constexpr int kRowsPerStep = 2048 / Width;
@@ -37,22 +39,22 @@ __global__ void __launch_bounds__(128) Strip(const uint8_t* qw, int rows, int ro
     }
     offs[u] = static_cast<int64_t>(row) * row_bytes + strip * Width + col;
   }
-  uint4* ring = smem + warp * S * 128 + lane;
+  uint4* ring = smem + warp * kStages * 128 + lane;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   auto issue = [&](int i) {
     const int step = (i + rot) % steps;
     const uint8_t* base = qw + static_cast<int64_t>(first_row + step * kRowsPerStep) * row_bytes;
-    const uint32_t s = ring_s + (i % S) * 2048;
+    const uint32_t s = ring_s + (i % kStages) * 2048;
 #pragma unroll
     for (int u = 0; u < 4; ++u) CopyAsync(s + u * 512, base + offs[u]);
   };
-  for (int i = 0; i < S - 1; ++i) { if (i < steps) issue(i); asm volatile("cp.async.commit_group;"); }
+  for (int i = 0; i < kStages - 1; ++i) { if (i < steps) issue(i); asm volatile("cp.async.commit_group;"); }
   uint32_t acc = 0;
   for (int i = 0; i < steps; ++i) {
-    if (i + S - 1 < steps) issue(i + S - 1);
+    if (i + kStages - 1 < steps) issue(i + kStages - 1);
     asm volatile("cp.async.commit_group;");
-    asm volatile("cp.async.wait_group %0;" ::"n"(S - 1));
-    const uint4* r = ring + (i % S) * 128;
+    asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1));
+    const uint4* r = ring + (i % kStages) * 128;
 #pragma unroll
     for (int u = 0; u < 4; ++u) { const uint4 v = r[u * 32]; acc ^= v.x ^ v.y ^ v.z ^ v.w; }
     for (int j = 0; j < spin; ++j) acc = acc * 1664525u + 1013904223u;
@@ -72,7 +74,7 @@ int main() {
   auto run = [&](const char* name, auto kernel, int width, int desync, int spin) {
     const int strips = row_bytes / width;
     const int splits = (224 + strips - 1) / strips;
-    const int smem = 4 * 3 * 2048;
+    const int smem = 4 * kStages * 2048;
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const float us = tool_timing::BestMicroseconds([&](int c) { kernel<<<strips * splits, 128, smem>>>(qw[c], rows, row_bytes, splits, desync, spin, out); });
     CHECK(cudaGetLastError());
@@ -80,10 +82,10 @@ int main() {
   };
   for (int spin : {0, 100}) {
     for (int d : {0, 1}) {
-      run("map jaxq", Strip<512, 0, 3>, 512, d, spin);
-      run("map rows", Strip<512, 1, 3>, 512, d, spin);
-      run("map rows", Strip<1024, 1, 3>, 1024, d, spin);
-      run("map rows", Strip<2048, 1, 3>, 2048, d, spin);
+      run("map jaxq", Strip<512, 0>, 512, d, spin);
+      run("map rows", Strip<512, 1>, 512, d, spin);
+      run("map rows", Strip<1024, 1>, 1024, d, spin);
+      run("map rows", Strip<2048, 1>, 2048, d, spin);
     }
   }
   return 0;
