@@ -73,12 +73,36 @@ class ShardingRule:
         # Shardy wants special factors in the order the rule first names them.
         order = list(dict.fromkeys(f for dims in arrays for fs in dims for f in fs))
         replicated = tuple(f for f in order if f in set(self.replicated_factors) | minor | uneven)
-        reduction = tuple(f for f in order if f in self.reduction_factors)
+        # A factor that may not be split is not reduced over either (Shardy takes each in one set only).
+        reduction = tuple(f for f in order if f in self.reduction_factors and f not in replicated)
         if reduction:
             options["reduction_factors"] = reduction
         if replicated:
             options["need_replication_factors"] = replicated
         return options
+
+    def without_unit_factors(self, operand_shapes: Sequence[Sequence[int]]) -> "ShardingRule":
+        """This rule with factors of size 1 taken out of compound dimensions, which Shardy rejects (one
+        group spanning a whole row, say). A minor factor left first in its dimension stays unsplit."""
+        sizes = {**self.major_factor_sizes(operand_shapes), **self.factor_sizes}
+        promoted: set[str] = set()
+
+        def strip(dims: Dims) -> Dims:
+            out = []
+            for factors in dims:
+                if len(factors) > 1:
+                    kept = tuple(f for f in factors if sizes.get(f) != 1) or factors[-1:]
+                    if kept[0] != factors[0]:
+                        promoted.add(kept[0])
+                    factors = kept
+                out.append(factors)
+            return tuple(out)
+
+        operands, results = tuple(map(strip, self.operands)), tuple(map(strip, self.results))
+        if (operands, results) == (self.operands, self.results):
+            return self
+        return dataclasses.replace(self, operands=operands, results=results,
+                                   replicated_factors=self.replicated_factors + tuple(sorted(promoted)))
 
     def major_factor_sizes(self, operand_shapes: Sequence[Sequence[int]]) -> dict[str, int]:
         sizes = {}
@@ -307,7 +331,8 @@ class Op:
             return tuple(self._bind_inner(*args, **dict(frozen_params)))
 
         def rule_for(frozen_params, operand_shapes, result_shapes) -> ShardingRule:
-            return self._sharding_rule(dict(frozen_params), operand_shapes, result_shapes)
+            return self._sharding_rule(dict(frozen_params), operand_shapes, result_shapes).without_unit_factors(
+                operand_shapes)
 
         def sharding_rule(frozen_params, mesh, operand_types, result_types):
             operand_shapes = [t.shape for t in operand_types]
