@@ -136,24 +136,30 @@ def _exllama_positions(bits: int) -> list[list[tuple[int, int]]]:
     return positions
 
 
-def _pack_positions(values: jax.Array, bits: int, positions) -> jax.Array:
-    """values ``[B, 32, N]`` -> words ``[B, bits, N]`` with value bits placed at ``positions``."""
-    words = [jnp.zeros((values.shape[0], values.shape[2]), jnp.uint32) for _ in range(bits)]
+def _sources(bits: int, positions) -> tuple[np.ndarray, np.ndarray]:
+    """For each word and bit of a packed block, the value and the bit of it stored there: ``[bits, 32]`` each."""
+    value, value_bit = np.zeros((bits, 32), np.int32), np.zeros((bits, 32), np.uint32)
     for i, bit_positions in enumerate(positions):
         for j, (word, bit) in enumerate(bit_positions):
-            words[word] |= ((values[:, i] >> j) & 1) << bit
-    return jnp.stack(words, axis=1)
+            value[word, bit], value_bit[word, bit] = i, j
+    return value, value_bit
+
+
+# One gather, shift and sum per call (not a loop of single-bit operations) keeps XLA's programs small:
+# the bits of a word are disjoint, so their sum is their OR.
+def _pack_positions(values: jax.Array, bits: int, positions) -> jax.Array:
+    """values ``[B, 32, N]`` -> words ``[B, bits, N]`` with value bits placed at ``positions``."""
+    value, value_bit = _sources(bits, positions)
+    picked = (values[:, value] >> value_bit[None, :, :, None]) & 1  # [B, bits, 32, N]
+    return jnp.sum(picked << np.arange(32, dtype=np.uint32)[None, None, :, None], axis=2, dtype=jnp.uint32)
 
 
 def _unpack_positions(words: jax.Array, bits: int, positions) -> jax.Array:
     """Inverse of :func:`_pack_positions`: words ``[B, bits, N]`` -> values ``[B, 32, N]``."""
-    values = []
-    for bit_positions in positions:
-        v = jnp.zeros((words.shape[0], words.shape[2]), jnp.uint32)
-        for j, (word, bit) in enumerate(bit_positions):
-            v |= ((words[:, word] >> bit) & 1) << j
-        values.append(v)
-    return jnp.stack(values, axis=1)
+    word = np.array([[w for w, _ in p] for p in positions])  # [32, bits]
+    bit = np.array([[b for _, b in p] for p in positions], np.uint32)
+    picked = (words[:, word] >> bit[None, :, :, None]) & 1  # [B, 32, bits, N]
+    return jnp.sum(picked << np.arange(bits, dtype=np.uint32)[None, None, :, None], axis=2, dtype=jnp.uint32)
 
 
 def exllama_unshuffle(qweight, bits: int) -> jax.Array:
@@ -236,7 +242,8 @@ def quantize_gptq(w, bits: int = 4, group_size: int = 128, *, symmetric: bool = 
     else:
         position = jnp.argsort(jnp.asarray(act_order))
         g_idx = (position // g).astype(jnp.int32)
-    q, scales, zeros = rtn_quantize(w, bits, group_size, symmetric=symmetric, g_idx=g_idx,
+    q, scales, zeros = rtn_quantize(w, bits, group_size, symmetric=symmetric,
+                                    g_idx=None if act_order is None else g_idx,  # contiguous groups: no one-hot
                                     min_zero=0 if v2_format else 1)
     stored = zeros if v2_format else zeros - 1
     return pack_gptq(q, bits, axis=0), pack_gptq(stored, bits, axis=1), scales, g_idx
