@@ -5,7 +5,7 @@ through XLA FFI, elsewhere (and with ``JAXQ_DISABLE_KERNELS``) to its pure-jnp r
 """
 
 from jaxq import formats
-from jaxq._ffi import cuda_available
+from jaxq._ffi import cuda_available, export_safety_checks
 from jaxq._op import NotDifferentiableError
 from jaxq.ops.awq import awq_dequantize, awq_gemm
 from jaxq.ops.gptq import gptq_dequantize, gptq_gemm, gptq_shuffle
@@ -27,6 +27,7 @@ __all__ = [
     "gptq_gemm",
     "gptq_shuffle",
     "cuda_available",
+    "export_safety_checks",
     "cutlass_azp_adj",
     "cutlass_scaled_mm",
     "cutlass_scaled_mm_azp",

@@ -54,6 +54,15 @@ def _register_targets() -> frozenset[str]:
 REGISTERED_TARGETS = _register_targets()
 
 
+def export_safety_checks() -> list:
+    """``disabled_checks`` for ``jax.export.export`` of functions that call jaxq's kernels. JAX refuses to
+    serialize custom calls without a compatibility guarantee; jaxq's targets have none across jaxq versions,
+    so a program exported with them must be run with the same jaxq installed."""
+    from jax import export
+
+    return [export.DisabledSafetyCheck.custom_call(name) for name in sorted(REGISTERED_TARGETS)]
+
+
 @functools.cache
 def cuda_available() -> bool:
     """Whether the CUDA kernels are compiled into this install and JAX sees a CUDA GPU."""

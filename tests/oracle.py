@@ -227,3 +227,25 @@ def scaled_mm(a, b, scale_a, scale_b, bias=None, azp_adj=None, azp=None, block=F
     if bias is not None:
         out = out + np.asarray(bias, np.float32)[None, :]
     return out
+
+
+# ------------------------------------------------------------------------ checkpoint writers (packing)
+
+
+def awq_pack(values: np.ndarray) -> np.ndarray:
+    """[R, N] values 0..15 -> int32 [R, N/8]: column 8c + j at nibble AWQ_REVERSE_ORDER[j] of word c."""
+    v = np.asarray(values).astype(np.uint64)
+    words = np.zeros((v.shape[0], v.shape[1] // 8), np.uint64)
+    for j in range(8):
+        words |= v[:, j::8] << np.uint64(4 * AWQ_REVERSE_ORDER[j])
+    return words.astype(np.uint32).view(np.int32)
+
+
+def bitstream_pack(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """GPTQ's little-endian bit stream along `axis`: value i at bits i*bits .. i*bits+bits-1, 32 per word."""
+    v = np.moveaxis(np.asarray(values).astype(np.uint64), axis, -1)
+    stream = ((v[..., None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
+    stream = stream.reshape(*v.shape[:-1], -1)
+    as_bytes = np.packbits(stream, axis=-1, bitorder="little")
+    words = np.ascontiguousarray(as_bytes).view("<u4").astype(np.uint32).view(np.int32)
+    return np.moveaxis(words, -1, axis)

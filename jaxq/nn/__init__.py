@@ -1,0 +1,32 @@
+"""Flax NNX layers on jaxq's ops: quantized drop-ins for ``nnx.Linear``, ``quantize`` for whole models,
+and checkpoints in the formats vLLM loads (AutoAWQ, AutoGPTQ, compressed-tensors, FP8 block-wise).
+"""
+
+from jaxq.nn.checkpoint import load_quantized, quantization_config, save_quantized
+from jaxq.nn.layers import (
+    AWQLinear,
+    Fp8Linear,
+    GPTQLinear,
+    Int8Linear,
+    QuantizedLinear,
+    QuantizedWeight,
+    quantize_int8_per_token,
+)
+from jaxq.nn.quantize import SCHEMES, add_lora, quantize, shard_model
+
+__all__ = [
+    "AWQLinear",
+    "Fp8Linear",
+    "GPTQLinear",
+    "Int8Linear",
+    "QuantizedLinear",
+    "QuantizedWeight",
+    "SCHEMES",
+    "add_lora",
+    "load_quantized",
+    "quantization_config",
+    "quantize",
+    "quantize_int8_per_token",
+    "save_quantized",
+    "shard_model",
+]

@@ -1,0 +1,295 @@
+"""Quantized checkpoints in the safetensors formats vLLM loads: ``load_quantized`` and ``save_quantized``.
+
+The model decides what is read: build (or ``quantize``) it with the scheme of the checkpoint, then
+``load_quantized`` fills each layer from the tensors named after its dotted module path (Hugging Face
+naming: ``model.layers.0.self_attn.q_proj.qweight``). Per layer class:
+
+* :class:`AWQLinear` - AutoAWQ (``quant_method: awq``, GEMM version): ``qweight`` int32 ``[in, out/8]``,
+  ``qzeros`` int32 ``[in/G, out/8]``, ``scales`` ``[in/G, out]``.
+* :class:`GPTQLinear` - AutoGPTQ (``quant_method: gptq``): ``qweight`` int32 ``[in*bits/32, out]`` (rows in
+  input order, not shuffled), ``qzeros`` int32 ``[groups, out*bits/32]``, ``scales``, ``g_idx`` int32 ``[in]``;
+  the config's ``bits``/``group_size`` must match the layer, ``desc_act`` and ``checkpoint_format``
+  (``gptq`` = v1 zeros minus one, ``gptq_v2``) set it.
+* :class:`Fp8Linear` ``block=True`` - FP8 block-wise (``quant_method: fp8``, ``weight_block_size
+  [128, 128]``, dynamic activations): ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale_inv`` float32
+  ``[ceil(out/128), in/128]``.
+* :class:`Fp8Linear` - compressed-tensors ``float-quantized`` (fp8 weights per channel, dynamic per-token
+  activations): ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale`` float32 ``[out, 1]``.
+* :class:`Int8Linear` - compressed-tensors ``int-quantized`` (int8 weights per channel, dynamic per-token
+  int8 activations, symmetric or with zero points = ``azp``): ``weight`` int8 ``[out, in]``,
+  ``weight_scale`` float32 ``[out, 1]``.
+
+Float modules are filled too: ``nnx.Linear`` from ``weight [out, in]`` (and ``bias``), ``nnx.Embed`` from
+``weight``, ``nnx.RMSNorm``/``nnx.LayerNorm`` from ``weight`` (and ``bias``). An ``nnx.LoRA`` around a layer
+is transparent (``q_proj.base_module`` reads ``q_proj``); its adapters are not part of the checkpoint.
+The ``quantization_config`` comes from ``config.json`` (or AutoGPTQ/AutoAWQ's ``quantize_config.json``)
+beside the files; without one the layers' own settings are taken as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+from flax import nnx
+from safetensors.numpy import save_file
+
+from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, QuantizedLinear
+from jaxq.nn.quantize import iter_modules, module_path
+
+_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F16": np.float16, "F32": np.float32,
+           "F64": np.float64, "I8": np.int8, "U8": np.uint8, "I16": np.int16, "U16": np.uint16, "I32": np.int32,
+           "U32": np.uint32, "I64": np.int64, "U64": np.uint64, "BOOL": np.bool_}
+_CONFIG_FILES = ("config.json", "quantize_config.json", "quant_config.json")
+CHECKPOINT_FILE = "model.safetensors"
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a ``.safetensors`` file, or of all such files in a directory, as NumPy arrays
+    (bfloat16 and float8_e4m3fn as ml_dtypes)."""
+    files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+             if os.path.isdir(path) else [path])
+    if not files:
+        raise FileNotFoundError(f"load_quantized: no .safetensors files in {path}")
+    tensors = {}
+    for file in files:
+        with open(file, "rb") as f:
+            for name, entry in safetensors.deserialize(f.read()):
+                if entry["dtype"] not in _DTYPES:
+                    raise TypeError(f"load_quantized: tensor {name!r} in {file} has unsupported dtype {entry['dtype']}")
+                if name in tensors:
+                    raise ValueError(f"load_quantized: tensor {name!r} appears in two files")
+                tensors[name] = np.frombuffer(entry["data"], _DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return tensors
+
+
+def read_quantization_config(path: str) -> dict | None:
+    """The ``quantization_config`` beside a checkpoint (a directory's ``config.json``, or AutoGPTQ's
+    ``quantize_config.json``), or None."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    for name in _CONFIG_FILES:
+        file = os.path.join(directory, name)
+        if os.path.exists(file):
+            with open(file) as f:
+                config = json.load(f)
+            if name == "config.json":
+                config = config.get("quantization_config")
+                if config is None:
+                    continue
+            return config
+    return None
+
+
+# ------------------------------------------------------------------------------------ quantized layers
+
+
+def _ct_config(weights: dict, activations: dict, fmt: str) -> dict:
+    return {"quant_method": "compressed-tensors", "format": fmt,
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}}}
+
+
+def quantization_config(layer: QuantizedLinear) -> dict:
+    """The ``quantization_config`` a checkpoint of ``layer`` carries (what vLLM reads)."""
+    if isinstance(layer, AWQLinear):
+        return {"quant_method": "awq", "bits": 4, "group_size": layer.group_size, "zero_point": True,
+                "version": "gemm"}
+    if isinstance(layer, GPTQLinear):
+        return {"quant_method": "gptq", "bits": layer.bits, "group_size": layer.group_size,
+                "desc_act": layer.act_order, "sym": layer.symmetric,
+                "checkpoint_format": "gptq_v2" if layer.v2_format else "gptq"}
+    if isinstance(layer, Fp8Linear) and layer.block:
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    kind = "float" if isinstance(layer, Fp8Linear) else "int"
+    weights = {"num_bits": 8, "type": kind, "strategy": "channel", "symmetric": True, "dynamic": False}
+    activations = {"num_bits": 8, "type": kind, "strategy": "token", "dynamic": True,
+                   "symmetric": not getattr(layer, "azp", False)}
+    return _ct_config(weights, activations, f"{kind}-quantized")
+
+
+def _mismatch(prefix, key, want, got):
+    return ValueError(f"load_quantized: {prefix}: the checkpoint's quantization_config has {key}={got!r}, the layer "
+                      f"needs {want!r}")
+
+
+def _configure(layer: QuantizedLinear, config: dict, prefix: str):
+    """Checks ``config`` against ``layer`` and adopts its storage settings (GPTQ's desc_act, sym, format)."""
+    expected = quantization_config(layer)
+    method = config.get("quant_method")
+    if method != expected["quant_method"]:
+        raise _mismatch(prefix, "quant_method", expected["quant_method"], method)
+    if isinstance(layer, GPTQLinear):
+        group = config.get("group_size", layer.group_size)
+        if config.get("bits") != layer.bits:
+            raise _mismatch(prefix, "bits", layer.bits, config.get("bits"))
+        if (layer.in_features if group == -1 else group) != layer.group_size:
+            raise _mismatch(prefix, "group_size", layer.group_size, group)
+        fmt = config.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise _mismatch(prefix, "checkpoint_format", "gptq or gptq_v2", fmt)
+        layer.configure_storage(act_order=bool(config.get("desc_act", False)), v2_format=fmt == "gptq_v2",
+                                symmetric=bool(config.get("sym", True)))
+        return
+    if method == "compressed-tensors":
+        if config.get("format") != expected["format"]:
+            raise _mismatch(prefix, "format", expected["format"], config.get("format"))
+        groups = list(config.get("config_groups", {}).values())
+        if len(groups) != 1:
+            raise ValueError(f"load_quantized: {prefix}: compressed-tensors configs with {len(groups)} config_groups "
+                             "are not supported (one scheme per checkpoint)")
+        want = expected["config_groups"]["group_0"]
+        for part in ("weights", "input_activations"):
+            got = groups[0].get(part) or {}
+            for key, value in want[part].items():
+                if key in got and got[key] != value:
+                    raise _mismatch(prefix, f"{part}.{key}", value, got[key])
+        return
+    for key, value in expected.items():
+        got = config.get(key, value)
+        if key == "group_size" and got == -1:
+            got = layer.in_features
+        if got != value and not (key == "weight_block_size" and list(got) == value):
+            raise _mismatch(prefix, key, value, got)
+
+
+def _quantized_tensors(layer: QuantizedLinear) -> dict[str, object]:
+    if isinstance(layer, GPTQLinear):
+        return layer.checkpoint_tensors()
+    return {name: getattr(layer, name)[...] for name in layer.tensor_specs() if name != "azp_adj"}
+
+
+def _load_quantized_layer(layer: QuantizedLinear, prefix: str, take: Callable):
+    if isinstance(layer, GPTQLinear):
+        names = {n: f"{prefix}.{n}" for n in ("qweight", "qzeros", "scales", "g_idx")}
+        layer.set_checkpoint_tensors(*(take(names[n]) for n in ("qweight", "qzeros", "scales", "g_idx")), names=names)
+    elif isinstance(layer, Int8Linear):
+        layer.set_weight(take(f"{prefix}.weight"), take(f"{prefix}.weight_scale"),
+                         names={n: f"{prefix}.{n}" for n in ("weight", "weight_scale")})
+    else:
+        for name in layer.tensor_specs():
+            layer.assign(name, take(f"{prefix}.{name}"), what=f"{prefix}.{name}")
+
+
+# ------------------------------------------------------------------------------------------ float modules
+
+
+def _float_entries(module) -> dict[str, tuple[str, bool]]:
+    """checkpoint name -> (attribute, transposed) of a float module's parameters."""
+    if isinstance(module, nnx.Linear):
+        return {"weight": ("kernel", True), "bias": ("bias", False)}
+    if isinstance(module, nnx.Embed):
+        return {"weight": ("embedding", False)}
+    if isinstance(module, (nnx.RMSNorm, nnx.LayerNorm)):
+        return {"weight": ("scale", False), "bias": ("bias", False)}
+    return {}
+
+
+def _modules(model: nnx.Module):
+    """(checkpoint prefix, module) of every module that owns checkpoint tensors. ``base_module`` path
+    components (``nnx.LoRA``) are dropped so a wrapped layer keeps its name."""
+    for path, module in iter_modules(model):
+        if isinstance(module, QuantizedLinear) or _float_entries(module):
+            yield module_path(tuple(p for p in path if p != "base_module")), module
+
+
+def _join(prefix, name):
+    return f"{prefix}.{name}" if prefix else name
+
+
+# ------------------------------------------------------------------------------------------------ API
+
+
+def load_quantized(model: nnx.Module, path_or_dir: str, *, strict: bool = True) -> nnx.Module:
+    """Fills ``model`` (already built or quantized with the checkpoint's scheme) from safetensors files.
+
+    Args:
+      model: an NNX model whose quantized layers (:mod:`jaxq.nn.layers`) and float ``Linear``/``Embed``/
+        norm modules name the tensors to read (see the module docstring for names, shapes and dtypes).
+      path_or_dir: a ``.safetensors`` file or a directory of them (with ``config.json``).
+      strict: also fail when the files hold tensors that no module of ``model`` reads.
+
+    Raises ``KeyError`` for a missing tensor, ``ValueError``/``TypeError`` for a wrong shape or dtype or a
+    config the layer cannot take, each naming the tensor or config key. Returns ``model``.
+    """
+    tensors = read_safetensors(path_or_dir)
+    config = read_quantization_config(path_or_dir)
+    used = set()
+
+    def take(name):
+        if name not in tensors:
+            raise KeyError(f"load_quantized: the checkpoint has no tensor {name!r}")
+        used.add(name)
+        return jnp.asarray(tensors[name])
+
+    for prefix, module in _modules(model):
+        if isinstance(module, QuantizedLinear):
+            if config is not None:
+                _configure(module, config, prefix)
+            _load_quantized_layer(module, prefix, take)
+            if module.use_bias:
+                module.assign("bias", take(_join(prefix, "bias")), what=_join(prefix, "bias"))
+            continue
+        for name, (attribute, transposed) in _float_entries(module).items():
+            variable = getattr(module, attribute, None)
+            if variable is None:
+                continue
+            full = _join(prefix, name)
+            value = take(full)
+            value = value.T if transposed else value
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(f"load_quantized: {full}: expected shape "
+                                 f"{tuple(reversed(variable.shape)) if transposed else tuple(variable.shape)}; "
+                                 f"got {tuple(tensors[full].shape)}")
+            variable[...] = value.astype(variable.dtype)
+    unused = sorted(set(tensors) - used)
+    if strict and unused:
+        raise ValueError(f"load_quantized: {len(unused)} tensor(s) in the checkpoint match no module of the model, "
+                         f"e.g. {unused[:5]} (strict=False ignores them)")
+    return model
+
+
+def save_quantized(model: nnx.Module, path: str) -> str:
+    """Writes ``model`` to the directory ``path`` as ``model.safetensors`` plus ``config.json`` with its
+    ``quantization_config``, in the formats :func:`load_quantized` reads (and vLLM loads); loading it back
+    into a model of the same structure restores every tensor bit for bit. Every quantized layer must share
+    one config. Returns the file's path."""
+    tensors, configs, float_linears = {}, {}, []
+    for prefix, module in _modules(model):
+        if isinstance(module, QuantizedLinear):
+            entries = dict(_quantized_tensors(module))
+            if module.use_bias:
+                entries["bias"] = module.bias[...]
+            configs[json.dumps(quantization_config(module), sort_keys=True)] = prefix
+        else:
+            if isinstance(module, nnx.Linear):
+                float_linears.append(prefix)
+            entries = {}
+            for name, (attribute, transposed) in _float_entries(module).items():
+                variable = getattr(module, attribute, None)
+                if variable is not None:
+                    entries[name] = variable[...].T if transposed else variable[...]
+        for name, value in entries.items():
+            tensors[_join(prefix, name)] = np.ascontiguousarray(np.asarray(value))
+    if len(configs) > 1:
+        raise ValueError(f"save_quantized: the quantized layers use {len(configs)} different configs (e.g. layers "
+                         f"{sorted(configs.values())[:2]}); a checkpoint holds one")
+    if not configs:
+        raise ValueError("save_quantized: the model has no quantized layer (jaxq.nn.quantize it first)")
+    config = json.loads(next(iter(configs)))
+    if config["quant_method"] == "compressed-tensors":
+        config["ignore"] = float_linears
+    elif config["quant_method"] == "awq":
+        config["modules_to_not_convert"] = float_linears
+    os.makedirs(path, exist_ok=True)
+    file = os.path.join(path, CHECKPOINT_FILE)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"quantization_config": config}, f, indent=2)
+    return file

@@ -1,0 +1,513 @@
+"""Quantized drop-in replacements for ``flax.nnx.Linear``.
+
+Each layer is called like ``nnx.Linear`` (``layer(x)`` with ``x [..., in_features]``, optional
+``out_sharding``) and returns ``[..., out_features]`` in x's dtype. The arithmetic runs in the layer's
+``dtype`` (float16 or bfloat16, the dtype of its scales): other input dtypes are cast to it on the way in
+and the result is cast back.
+
+Quantized tensors are :class:`QuantizedWeight` variables, not ``nnx.Param``: ``nnx.grad`` and optimizers
+that follow ``nnx.Param`` leave them alone, while gradients reach the input and the float parameters next
+to them (bias, LoRA adapters). Asking for the gradient of a quantized tensor raises
+``jaxq.NotDifferentiableError`` (float tensors: scales, fp8 weights) or JAX's error for integer inputs.
+
+Every variable carries sharding metadata (``out_sharding``, as ``nnx.with_partitioning`` writes it) built
+from ``kernel_axes = (in_axis, out_axis)``, the axes of the float kernel ``[in, out]`` it replaces: a packed
+dimension gets the axis of the dimension it packs (``qweight [K, N/8]`` of a column-parallel AWQ layer is
+sharded along its second dimension). ``nnx.get_partition_spec`` then gives the specs for ``jax.jit``;
+a mesh axis must divide the packed sizes (N/8 words, K/G groups), which the ops' sharding rules also need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxq import formats
+from jaxq._op import NotDifferentiableError
+from jaxq.ops.awq import awq_gemm
+from jaxq.ops.gptq import gptq_gemm, gptq_shuffle
+from jaxq.ops.group_quant import per_token_group_fp8_quant
+from jaxq.ops.scaled_mm import cutlass_azp_adj, cutlass_scaled_mm, cutlass_scaled_mm_azp
+
+COMPUTE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+FP8_MAX = 448.0
+BLOCK = 128  # fp8 block-wise weights: 128 x 128 blocks; activations: 1 x 128 groups
+_EPS = 1e-10  # floor of an amax, so all-zero rows and columns quantize to zeros instead of NaN
+
+
+# Compiled once per shape: quantizing a model op by op would spend seconds compiling each small op.
+_quantize_awq = jax.jit(formats.quantize_awq, static_argnums=1)
+_quantize_gptq = jax.jit(formats.quantize_gptq, static_argnums=(1, 2), static_argnames=("symmetric", "v2_format"))
+_gptq_shuffle = jax.jit(gptq_shuffle, static_argnums=2)
+_azp_adj = jax.jit(lambda weight: cutlass_azp_adj(weight.T))
+_argsort = jax.jit(functools.partial(jnp.argsort, stable=True))
+
+
+class QuantizedWeight(nnx.Variable):
+    """A frozen tensor of a quantized layer: packed weights, zeros, scales, group indices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """What a layer's quantized tensor must be: shape, dtype, and per dimension ``"in"``, ``"out"`` or None
+    for the kernel axis its sharding follows."""
+
+    shape: tuple[int, ...]
+    dtype: jnp.dtype
+    layout: tuple[str | None, ...]
+
+
+def sharding_axes(variable) -> tuple | None:
+    """The mesh axes a variable was annotated with (``nnx.with_partitioning``), or None."""
+    metadata = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    for key in ("out_sharding", "sharding_names", "sharding"):  # flax 0.12, 0.11, 0.10 spellings
+        if metadata.get(key) is not None:
+            return tuple(metadata[key])
+    return None
+
+
+def annotated(cls, value, axes: tuple | None):
+    """``cls(value)`` with sharding metadata ``axes`` (none when ``axes`` is None). Eager sharding only when
+    a mesh is set (``jax.set_mesh``), so that layers can be built and quantized without one."""
+    if axes is None or all(a is None for a in axes):
+        return cls(value)
+    eager = getattr(nnx, "use_eager_sharding", None)
+    scope = eager(not jax.sharding.get_abstract_mesh().empty) if eager else contextlib.nullcontext()
+    with scope:
+        return cls(nnx.with_partitioning(lambda *_: value, axes)(None, value.shape, value.dtype))
+
+
+def _check_features(cls_name: str, name: str, value, multiple: int = 1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
+        raise ValueError(f"{cls_name}: {name} must be a positive int{f' multiple of {multiple}' if multiple > 1 else ''}; "
+                         f"got {value!r}")
+
+
+def _group_size(cls_name: str, group_size, in_features: int) -> int:
+    g = in_features if group_size == -1 else group_size
+    if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g <= 0 or in_features % g or g % 32:
+        raise ValueError(f"{cls_name}: group_size {group_size!r} must divide in_features={in_features} and be a "
+                         "multiple of 32 (or -1: one group)")
+    return int(g)
+
+
+def _compute_dtype(cls_name: str, dtype) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    if dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"{cls_name}: dtype must be bfloat16 or float16; got {dtype.name}")
+    return dtype
+
+
+class QuantizedLinear(nnx.Module):
+    """What the quantized layers share: shapes, bias, the call, tensor assignment with checks.
+
+    A layer class defines ``tensor_specs() -> {name: Tensor}`` (its quantized tensors) and
+    ``_matmul(rows [M, in] in dtype, bias [out] or None) -> [M, out]``."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, kernel_axes):
+        name = type(self).__name__
+        _check_features(name, "in_features", in_features)
+        _check_features(name, "out_features", out_features)
+        if kernel_axes is not None and len(tuple(kernel_axes)) != 2:
+            raise ValueError(f"{name}: kernel_axes must be (in_axis, out_axis); got {kernel_axes!r}")
+        self.in_features, self.out_features, self.use_bias = int(in_features), int(out_features), bool(use_bias)
+        self.dtype = _compute_dtype(name, dtype)
+        self.kernel_axes = None if kernel_axes is None else tuple(kernel_axes)
+        for tensor_name, spec in self.tensor_specs().items():
+            setattr(self, tensor_name, annotated(QuantizedWeight, jnp.zeros(spec.shape, spec.dtype),
+                                                 self._axes(spec.layout)))
+        self.bias = (annotated(nnx.Param, jnp.zeros((self.out_features,), self.dtype), self._axes(("out",)))
+                     if self.use_bias else None)
+
+    def _axes(self, layout) -> tuple | None:
+        if self.kernel_axes is None:
+            return None
+        by_role = {"in": self.kernel_axes[0], "out": self.kernel_axes[1], None: None}
+        return tuple(by_role[role] for role in layout)
+
+    def assign(self, name: str, value, *, what: str | None = None):
+        """Replaces quantized tensor (or ``bias``) ``name`` by ``value`` after checking its shape and dtype;
+        errors name ``what`` (e.g. the checkpoint tensor) when given."""
+        label = what or f"{type(self).__name__}.{name}"
+        if name == "bias":
+            if not self.use_bias:
+                raise ValueError(f"{label}: the layer has no bias (use_bias=False)")
+            spec = Tensor((self.out_features,), self.dtype, ("out",))
+        else:
+            specs = self.tensor_specs()
+            if name not in specs:
+                raise KeyError(f"{label}: {type(self).__name__} has no tensor {name!r} (it has {sorted(specs)})")
+            spec = specs[name]
+        value = jnp.asarray(value)
+        if tuple(value.shape) != spec.shape:
+            raise ValueError(f"{label}: expected shape {spec.shape}; got {tuple(value.shape)}")
+        if name == "bias":
+            value = value.astype(self.dtype)
+        elif jnp.dtype(value.dtype) != jnp.dtype(spec.dtype):
+            raise TypeError(f"{label}: expected dtype {jnp.dtype(spec.dtype).name}; got {jnp.dtype(value.dtype).name}")
+        setattr(self, name, annotated(nnx.Param if name == "bias" else QuantizedWeight, value, self._axes(spec.layout)))
+
+    def __call__(self, inputs, out_sharding=None):
+        name = type(self).__name__
+        if not hasattr(inputs, "shape") or not jnp.issubdtype(inputs.dtype, jnp.floating):
+            raise TypeError(f"{name}: inputs must be a float array; got {getattr(inputs, 'dtype', type(inputs).__name__)}")
+        if inputs.ndim < 1 or inputs.shape[-1] != self.in_features:
+            raise ValueError(f"{name}: inputs {tuple(inputs.shape)} must end in in_features={self.in_features}")
+        rows = inputs.reshape(-1, self.in_features).astype(self.dtype)
+        bias = self.bias[...] if self.bias is not None else None
+        out = self._matmul(rows, bias).reshape(*inputs.shape[:-1], self.out_features).astype(inputs.dtype)
+        if out_sharding is not None:
+            out = jax.lax.with_sharding_constraint(out, out_sharding)
+        return out
+
+    @classmethod
+    def _source(cls, linear) -> tuple[jax.Array, jax.Array | None, dict]:
+        """(kernel [in, out] float32, bias or None, constructor arguments) of an ``nnx.Linear``."""
+        if not isinstance(linear, nnx.Linear):
+            raise TypeError(f"{cls.__name__}.from_linear: expected an nnx.Linear; got {type(linear).__name__}")
+        kernel = linear.kernel[...]
+        bias = linear.bias[...] if linear.bias is not None else None
+        dtype = linear.dtype if linear.dtype is not None and jnp.dtype(linear.dtype) in COMPUTE_DTYPES else jnp.bfloat16
+        return kernel, bias, dict(in_features=linear.in_features, out_features=linear.out_features,
+                                  use_bias=bias is not None, dtype=dtype, kernel_axes=sharding_axes(linear.kernel))
+
+    def _fill(self, tensors: dict, bias):
+        for name, value in tensors.items():
+            self.assign(name, value)
+        if bias is not None:
+            self.assign("bias", bias)
+        return self
+
+
+# --------------------------------------------------------------------------------- weight-only (W4A16)
+
+
+class AWQLinear(QuantizedLinear):
+    """A linear layer with an AutoAWQ 4-bit weight: ``awq_gemm(x, qweight, scales, qzeros) + bias``.
+
+    Tensors (AutoAWQ's names and layouts): ``qweight`` int32 ``[in, out/8]``, ``qzeros`` int32
+    ``[in/G, out/8]``, ``scales`` ``[in/G, out]`` in ``dtype``. ``out_features`` must be a multiple of 8.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, group_size: int = 128, use_bias: bool = True,
+                 dtype=jnp.bfloat16, kernel_axes=None):
+        _check_features(type(self).__name__, "out_features", out_features, 8)
+        self.group_size = _group_size(type(self).__name__, group_size, in_features)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes)
+
+    def tensor_specs(self):
+        k, n, groups = self.in_features, self.out_features, self.in_features // self.group_size
+        return {"qweight": Tensor((k, n // 8), jnp.int32, ("in", "out")),
+                "qzeros": Tensor((groups, n // 8), jnp.int32, ("in", "out")),
+                "scales": Tensor((groups, n), self.dtype, ("in", "out"))}
+
+    def _matmul(self, rows, bias):
+        out = awq_gemm(rows, self.qweight[...], self.scales[...], self.qzeros[...])
+        return out if bias is None else out + bias
+
+    @classmethod
+    def from_linear(cls, linear, *, group_size: int = 128, dtype=None):
+        """Quantizes an ``nnx.Linear`` by round-to-nearest (asymmetric, as AutoAWQ stores it; no activation-
+        aware scaling search)."""
+        kernel, bias, args = cls._source(linear)
+        args["dtype"] = args["dtype"] if dtype is None else dtype
+        layer = cls(**args, group_size=group_size)
+        qweight, scales, qzeros = _quantize_awq(kernel.astype(layer.dtype), layer.group_size)
+        return layer._fill({"qweight": qweight, "qzeros": qzeros, "scales": scales}, bias)
+
+
+class GPTQLinear(QuantizedLinear):
+    """A linear layer with an AutoGPTQ weight of 2, 3, 4 or 8 bits, run by ``gptq_gemm`` (exllama layout).
+
+    Tensors: ``qweight`` int32 ``[in*bits/32, out]`` in the exllama layout (:func:`jaxq.gptq_shuffle` of the
+    checkpoint's, rows in ``perm`` order under act-order), ``qzeros`` int32 ``[groups, out*bits/32]``,
+    ``scales`` ``[groups, out]``, ``g_idx`` int32 ``[in]`` (the checkpoint's group of each input row) and,
+    with ``act_order``, ``perm = argsort(g_idx)`` int32 ``[in]`` (vLLM's convention; empty otherwise).
+    ``v2_format``: zeros stored as they are rather than minus one (AutoGPTQ's ``checkpoint_format``).
+    ``symmetric`` only records how the weight was quantized (the checkpoint config's ``sym``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int = 4, group_size: int = 128,
+                 act_order: bool = False, v2_format: bool = False, symmetric: bool = True, use_bias: bool = True,
+                 dtype=jnp.bfloat16, kernel_axes=None):
+        name = type(self).__name__
+        if bits not in formats.GPTQ_BITS:
+            raise ValueError(f"{name}: bits must be one of {formats.GPTQ_BITS}; got {bits!r}")
+        _check_features(name, "in_features", in_features, 32)
+        _check_features(name, "out_features", out_features, 32 // np.gcd(32, bits))
+        self.bits, self.act_order, self.v2_format = int(bits), bool(act_order), bool(v2_format)
+        self.symmetric = bool(symmetric)
+        self.group_size = _group_size(name, group_size, in_features)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes)
+
+    def tensor_specs(self):
+        k, n, b, groups = self.in_features, self.out_features, self.bits, self.in_features // self.group_size
+        return {"qweight": Tensor((k * b // 32, n), jnp.int32, ("in", "out")),
+                "qzeros": Tensor((groups, n * b // 32), jnp.int32, ("in", "out")),
+                "scales": Tensor((groups, n), self.dtype, ("in", "out")),
+                "g_idx": Tensor((k,), jnp.int32, (None,)),
+                "perm": Tensor((k if self.act_order else 0,), jnp.int32, (None,))}
+
+    def _matmul(self, rows, bias):
+        out = gptq_gemm(rows, self.qweight[...], self.qzeros[...], self.scales[...], self.perm[...],
+                        use_exllama=True, use_v2_format=self.v2_format, bits=self.bits)
+        return out if bias is None else out + bias
+
+    def configure_storage(self, *, act_order: bool, v2_format: bool, symmetric: bool):
+        """Adopts a checkpoint's storage settings (before :meth:`set_checkpoint_tensors`)."""
+        self.v2_format, self.symmetric = bool(v2_format), bool(symmetric)
+        if bool(act_order) != self.act_order:
+            self.act_order = bool(act_order)
+            spec = self.tensor_specs()["perm"]
+            self.perm = annotated(QuantizedWeight, jnp.zeros(spec.shape, spec.dtype), self._axes(spec.layout))
+
+    def set_checkpoint_tensors(self, qweight, qzeros, scales, g_idx, *, names: dict | None = None):
+        """Fills the layer from AutoGPTQ tensors in the checkpoint layout (rows in input order, not
+        shuffled): shuffles ``qweight`` for the exllama kernel, under act-order into ``argsort(g_idx)`` order."""
+        names = names or {}
+        g_idx = jnp.asarray(g_idx)
+        self.assign("g_idx", g_idx, what=names.get("g_idx"))
+        perm = _argsort(g_idx).astype(jnp.int32) if self.act_order else jnp.zeros((0,), jnp.int32)
+        self.assign("perm", perm)
+        self.assign("qweight", qweight, what=names.get("qweight"))  # checked before the shuffle
+        self.assign("qweight", _gptq_shuffle(self.qweight[...], perm, self.bits))
+        self.assign("qzeros", qzeros, what=names.get("qzeros"))
+        self.assign("scales", scales, what=names.get("scales"))
+
+    def checkpoint_tensors(self) -> dict[str, jax.Array]:
+        """``qweight`` (checkpoint layout: unshuffled, rows in input order), ``qzeros``, ``scales``,
+        ``g_idx``: the inverse of :meth:`set_checkpoint_tensors`, bit for bit."""
+        values = formats.unpack_gptq(formats.exllama_unshuffle(self.qweight[...], self.bits), self.bits, axis=0)
+        if self.act_order:  # row i of the shuffled weight is input row perm[i]
+            values = jnp.zeros_like(values).at[self.perm[...]].set(values)
+        return {"qweight": formats.pack_gptq(values, self.bits, axis=0), "qzeros": self.qzeros[...],
+                "scales": self.scales[...], "g_idx": self.g_idx[...]}
+
+    @classmethod
+    def from_linear(cls, linear, *, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+                    act_order=None, v2_format: bool = False, dtype=None):
+        """Quantizes an ``nnx.Linear`` by round-to-nearest into AutoGPTQ tensors.
+
+        ``act_order``: None, or a permutation of the input rows (the order GPTQ would visit them, e.g.
+        by decreasing Hessian diagonal); rows are then grouped by their position in it (``g_idx``), as in
+        ``desc_act`` checkpoints.
+        """
+        kernel, bias, args = cls._source(linear)
+        args["dtype"] = args["dtype"] if dtype is None else dtype
+        layer = cls(**args, bits=bits, group_size=group_size, act_order=act_order is not None, v2_format=v2_format,
+                    symmetric=symmetric)
+        if act_order is not None:
+            perm = np.asarray(act_order)
+            if perm.shape != (layer.in_features,) or not np.array_equal(np.sort(perm), np.arange(layer.in_features)):
+                raise ValueError(f"{cls.__name__}.from_linear: act_order must be a permutation of "
+                                 f"range({layer.in_features})")
+        qweight, qzeros, scales, g_idx = _quantize_gptq(
+            kernel.astype(layer.dtype), bits, layer.group_size, symmetric=symmetric,
+            act_order=None if act_order is None else jnp.asarray(act_order), v2_format=v2_format)
+        layer.set_checkpoint_tensors(qweight, qzeros, scales, g_idx)
+        return layer._fill({}, bias)
+
+
+# ------------------------------------------------------------------------------------------------ W8A8
+
+
+def _frozen_weight_matmul(forward: Callable, dequantized: Callable):
+    """``forward(rows, bias, *weights)`` whose gradient reaches ``rows`` (``dy @ dequantized(*weights)``, the
+    quantization of the activations taken as the identity: a straight-through estimator) and ``bias``
+    (None or ``[out]``). A gradient asked of a weight tensor raises ``NotDifferentiableError``."""
+
+    @jax.custom_vjp
+    def call(rows, bias, *weights):
+        return forward(rows, bias, *weights)
+
+    def fwd(rows, bias, *weights):
+        if any(w.perturbed for w in weights):
+            raise NotDifferentiableError("jaxq.nn: quantized weights and their scales are frozen; differentiate "
+                                         "the inputs and float parameters (nnx.Param) only")
+        args = (rows.value, None if bias is None else bias.value) + tuple(w.value for w in weights)
+        return forward(*args), args
+
+    def bwd(args, dy):
+        rows, bias, *weights = args
+        if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+            dy = jnp.zeros((rows.shape[0], dy.aval.shape[-1]), rows.dtype)
+        w = dequantized(*weights)  # [out, in] float32
+        dx = jnp.dot(dy.astype(jnp.float32), w, preferred_element_type=jnp.float32).astype(rows.dtype)
+        dbias = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
+        return (dx, dbias) + tuple(None for _ in weights)
+
+    call.defvjp(fwd, bwd, symbolic_zeros=True)
+    return call
+
+
+def _per_channel_scales(w_out_in, q_max):
+    amax = jnp.max(jnp.abs(w_out_in), axis=1, keepdims=True)
+    return (jnp.maximum(amax, _EPS) / q_max).astype(jnp.float32)  # [out, 1]
+
+
+def _block_scales(scale, n):
+    """``[ceil(n/128), in/128]`` block scales -> ``[n, in]``, each block's scale on each of its elements."""
+    return jnp.repeat(jnp.repeat(scale, BLOCK, axis=0)[:n], BLOCK, axis=1)
+
+
+def _fp8(values):
+    return jnp.clip(values, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+
+
+class Fp8Linear(QuantizedLinear):
+    """W8A8 fp8 (e4m3fn): ``cutlass_scaled_mm`` on activations quantized per call.
+
+    ``block=False``: tensors ``weight`` float8_e4m3fn ``[out, in]`` and ``weight_scale`` float32 ``[out, 1]``
+    (one scale per output channel, compressed-tensors' names); each token is quantized with its own scale
+    (``per_token_group_fp8_quant`` with one group of all ``in`` features: ``s = max(|x|, 1e-10) / 448``).
+    ``block=True`` (DeepSeek-V3 style): ``weight_scale_inv`` float32 ``[ceil(out/128), in/128]``, one scale
+    per 128 x 128 block (``in`` a multiple of 128), activations in 1 x 128 groups.
+    ``in_features`` and ``out_features`` must be multiples of 16.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, block: bool = False, use_bias: bool = True,
+                 dtype=jnp.bfloat16, kernel_axes=None):
+        name = type(self).__name__
+        _check_features(name, "in_features", in_features, BLOCK if block else 16)
+        _check_features(name, "out_features", out_features, 16)
+        self.block = bool(block)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes)
+
+    def tensor_specs(self):
+        k, n = self.in_features, self.out_features
+        specs = {"weight": Tensor((n, k), jnp.float8_e4m3fn, ("out", "in"))}
+        if self.block:
+            specs["weight_scale_inv"] = Tensor((-(-n // BLOCK), k // BLOCK), jnp.float32, ("out", "in"))
+        else:
+            specs["weight_scale"] = Tensor((n, 1), jnp.float32, ("out", None))
+        return specs
+
+    def _scale(self):
+        return self.weight_scale_inv[...] if self.block else self.weight_scale[...]
+
+    def _dequantized(self, weight, scale):
+        return weight.astype(jnp.float32) * (_block_scales(scale, weight.shape[0]) if self.block else scale)
+
+    def _matmul(self, rows, bias):
+        group = BLOCK if self.block else self.in_features
+
+        def forward(rows, bias, weight, scale):
+            q, s = per_token_group_fp8_quant(rows, group)
+            return cutlass_scaled_mm(q, weight.T, s, scale.T, rows.dtype, bias)
+
+        return _frozen_weight_matmul(forward, self._dequantized)(rows, bias, self.weight[...], self._scale())
+
+    @classmethod
+    def from_linear(cls, linear, *, block: bool = False, dtype=None):
+        """Quantizes an ``nnx.Linear``: per output channel (or per 128 x 128 block) ``s = amax / 448``,
+        ``weight = fp8(w / s)`` with round-to-nearest-even."""
+        kernel, bias, args = cls._source(linear)
+        args["dtype"] = args["dtype"] if dtype is None else dtype
+        layer = cls(**args, block=block)
+        weight, scale = (_fp8_blocks if block else _fp8_channels)(kernel)
+        return layer._fill({"weight": weight, ("weight_scale_inv" if block else "weight_scale"): scale}, bias)
+
+
+@jax.jit
+def _fp8_channels(kernel):
+    w = kernel.astype(jnp.float32).T  # [out, in]
+    scale = _per_channel_scales(w, FP8_MAX)
+    return _fp8(w / scale), scale
+
+
+@jax.jit
+def _fp8_blocks(kernel):
+    w = kernel.astype(jnp.float32).T
+    n, k = w.shape
+    padded = jnp.pad(w, ((0, -n % BLOCK), (0, 0)))
+    blocks = padded.reshape(padded.shape[0] // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    scale = (jnp.maximum(jnp.max(jnp.abs(blocks), axis=(1, 3)), _EPS) / FP8_MAX).astype(jnp.float32)
+    return _fp8(w / _block_scales(scale, n)), scale
+
+
+@jax.jit
+def _int8_channels(kernel):
+    w = kernel.astype(jnp.float32).T
+    scale = _per_channel_scales(w, 127.0)
+    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+
+def quantize_int8_per_token(rows, *, asymmetric: bool):
+    """Dynamic int8 quantization of each row (vLLM's ``scaled_int8_quant`` math, round half to even).
+
+    Symmetric: ``s = max(|x|) / 127``, ``q = round(x / s)``. Asymmetric: ``s = (max - min) / 255``,
+    ``azp = round(-128 - min / s)``, ``q = clamp(round(x / s) + azp, -128, 127)`` so that
+    ``x ~= s * (q - azp)``. Extremes are floored at 1e-10 so constant rows stay finite.
+    Returns ``(q int8 [M, K], s float32 [M, 1], azp int32 [M] or None)``.
+    """
+    x = rows.astype(jnp.float32)
+    if not asymmetric:
+        s = jnp.maximum(jnp.max(jnp.abs(x), axis=1, keepdims=True), _EPS) / 127.0
+        return jnp.clip(jnp.round(x / s), -128, 127).astype(jnp.int8), s, None
+    lo = jnp.minimum(jnp.min(x, axis=1, keepdims=True), 0.0)
+    hi = jnp.maximum(jnp.max(x, axis=1, keepdims=True), 0.0)
+    s = jnp.maximum(hi - lo, _EPS) / 255.0
+    azp = jnp.round(-128.0 - lo / s)
+    q = jnp.clip(jnp.round(x / s) + azp, -128, 127).astype(jnp.int8)
+    return q, s, azp[:, 0].astype(jnp.int32)
+
+
+class Int8Linear(QuantizedLinear):
+    """W8A8 int8: per-output-channel weight scales, activations quantized per token on each call.
+
+    Tensors: ``weight`` int8 ``[out, in]``, ``weight_scale`` float32 ``[out, 1]`` and, with ``azp=True``
+    (asymmetric activations, run by ``cutlass_scaled_mm_azp``), ``azp_adj`` int32 ``[out]``: the weight's
+    sums over ``in`` (:func:`jaxq.cutlass_azp_adj`). Activation quantization: :func:`quantize_int8_per_token`.
+    ``in_features`` and ``out_features`` must be multiples of 16.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, azp: bool = False, use_bias: bool = True,
+                 dtype=jnp.bfloat16, kernel_axes=None):
+        name = type(self).__name__
+        _check_features(name, "in_features", in_features, 16)
+        _check_features(name, "out_features", out_features, 16)
+        self.azp = bool(azp)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes)
+
+    def tensor_specs(self):
+        k, n = self.in_features, self.out_features
+        specs = {"weight": Tensor((n, k), jnp.int8, ("out", "in")),
+                 "weight_scale": Tensor((n, 1), jnp.float32, ("out", None))}
+        if self.azp:
+            specs["azp_adj"] = Tensor((n,), jnp.int32, ("out",))
+        return specs
+
+    def _matmul(self, rows, bias):
+        def forward(rows, bias, weight, scale, *azp_adj):
+            q, s, azp = quantize_int8_per_token(rows, asymmetric=self.azp)
+            if self.azp:
+                return cutlass_scaled_mm_azp(q, weight.T, s, scale.T, rows.dtype, azp_adj[0], azp, bias)
+            return cutlass_scaled_mm(q, weight.T, s, scale.T, rows.dtype, bias)
+
+        weights = (self.weight[...], self.weight_scale[...]) + ((self.azp_adj[...],) if self.azp else ())
+        return _frozen_weight_matmul(forward, lambda w, s, *_: w.astype(jnp.float32) * s)(rows, bias, *weights)
+
+    def set_weight(self, weight, weight_scale, *, names: dict | None = None):
+        """Fills ``weight`` and ``weight_scale`` (and ``azp_adj``, computed from the weight)."""
+        names = names or {}
+        self.assign("weight", weight, what=names.get("weight"))
+        self.assign("weight_scale", weight_scale, what=names.get("weight_scale"))
+        if self.azp:
+            self.assign("azp_adj", _azp_adj(self.weight[...]))
+
+    @classmethod
+    def from_linear(cls, linear, *, azp: bool = False, dtype=None):
+        """Quantizes an ``nnx.Linear`` symmetrically per output channel: ``s = amax / 127``,
+        ``weight = round(w / s)``."""
+        kernel, bias, args = cls._source(linear)
+        args["dtype"] = args["dtype"] if dtype is None else dtype
+        layer = cls(**args, azp=azp)
+        layer.set_weight(*_int8_channels(kernel))
+        return layer._fill({}, bias)
