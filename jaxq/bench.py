@@ -438,6 +438,46 @@ def run_scaled_mm(torch_times: dict, copy: float) -> list[dict]:
     return out
 
 
+DECODER_LAYER_OPS = {"decoder_layer"}
+DECODER_ROWS = (1, 16, 2048)  # decode (one sequence, then a batch of 16) and a 2048-token prefill
+
+
+def run_decoder_layer(copy: float) -> list[dict]:
+    """One Llama-3-8B decoder layer (random weights; attention and MLP) per jaxq.nn scheme against the
+    same layer with bf16 ``nnx.Linear`` projections (XLA's dot), on hidden states ``[1, M, 4096]``."""
+    from flax import nnx
+
+    import jaxq.nn as qnn
+    from jaxq.nn.llama import LLAMA3_8B, DecoderLayer
+
+    out, bf16 = [], {}
+    for scheme in ("bf16", *qnn.SCHEMES):
+        layer = DecoderLayer(LLAMA3_8B, rngs=nnx.Rngs(0))
+        if scheme != "bf16":
+            qnn.quantize(layer, scheme)
+        graphdef, state = nnx.split(layer)
+        del layer
+        moved = sum(x.nbytes for x in jax.tree.leaves(state))  # weights read per call
+        for m in DECODER_ROWS:
+            def make_input(i, m=m, state=state):
+                x = jax.random.normal(jax.random.key(i), (1, m, LLAMA3_8B.hidden_size), jnp.float32)
+                return x.astype(jnp.bfloat16), state
+
+            seconds = _time_per_call(lambda x, state: nnx.merge(graphdef, state)(x), make_input, moved)
+            row = dict(op="decoder_layer", variant=scheme, shape=f"M{m} (Llama-3-8B layer)", us=seconds * 1e6,
+                       weight_mb=moved / 1e6, pct_copy=100 * moved / seconds / copy)
+            if scheme == "bf16":
+                bf16[m] = seconds
+            row.update(bf16_us=bf16[m] * 1e6, speedup=bf16[m] / seconds)
+            out.append(row)
+            print(row, flush=True)
+        del state
+    _print_table(out, [("µs", "us", "{:.1f}"), ("weights MB", "weight_mb", "{:.0f}"),
+                       ("weights / time, % of copy BW", "pct_copy", "{:.1f}%"), ("bf16 layer µs", "bf16_us", "{:.1f}"),
+                       ("vs bf16 (XLA dot)", "speedup", "{:.2f}x")])
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default="", help="comma-separated op names (default: all)")
@@ -450,7 +490,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ops = {o.strip() for o in args.ops.split(",") if o.strip()} or None
     token_counts, hidden = ([256], 1024) if args.quick else ([int(m) for m in args.rows.split(",")], args.hidden)
-    gemm_ops = WEIGHT_ONLY_OPS | SCALED_MM_OPS
+    gemm_ops = WEIGHT_ONLY_OPS | SCALED_MM_OPS | DECODER_LAYER_OPS
     # torch's times first: its child process must find the GPU's memory before JAX takes it.
     torch_times = _torch_peer(SCALED_MM_CASES) if not args.quick and (ops is None or ops & SCALED_MM_OPS) else {}
     if ops is None or ops - gemm_ops:
@@ -464,6 +504,8 @@ def main(argv=None):
                         [int(m) for m in args.sweep.split(",")], copy, [int(v) for v in args.splits.split(",") if v])
     if not args.quick and (ops is None or ops & SCALED_MM_OPS):
         run_scaled_mm(torch_times, copy)
+    if not args.quick and (ops is None or ops & DECODER_LAYER_OPS):
+        run_decoder_layer(copy)
 
 
 if __name__ == "__main__":
