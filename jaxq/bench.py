@@ -442,28 +442,39 @@ DECODER_LAYER_OPS = {"decoder_layer"}
 DECODER_ROWS = (1, 16, 2048)  # decode (one sequence, then a batch of 16) and a 2048-token prefill
 
 
-def run_decoder_layer(copy: float) -> list[dict]:
-    """One Llama-3-8B decoder layer (random weights; attention and MLP) per jaxq.nn scheme against the
-    same layer with bf16 ``nnx.Linear`` projections (XLA's dot), on hidden states ``[1, M, 4096]``."""
+def decoder_layer_workload(scheme: str):
+    """One Llama-3-8B decoder layer (random weights; attention and MLP) with its projections quantized by
+    ``scheme`` (a ``jaxq.nn.SCHEMES`` key, or ``"bf16"`` for ``nnx.Linear``): ``(fn, make_input(m), weight
+    bytes)`` with ``fn(x, state)`` on hidden states ``x [1, M, 4096]``."""
     from flax import nnx
 
     import jaxq.nn as qnn
     from jaxq.nn.llama import LLAMA3_8B, DecoderLayer
 
+    layer = DecoderLayer(LLAMA3_8B, rngs=nnx.Rngs(0))
+    if scheme != "bf16":
+        qnn.quantize(layer, scheme)
+    graphdef, state = nnx.split(layer)
+
+    def make_input(m):
+        def one(i):
+            x = jax.random.normal(jax.random.key(i), (1, m, LLAMA3_8B.hidden_size), jnp.float32)
+            return x.astype(jnp.bfloat16), state
+
+        return one
+
+    return (lambda x, state: nnx.merge(graphdef, state)(x)), make_input, sum(x.nbytes for x in jax.tree.leaves(state))
+
+
+def run_decoder_layer(copy: float) -> list[dict]:
+    """``decoder_layer_workload`` per scheme against the bf16 layer (XLA's dot), at ``DECODER_ROWS``."""
+    import jaxq.nn as qnn
+
     out, bf16 = [], {}
     for scheme in ("bf16", *qnn.SCHEMES):
-        layer = DecoderLayer(LLAMA3_8B, rngs=nnx.Rngs(0))
-        if scheme != "bf16":
-            qnn.quantize(layer, scheme)
-        graphdef, state = nnx.split(layer)
-        del layer
-        moved = sum(x.nbytes for x in jax.tree.leaves(state))  # weights read per call
+        fn, make_input, moved = decoder_layer_workload(scheme)
         for m in DECODER_ROWS:
-            def make_input(i, m=m, state=state):
-                x = jax.random.normal(jax.random.key(i), (1, m, LLAMA3_8B.hidden_size), jnp.float32)
-                return x.astype(jnp.bfloat16), state
-
-            seconds = _time_per_call(lambda x, state: nnx.merge(graphdef, state)(x), make_input, moved)
+            seconds = _time_per_call(fn, make_input(m), moved)
             row = dict(op="decoder_layer", variant=scheme, shape=f"M{m} (Llama-3-8B layer)", us=seconds * 1e6,
                        weight_mb=moved / 1e6, pct_copy=100 * moved / seconds / copy)
             if scheme == "bf16":
@@ -471,7 +482,7 @@ def run_decoder_layer(copy: float) -> list[dict]:
             row.update(bf16_us=bf16[m] * 1e6, speedup=bf16[m] / seconds)
             out.append(row)
             print(row, flush=True)
-        del state
+        del fn, make_input
     _print_table(out, [("µs", "us", "{:.1f}"), ("weights MB", "weight_mb", "{:.0f}"),
                        ("weights / time, % of copy BW", "pct_copy", "{:.1f}%"), ("bf16 layer µs", "bf16_us", "{:.1f}"),
                        ("vs bf16 (XLA dot)", "speedup", "{:.2f}x")])

@@ -5,6 +5,7 @@ gap before it, then the totals against the program's wall time.
     python tools/trace_calls.py per_token_group_fp8_quant 16384 7168 [CALLS]
     python tools/trace_calls.py gptq_gemm|awq_gemm M K N [CALLS]
     python tools/trace_calls.py copy BYTES [CALLS]
+    python tools/trace_calls.py decoder_layer SCHEME M [CALLS]   (SCHEME: bf16 or a jaxq.nn scheme)
 
 XLA_FLAGS set around it (e.g. --xla_gpu_enable_command_buffer=) show what a flag changes.
 """
@@ -23,6 +24,9 @@ def workload(argv):
     if op == "copy":
         n = int(argv[1]) // 4
         return (lambda x: x * 2.0), (lambda i: (jnp.full((n,), float(i), jnp.float32),)), argv[2:]
+    if op == "decoder_layer":
+        fn, make_input, _ = bench.decoder_layer_workload(argv[1])
+        return fn, make_input(int(argv[2])), argv[3:]
     if op in bench.WEIGHT_ONLY_OPS:
         m, k, n = map(int, argv[1:4])
         case = bench.WeightCase(op.removesuffix("_gemm"), 4, k, n)
