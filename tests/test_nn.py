@@ -197,6 +197,10 @@ SAVE_CASES = {
     "awq": ("awq", {}),
     "gptq3_act_order": ("gptq", dict(bits=3, act_order=ACT_ORDER)),
     "gptq8_v2_g64": ("gptq", dict(bits=8, v2_format=True, group_size=64)),
+    "gptq4_compressed_tensors_asym": ("gptq", dict(checkpoint_format="compressed-tensors", v2_format=True,
+                                                   symmetric=False)),
+    "gptq8_compressed_tensors_act_order": ("gptq", dict(bits=8, group_size=64, act_order=ACT_ORDER, v2_format=True,
+                                                        checkpoint_format="compressed-tensors")),
     "fp8": ("fp8", {}),
     "fp8_block": ("fp8-block", {}),
     "int8_azp": ("int8-azp", {}),
@@ -274,6 +278,30 @@ def test_load_autogptq_written_from_the_format(tmp_path, bits, desc_act, fmt):
     w = (q - zeros[g_idx]) * scales.astype(np.float32)[g_idx]
     x = _x((3, K), dtype=jnp.float16)
     assert _rel(layer(x), np.asarray(x, np.float32) @ w + bias.astype(np.float32)) < 5e-3
+
+
+@pytest.mark.parametrize("symmetric,strategy", [(True, "group"), (False, "group"), (True, "channel")])
+def test_load_compressed_tensors_pack_quantized_written_from_the_format(tmp_path, symmetric, strategy):
+    rng = np.random.default_rng(11)
+    g = K if strategy == "channel" else 64
+    signed = rng.integers(-8, 8, (N, K))
+    zero = np.zeros((N, K // g), np.int64) if symmetric else rng.integers(-3, 4, (N, K // g))
+    scales = (rng.random((N, K // g)) * 0.02 + 0.001).astype(ml_dtypes.bfloat16)
+    tensors = {"proj.weight_packed": oracle.bitstream_pack(signed + 8, 4, axis=1), "proj.weight_scale": scales,
+               "proj.weight_shape": np.array([N, K], np.int64)}
+    if not symmetric:
+        tensors["proj.weight_zero_point"] = oracle.bitstream_pack(zero + 8, 4, axis=0)
+    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": strategy,
+               "group_size": g if strategy == "group" else None}
+    config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}}}
+    layer = qnn.GPTQLinear(K, N, group_size=g, v2_format=True, use_bias=False, checkpoint_format="compressed-tensors")
+    qnn.load_quantized(_single_layer_model(layer), _write(tmp_path, tensors, config))
+    w = ((signed - np.repeat(zero, g, axis=1)) * np.repeat(scales.astype(np.float32), g, axis=1)).T  # [K, N]
+    x = _x((3, K))
+    assert _rel(layer(x), np.asarray(x, np.float32) @ w) < 5e-3
+    with pytest.raises(ValueError, match="v2_format"):
+        qnn.GPTQLinear(K, N, checkpoint_format="compressed-tensors")
 
 
 def test_load_fp8_block_and_compressed_tensors_written_from_the_format(tmp_path):

@@ -10,6 +10,11 @@ naming: ``model.layers.0.self_attn.q_proj.qweight``). Per layer class:
   input order, not shuffled), ``qzeros`` int32 ``[groups, out*bits/32]``, ``scales``, ``g_idx`` int32 ``[in]``;
   the config's ``bits``/``group_size`` must match the layer, ``desc_act`` and ``checkpoint_format``
   (``gptq`` = v1 zeros minus one, ``gptq_v2``) set it.
+* :class:`GPTQLinear` with ``checkpoint_format="compressed-tensors"`` - compressed-tensors ``pack-quantized``
+  (W4A16/W8A16 and other widths, ``group`` or ``channel`` strategy, symmetric or with zero points, ``actorder``
+  ``group``): ``weight_packed`` int32 ``[out, in*bits/32]`` (values plus ``2**(bits-1)``, little-endian bit
+  stream along ``in``), ``weight_scale`` ``[out, in/G]``, ``weight_shape`` ``[2]``, and when used
+  ``weight_zero_point`` int32 ``[out*bits/32, in/G]`` and ``weight_g_idx`` int32 ``[in]``.
 * :class:`Fp8Linear` ``block=True`` - FP8 block-wise (``quant_method: fp8``, ``weight_block_size
   [128, 128]``, dynamic activations): ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale_inv`` float32
   ``[ceil(out/128), in/128]``.
@@ -28,6 +33,7 @@ beside the files; without one the layers' own settings are taken as they are.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -39,6 +45,7 @@ import safetensors
 from flax import nnx
 from safetensors.numpy import save_file
 
+from jaxq import formats
 from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, QuantizedLinear
 from jaxq.nn.quantize import iter_modules, module_path
 
@@ -101,6 +108,12 @@ def quantization_config(layer: QuantizedLinear) -> dict:
     if isinstance(layer, AWQLinear):
         return {"quant_method": "awq", "bits": 4, "group_size": layer.group_size, "zero_point": True,
                 "version": "gemm"}
+    if isinstance(layer, GPTQLinear) and layer.checkpoint_format == "compressed-tensors":
+        weights = {"num_bits": layer.bits, "type": "int", "symmetric": layer.symmetric, "dynamic": False,
+                   "strategy": "channel" if layer.group_size == layer.in_features else "group",
+                   "group_size": None if layer.group_size == layer.in_features else layer.group_size,
+                   "actorder": "group" if layer.act_order else None}
+        return _ct_config(weights, None, "pack-quantized")
     if isinstance(layer, GPTQLinear):
         return {"quant_method": "gptq", "bits": layer.bits, "group_size": layer.group_size,
                 "desc_act": layer.act_order, "sym": layer.symmetric,
@@ -125,6 +138,18 @@ def _configure(layer: QuantizedLinear, config: dict, prefix: str):
     method = config.get("quant_method")
     if method != expected["quant_method"]:
         raise _mismatch(prefix, "quant_method", expected["quant_method"], method)
+    if isinstance(layer, GPTQLinear) and method == "compressed-tensors":
+        weights = _ct_group(config, prefix, expected["format"])["weights"] or {}
+        for key in ("num_bits", "type"):
+            if weights.get(key) != expected["config_groups"]["group_0"]["weights"][key]:
+                raise _mismatch(prefix, f"weights.{key}", expected["config_groups"]["group_0"]["weights"][key],
+                                weights.get(key))
+        group = layer.in_features if weights.get("strategy") == "channel" else weights.get("group_size")
+        if group != layer.group_size:
+            raise _mismatch(prefix, "weights.group_size", layer.group_size, group)
+        layer.configure_storage(act_order=weights.get("actorder") == "group", v2_format=True,
+                                symmetric=bool(weights.get("symmetric", True)))
+        return
     if isinstance(layer, GPTQLinear):
         group = config.get("group_size", layer.group_size)
         if config.get("bits") != layer.bits:
@@ -138,15 +163,10 @@ def _configure(layer: QuantizedLinear, config: dict, prefix: str):
                                 symmetric=bool(config.get("sym", True)))
         return
     if method == "compressed-tensors":
-        if config.get("format") != expected["format"]:
-            raise _mismatch(prefix, "format", expected["format"], config.get("format"))
-        groups = list(config.get("config_groups", {}).values())
-        if len(groups) != 1:
-            raise ValueError(f"load_quantized: {prefix}: compressed-tensors configs with {len(groups)} config_groups "
-                             "are not supported (one scheme per checkpoint)")
+        group = _ct_group(config, prefix, expected["format"])
         want = expected["config_groups"]["group_0"]
         for part in ("weights", "input_activations"):
-            got = groups[0].get(part) or {}
+            got = group.get(part) or {}
             for key, value in want[part].items():
                 if key in got and got[key] != value:
                     raise _mismatch(prefix, f"{part}.{key}", value, got[key])
@@ -159,14 +179,62 @@ def _configure(layer: QuantizedLinear, config: dict, prefix: str):
             raise _mismatch(prefix, key, value, got)
 
 
+def _ct_group(config: dict, prefix: str, fmt: str) -> dict:
+    """The one config group of a compressed-tensors config, after checking its format."""
+    if config.get("format") != fmt:
+        raise _mismatch(prefix, "format", fmt, config.get("format"))
+    groups = list(config.get("config_groups", {}).values())
+    if len(groups) != 1:
+        raise ValueError(f"load_quantized: {prefix}: compressed-tensors configs with {len(groups)} config_groups "
+                         "are not supported (one scheme per checkpoint)")
+    return groups[0]
+
+
+def _ct_packed(layer: GPTQLinear) -> dict[str, object]:
+    """compressed-tensors ``pack-quantized`` tensors of a GPTQ layer: its bit streams run along K in both
+    formats, so ``weight_packed [out, in*bits/32]`` is AutoGPTQ's ``qweight`` transposed and the unsigned
+    zero points (signed zero plus ``2**(bits-1)``, packed along ``out``) are its v2 ``qzeros`` transposed."""
+    gptq = layer.checkpoint_tensors()
+    tensors = {"weight_packed": gptq["qweight"].T, "weight_scale": gptq["scales"].T,
+               "weight_shape": np.array([layer.out_features, layer.in_features], np.int64)}
+    if not layer.symmetric:
+        tensors["weight_zero_point"] = gptq["qzeros"].T
+    if layer.act_order:
+        tensors["weight_g_idx"] = gptq["g_idx"]
+    return tensors
+
+
+def _load_ct_packed(layer: GPTQLinear, prefix: str, take: Callable):
+    name = functools.partial(_join, prefix)
+    shape = tuple(np.asarray(take(name("weight_shape"))).tolist())
+    if shape != (layer.out_features, layer.in_features):
+        raise ValueError(f"load_quantized: {name('weight_shape')}: {shape}, the layer is "
+                         f"{(layer.out_features, layer.in_features)}")
+    groups, offset = layer.in_features // layer.group_size, 1 << (layer.bits - 1)
+    if layer.symmetric:
+        zeros = formats.pack_gptq(jnp.full((groups, layer.out_features), offset, jnp.int32), layer.bits, axis=1)
+    else:
+        zeros = take(name("weight_zero_point")).T
+    g_idx = (take(name("weight_g_idx")) if layer.act_order else
+             jnp.arange(layer.in_features, dtype=jnp.int32) // layer.group_size)
+    names = {"qweight": name("weight_packed"), "scales": name("weight_scale"), "qzeros": name("weight_zero_point"),
+             "g_idx": name("weight_g_idx")}
+    layer.set_checkpoint_tensors(take(name("weight_packed")).T, zeros, take(name("weight_scale")).T, g_idx,
+                                 names=names)
+
+
 def _quantized_tensors(layer: QuantizedLinear) -> dict[str, object]:
+    if isinstance(layer, GPTQLinear) and layer.checkpoint_format == "compressed-tensors":
+        return _ct_packed(layer)
     if isinstance(layer, GPTQLinear):
         return layer.checkpoint_tensors()
     return {name: getattr(layer, name)[...] for name in layer.tensor_specs() if name != "azp_adj"}
 
 
 def _load_quantized_layer(layer: QuantizedLinear, prefix: str, take: Callable):
-    if isinstance(layer, GPTQLinear):
+    if isinstance(layer, GPTQLinear) and layer.checkpoint_format == "compressed-tensors":
+        _load_ct_packed(layer, prefix, take)
+    elif isinstance(layer, GPTQLinear):
         names = {n: f"{prefix}.{n}" for n in ("qweight", "qzeros", "scales", "g_idx")}
         layer.set_checkpoint_tensors(*(take(names[n]) for n in ("qweight", "qzeros", "scales", "g_idx")), names=names)
     elif isinstance(layer, Int8Linear):

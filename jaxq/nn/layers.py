@@ -232,14 +232,25 @@ class GPTQLinear(QuantizedLinear):
     with ``act_order``, ``perm = argsort(g_idx)`` int32 ``[in]`` (vLLM's convention; empty otherwise).
     ``v2_format``: zeros stored as they are rather than minus one (AutoGPTQ's ``checkpoint_format``).
     ``symmetric`` only records how the weight was quantized (the checkpoint config's ``sym``).
+    ``checkpoint_format``: how :mod:`jaxq.nn.checkpoint` names and lays out the tensors, ``"gptq"``
+    (AutoGPTQ) or ``"compressed-tensors"`` (``pack-quantized``: the same integers as ``[out, ...]``
+    transposes, stored as signed values offset by ``2**(bits-1)``; its zeros are always v2).
     """
+
+    CHECKPOINT_FORMATS = ("gptq", "compressed-tensors")
 
     def __init__(self, in_features: int, out_features: int, *, bits: int = 4, group_size: int = 128,
                  act_order: bool = False, v2_format: bool = False, symmetric: bool = True, use_bias: bool = True,
-                 dtype=jnp.bfloat16, kernel_axes=None):
+                 dtype=jnp.bfloat16, kernel_axes=None, checkpoint_format: str = "gptq"):
         name = type(self).__name__
         if bits not in formats.GPTQ_BITS:
             raise ValueError(f"{name}: bits must be one of {formats.GPTQ_BITS}; got {bits!r}")
+        if checkpoint_format not in self.CHECKPOINT_FORMATS:
+            raise ValueError(f"{name}: checkpoint_format must be one of {self.CHECKPOINT_FORMATS}; "
+                             f"got {checkpoint_format!r}")
+        if checkpoint_format == "compressed-tensors" and not v2_format:
+            raise ValueError(f"{name}: compressed-tensors zeros are stored as they are: pass v2_format=True")
+        self.checkpoint_format = checkpoint_format
         _check_features(name, "in_features", in_features, 32)
         _check_features(name, "out_features", out_features, 32 // np.gcd(32, bits))
         self.bits, self.act_order, self.v2_format = int(bits), bool(act_order), bool(v2_format)
@@ -292,7 +303,7 @@ class GPTQLinear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear, *, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                    act_order=None, v2_format: bool = False, dtype=None):
+                    act_order=None, v2_format: bool = False, dtype=None, checkpoint_format: str = "gptq"):
         """Quantizes an ``nnx.Linear`` by round-to-nearest into AutoGPTQ tensors.
 
         ``act_order``: None, or a permutation of the input rows (the order GPTQ would visit them, e.g.
@@ -302,7 +313,7 @@ class GPTQLinear(QuantizedLinear):
         kernel, bias, args = cls._source(linear)
         args["dtype"] = args["dtype"] if dtype is None else dtype
         layer = cls(**args, bits=bits, group_size=group_size, act_order=act_order is not None, v2_format=v2_format,
-                    symmetric=symmetric)
+                    symmetric=symmetric, checkpoint_format=checkpoint_format)
         if act_order is not None:
             perm = np.asarray(act_order)
             if perm.shape != (layer.in_features,) or not np.array_equal(np.sort(perm), np.arange(layer.in_features)):
