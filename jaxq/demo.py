@@ -104,6 +104,8 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens to decode (default 16)")
     parser.add_argument("--qlora", action="store_true", help="also train LoRA adapters on the AWQ model")
     args = parser.parse_args(argv)
+    if args.new_tokens < 1:
+        parser.error("--new-tokens must be at least 1")
 
     config = LlamaConfig()
     devices = jax.devices()

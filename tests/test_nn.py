@@ -229,10 +229,14 @@ def test_save_then_load_is_bit_exact(tmp_path, case):
     np.testing.assert_array_equal(fresh(tokens), model(tokens))
 
 
-def _write(tmp_path, tensors, config):
+def _write(tmp_path, tensors, config, config_file="config.json"):
+    """A checkpoint directory: tensors in model.safetensors, and ``config`` in Hugging Face's config.json
+    (as its quantization_config) or as a file of its own (AutoGPTQ's quantize_config.json, AutoAWQ's
+    quant_config.json)."""
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp_path / "model.safetensors"),
               metadata={"format": "pt"})
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": config}))
+    content = {"quantization_config": config} if config_file == "config.json" else config
+    (tmp_path / config_file).write_text(json.dumps(content))
     return str(tmp_path)
 
 
@@ -248,9 +252,11 @@ def test_load_autoawq_written_from_the_format(tmp_path):
     rng = np.random.default_rng(0)
     q, z = rng.integers(0, 16, (K, N)), rng.integers(0, 16, (K // 128, N))
     scales = (rng.random((K // 128, N)) * 0.02 + 0.001).astype(ml_dtypes.bfloat16)
+    # AutoAWQ's own quant_config.json, as older AutoAWQ checkpoints carry it
     path = _write(tmp_path, {"proj.qweight": oracle.awq_pack(q), "proj.qzeros": oracle.awq_pack(z),
                              "proj.scales": scales},
-                  {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"})
+                  {"zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMM"},
+                  config_file="quant_config.json")
     model = qnn.load_quantized(_single_layer_model(qnn.AWQLinear(K, N, use_bias=False)), path)
     w = (q - np.repeat(z, 128, 0)) * np.repeat(scales.astype(np.float32), 128, 0)
     x = _x((5, K))
@@ -270,8 +276,9 @@ def test_load_autogptq_written_from_the_format(tmp_path, bits, desc_act, fmt):
     path = _write(tmp_path, {"proj.qweight": oracle.bitstream_pack(q, bits, 0),
                              "proj.qzeros": oracle.bitstream_pack(stored, bits, 1),
                              "proj.scales": scales, "proj.g_idx": g_idx, "proj.bias": bias},
-                  {"quant_method": "gptq", "bits": bits, "group_size": g, "desc_act": desc_act, "sym": False,
-                   "checkpoint_format": fmt})
+                  {"bits": bits, "group_size": g, "desc_act": desc_act, "sym": False, "checkpoint_format": fmt,
+                   **({} if bits == 8 else {"quant_method": "gptq"})},
+                  config_file="quantize_config.json" if bits == 8 else "config.json")  # AutoGPTQ's own file too
     layer = qnn.GPTQLinear(K, N, bits=bits, group_size=g, dtype=jnp.float16)
     qnn.load_quantized(_single_layer_model(layer), path)
     assert (layer.act_order, layer.v2_format, layer.symmetric) == (desc_act, fmt == "gptq_v2", False)
@@ -343,6 +350,7 @@ def test_load_errors_name_the_tensor(tmp_path):
             "proj.scales": np.ones((2, N), ml_dtypes.bfloat16)}
     cases = [
         ({k: v for k, v in good.items() if k != "proj.qzeros"}, config, KeyError, "proj.qzeros"),
+        (good, {**config, "bits": 8}, ValueError, "bits"),
         ({**good, "proj.scales": np.ones((2, N), np.float16)}, config, TypeError, "proj.scales.*bfloat16"),
         ({**good, "proj.qweight": good["proj.qweight"][:128]}, config, ValueError, "proj.qweight.*shape"),
         (good, {**config, "group_size": 64}, ValueError, "group_size"),

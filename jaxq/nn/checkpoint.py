@@ -79,19 +79,27 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def read_quantization_config(path: str) -> dict | None:
-    """The ``quantization_config`` beside a checkpoint (a directory's ``config.json``, or AutoGPTQ's
-    ``quantize_config.json``), or None."""
+    """The ``quantization_config`` beside a checkpoint, or None: from a directory's ``config.json``, else
+    AutoGPTQ's ``quantize_config.json`` (which names no ``quant_method``) or AutoAWQ's ``quant_config.json``
+    (``w_bit``, ``q_group_size``)."""
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     for name in _CONFIG_FILES:
         file = os.path.join(directory, name)
-        if os.path.exists(file):
-            with open(file) as f:
-                config = json.load(f)
-            if name == "config.json":
-                config = config.get("quantization_config")
-                if config is None:
-                    continue
-            return config
+        if not os.path.exists(file):
+            continue
+        with open(file) as f:
+            config = json.load(f)
+        if name == "config.json":
+            config = config.get("quantization_config")
+            if config is None:
+                continue
+        elif name == "quantize_config.json":
+            config = {"quant_method": "gptq", **config}
+        else:
+            config = {"quant_method": "awq", "bits": config.get("w_bit", config.get("bits")),
+                      "group_size": config.get("q_group_size", config.get("group_size")),
+                      **{k: v for k, v in config.items() if k not in ("w_bit", "q_group_size")}}
+        return config
     return None
 
 
@@ -175,6 +183,8 @@ def _configure(layer: QuantizedLinear, config: dict, prefix: str):
         got = config.get(key, value)
         if key == "group_size" and got == -1:
             got = layer.in_features
+        if key == "version":  # AutoAWQ's own file writes "GEMM", Hugging Face's config "gemm"
+            got = str(got).lower()
         if got != value and not (key == "weight_block_size" and list(got) == value):
             raise _mismatch(prefix, key, value, got)
 

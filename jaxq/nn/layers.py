@@ -2,8 +2,8 @@
 
 Each layer is called like ``nnx.Linear`` (``layer(x)`` with ``x [..., in_features]``, optional
 ``out_sharding``) and returns ``[..., out_features]`` in x's dtype. The arithmetic runs in the layer's
-``dtype`` (float16 or bfloat16, the dtype of its scales): other input dtypes are cast to it on the way in
-and the result is cast back.
+``dtype`` (float16 or bfloat16, the dtype of its scales and of its bias): other input dtypes are cast to it
+on the way in and the result is cast back.
 
 Quantized tensors are :class:`QuantizedWeight` variables, not ``nnx.Param``: ``nnx.grad`` and optimizers
 that follow ``nnx.Param`` leave them alone, while gradients reach the input and the float parameters next
@@ -169,7 +169,8 @@ class QuantizedLinear(nnx.Module):
 
     @classmethod
     def _source(cls, linear) -> tuple[jax.Array, jax.Array | None, dict]:
-        """(kernel [in, out] float32, bias or None, constructor arguments) of an ``nnx.Linear``."""
+        """(kernel ``[in, out]``, bias or None, constructor arguments) of an ``nnx.Linear``; the quantized
+        layer computes in the linear's ``dtype`` when that is float16 or bfloat16, else in bfloat16."""
         if not isinstance(linear, nnx.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: expected an nnx.Linear; got {type(linear).__name__}")
         kernel = linear.kernel[...]
