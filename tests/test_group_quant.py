@@ -242,6 +242,19 @@ def test_sharded_awkward_shapes_stay_correct(shape, kwargs):
     assert_bits_equal(s, s0)
 
 
+@pytest.mark.parametrize("spec", [P("a", "b"), P(None, ("a", "b"))])
+def test_sharded_one_group_per_row(spec):
+    """One group spanning the whole row (per-token scales): the group factor has size 1, which Shardy
+    rejects inside a compound dimension; the row stays whole and the result is the unsharded one."""
+    x = random_activations(np.random.default_rng(10), (64, 512), jnp.bfloat16)
+    f = jax.jit(lambda x: jaxq.per_token_group_fp8_quant(x, 512))
+    q, s = f(jax.device_put(x, NamedSharding(_mesh(), spec)))
+    q0, s0 = f(x)
+    assert s.shape == (64, 1)
+    assert_bits_equal(q, q0)
+    assert_bits_equal(s, s0)
+
+
 def test_packed_sharded_unaligned_rows_and_groups():
     x = random_activations(np.random.default_rng(9), (36, 768), jnp.float16)  # 6 groups: not whole words
     f = jax.jit(lambda x: jaxq.per_token_group_fp8_quant_packed(x, 128))

@@ -292,6 +292,20 @@ def test_awq_gemm_sharded_equals_unsharded(layout):
     assert ("all-reduce" in f.lower(*args).compile().as_text()) == reduces
 
 
+def test_awq_gemm_row_parallel_on_a_mesh_axis_that_does_not_divide_the_groups():
+    """K sharded over a 2-way axis of a (4, 2) mesh with 2 groups: the 4-way axis divides no group count, so
+    the group factor must stay whole for it; it used to be both a reduction and a replicated factor, which
+    Shardy refuses."""
+    rng = np.random.default_rng(12)
+    qweight, scales, qzeros = awq_weight(rng, 256, 128, 128, jnp.bfloat16)
+    x = random_x(rng, (8, 256), jnp.bfloat16)
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    args = (_put(mesh, x, P("a", "b")), _put(mesh, qweight, P("b", None)), _put(mesh, scales, P("b", None)),
+            _put(mesh, qzeros, P("b", None)))
+    got = jax.jit(jaxq.awq_gemm)(*args)
+    assert rel_l2(got, jaxq.awq_gemm(x, qweight, scales, qzeros)) < 1e-2
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bits", [3, 4])
 def test_gptq_gemm_sharded_equals_unsharded(layout, bits):
