@@ -135,6 +135,12 @@ class QuantizedLinear(nnx.Module):
     def assign(self, name: str, value, *, what: str | None = None):
         """Replaces quantized tensor (or ``bias``) ``name`` by ``value`` after checking its shape and dtype;
         errors name ``what`` (e.g. the checkpoint tensor) when given."""
+        value, spec = self._checked(name, value, what)
+        setattr(self, name, annotated(nnx.Param if name == "bias" else QuantizedWeight, value, self._axes(spec.layout)))
+
+    def _checked(self, name: str, value, what: str | None) -> tuple[jax.Array, Tensor]:
+        """``value`` as tensor ``name`` of this layer (the bias cast to ``dtype``), and its spec; raises if
+        its shape or dtype is not the spec's."""
         label = what or f"{type(self).__name__}.{name}"
         if name == "bias":
             if not self.use_bias:
@@ -152,7 +158,7 @@ class QuantizedLinear(nnx.Module):
             value = value.astype(self.dtype)
         elif jnp.dtype(value.dtype) != jnp.dtype(spec.dtype):
             raise TypeError(f"{label}: expected dtype {jnp.dtype(spec.dtype).name}; got {jnp.dtype(value.dtype).name}")
-        setattr(self, name, annotated(nnx.Param if name == "bias" else QuantizedWeight, value, self._axes(spec.layout)))
+        return value, spec
 
     def __call__(self, inputs, out_sharding=None):
         name = type(self).__name__
@@ -288,8 +294,8 @@ class GPTQLinear(QuantizedLinear):
         self.assign("g_idx", g_idx, what=names.get("g_idx"))
         perm = _argsort(g_idx).astype(jnp.int32) if self.act_order else jnp.zeros((0,), jnp.int32)
         self.assign("perm", perm)
-        self.assign("qweight", qweight, what=names.get("qweight"))  # checked before the shuffle
-        self.assign("qweight", _gptq_shuffle(self.qweight[...], perm, self.bits))
+        qweight, _ = self._checked("qweight", qweight, names.get("qweight"))  # before the shuffle
+        self.assign("qweight", _gptq_shuffle(qweight, perm, self.bits))
         self.assign("qzeros", qzeros, what=names.get("qzeros"))
         self.assign("scales", scales, what=names.get("scales"))
 
