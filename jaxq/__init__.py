@@ -9,6 +9,17 @@ from jaxq._ffi import cuda_available, export_safety_checks
 from jaxq._op import NotDifferentiableError
 from jaxq.ops.awq import awq_dequantize, awq_gemm
 from jaxq.ops.gptq import gptq_dequantize, gptq_gemm, gptq_shuffle
+from jaxq.ops.marlin import (
+    awq_marlin_repack,
+    awq_to_marlin_zero_points,
+    batch_invariant,
+    gptq_marlin_repack,
+    marlin_fp8_repack,
+    marlin_fp8_scales,
+    marlin_gemm,
+    marlin_permute_scales,
+    marlin_zero_points,
+)
 from jaxq.ops.group_quant import per_token_group_fp8_quant, per_token_group_fp8_quant_packed
 from jaxq.ops.scaled_mm import cutlass_azp_adj, cutlass_scaled_mm, cutlass_scaled_mm_azp
 from jaxq.ops.nvfp4 import (
@@ -22,10 +33,19 @@ __all__ = [
     "NotDifferentiableError",
     "awq_dequantize",
     "awq_gemm",
+    "awq_marlin_repack",
+    "awq_to_marlin_zero_points",
+    "batch_invariant",
     "formats",
     "gptq_dequantize",
     "gptq_gemm",
+    "gptq_marlin_repack",
     "gptq_shuffle",
+    "marlin_fp8_repack",
+    "marlin_fp8_scales",
+    "marlin_gemm",
+    "marlin_permute_scales",
+    "marlin_zero_points",
     "cuda_available",
     "export_safety_checks",
     "cutlass_azp_adj",

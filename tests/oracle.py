@@ -249,3 +249,68 @@ def bitstream_pack(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
     as_bytes = np.packbits(stream, axis=-1, bitorder="little")
     words = np.ascontiguousarray(as_bytes).view("<u4").astype(np.uint32).view(np.int32)
     return np.moveaxis(words, -1, axis)
+
+
+# ---------------------------------------------------------------------------------------------- Marlin
+# Transcribed from the loops of vLLM's gptq_marlin_repack kernel (one 16x64 tile per (k_tile, n_tile); warp w
+# and lane t of four warps fill words t*4+w, or t*8+2w and t*8+2w+1 for 8 bits), vectorized over tiles only.
+
+
+def marlin_pack(q: np.ndarray, bits: int) -> np.ndarray:
+    k, n = q.shape
+    tiles = q.reshape(k // 16, 16, n // 64, 64).astype(np.uint64)  # [kt, row, nt, col]
+    per_word = 32 // bits
+    words_per_tile = 16 * 64 // per_word
+    out = np.zeros((k // 16, n // 64, words_per_tile), np.uint64)
+    for warp in range(4):
+        for lane in range(32):
+            col = warp * 16 + lane // 4
+            rows = [(lane % 4) * 2 + o for o in (0, 1, 8, 9)]
+            vals = [tiles[:, r, :, col] for r in rows] + [tiles[:, r, :, col + 8] for r in rows]
+            if bits == 4:
+                word = sum(vals[j] << np.uint64(4 * i) for i, j in enumerate((0, 2, 4, 6, 1, 3, 5, 7)))
+                out[:, :, lane * 4 + warp] = word
+            else:
+                for half in range(2):
+                    word = sum(vals[4 * half + j] << np.uint64(8 * i) for i, j in enumerate((0, 2, 1, 3)))
+                    out[:, :, lane * 8 + warp * 2 + half] = word
+    return out.reshape(k // 16, -1).astype(np.uint32).view(np.int32)
+
+
+def marlin_scales(s: np.ndarray, single: bool) -> np.ndarray:
+    """Permuted scales from the explicit position formulas: grouped, position i of a 64-chunk holds column
+    (i % 64) // 8 + 8 * (i % 8); single (one group), position 8a + b of a 32-chunk holds column
+    2a + (0, 1, 8, 9, 16, 17, 24, 25)[b]."""
+    flat = s.reshape(-1)
+    i = np.arange(flat.size)
+    if single:
+        src = (i // 32) * 32 + 2 * ((i % 32) // 8) + np.array([0, 1, 8, 9, 16, 17, 24, 25])[i % 8]
+    else:
+        src = (i // 64) * 64 + (i % 64) // 8 + 8 * (i % 8)
+    return flat[src].reshape(s.shape)
+
+
+def marlin_zero_points(z: np.ndarray, bits: int) -> np.ndarray:
+    """Zero points permuted as grouped scales, interleaved per word, packed low slot first."""
+    permuted = marlin_scales(z, single=False).astype(np.uint64)
+    per_word = 32 // bits
+    order = (0, 2, 4, 6, 1, 3, 5, 7) if bits == 4 else (0, 2, 1, 3)
+    chunks = permuted.reshape(z.shape[0], -1, per_word)
+    words = sum(chunks[..., j] << np.uint64(bits * i) for i, j in enumerate(order))
+    return words.astype(np.uint32).view(np.int32)
+
+
+def marlin_weight(q, scales, zeros, g_idx, q_type: str, dtype) -> np.ndarray:
+    """W [K, N] from codes in logical order, natural-order scales [groups, N] and zeros, rounded to dtype."""
+    k = q.shape[0]
+    rows = np.arange(k) // (k // scales.shape[0]) if g_idx is None else g_idx
+    s = np.asarray(scales, np.float64)[rows]
+    if q_type == "uint4b8":
+        v = q - 8.0
+    elif q_type == "uint8b128":
+        v = q - 128.0
+    elif q_type == "uint4":
+        v = q - np.asarray(zeros, np.float64)[rows]
+    else:
+        v = E4M3_VALUES[q]
+    return (v * s).astype(np.float32).astype(dtype)

@@ -68,7 +68,7 @@ def dot_f32(x, w) -> jax.Array:
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _gemm_batching(op: Op, args, dims, **params):
+def gemm_batching(op: Op, args, dims, **params):
     """vmap over x folds into its rows; over weights (stacked layers or experts) maps one by one."""
     x, *weights = args
     x_dim, *weight_dims = dims
@@ -132,7 +132,7 @@ def gemm_op(
         sharding_rule=sharding_rule,
         ffi_target="jaxq_weight_only_gemm",
         ffi_attributes=ffi_attributes,
-        batching_rule=_gemm_batching,
+        batching_rule=gemm_batching,
         vjp=vjp,
         workspace=workspace,
         operand_names=("x", "qweight", "qzeros", "scales"),

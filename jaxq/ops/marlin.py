@@ -1,0 +1,482 @@
+"""Marlin: ``marlin_gemm`` (vLLM's ``gptq_marlin_gemm``) and the helpers that put checkpoints into its layout.
+
+The Marlin layout (bit-exact with vLLM's ``gptq_marlin_repack`` / ``awq_marlin_repack``) stores a logical
+weight ``W [K, N]`` of ``b``-bit codes (``b`` = 4 or 8) as int32 ``[K/16, N*16*b/32]``: row ``t`` holds the
+16-row slab ``t`` of K, cut into ``N/64`` tiles of 16 x 64 codes, each tile ``512*b/32`` words. Inside a tile,
+word ``lane*4 + warp`` (4-bit) or ``lane*8 + warp*2 + half`` (8-bit) holds the codes that lane ``lane`` of an
+``mma.m16n8k16`` needs for the B operand of columns ``warp*16 .. warp*16+15``: rows ``2*(lane%4) + {0, 1, 8,
+9}`` of columns ``warp*16 + lane//4`` and ``+8``, in the order ``[0, 2, 4, 6, 1, 3, 5, 7]`` (4-bit) or
+``[0, 2, 1, 3]`` per column (8-bit) so that two codes of a column land in one 16-bit lane pair.
+
+Scales ``[groups, N]`` are permuted within every 64 columns (``marlin_permute_scales``): position ``8*i + j``
+holds column ``i + 8*j``, so one lane reads its 8 columns' scales as one 16-byte vector; a single group
+(``group_size`` -1 or K) uses vLLM's other permutation, per 32 columns. Zero points (``uint4`` type) are
+permuted the same way, then interleaved per 8 and packed 8 per int32 along N (``marlin_zero_points``).
+
+Scalar types (vLLM's names), with ``g`` the row's group:
+
+* ``uint4b8``: ``W = (q - 8) * s[g]`` (GPTQ symmetric); ``uint8b128``: ``W = (q - 128) * s[g]``;
+* ``uint4`` with ``b_zeros``: ``W = (q - z[g]) * s[g]`` (AWQ, asymmetric GPTQ);
+* ``float8_e4m3fn``: ``W = fp8(q) * s[g] / 2**bias`` where ``b_scales`` carries vLLM's folded exponent bias
+  (``bias`` = 120 for bfloat16, 8 for float16; :func:`marlin_fp8_scales` folds it), per-channel or group scales.
+
+``W`` is rounded once to the activations' dtype (the kernel multiplies codes and scales in that dtype, as
+vLLM's does) and the product is accumulated in float32. Act-order: ``perm`` reorders the columns of ``a``
+(the repack applied it to the rows of ``W``) and ``g_idx`` gives the group of every row in that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq import formats
+from jaxq._op import Op, ShardingRule
+from jaxq.ops import _weight_only as wo
+
+TILE_K, TILE_N = 16, 64
+GROUP_SIZES = (-1, 32, 64, 128)
+SCALAR_TYPES = {  # name -> (bits, subtracted bias or None, has zero points)
+    "uint4b8": (4, 8, False),
+    "uint4": (4, None, True),
+    "uint8b128": (8, 128, False),
+    "float8_e4m3fn": (8, None, False),
+}
+# == jaxq::MarlinType in csrc/kernels/marlin.h
+_TYPE_IDS = {"uint4b8": 0, "uint4": 1, "uint8b128": 2, "float8_e4m3fn": 3}
+FP8_EXPONENT_BIAS = {jnp.dtype(jnp.bfloat16): 120, jnp.dtype(jnp.float16): 8}
+
+# Rows of ``a`` up to which marlin_gemm runs its kernel; above, dequantize + XLA's dot (measured crossover on
+# the H200, benchmarks/RESULTS.md). Inside the kernel's range a row's result never depends on the batch.
+MARLIN_KERNEL_MAX_M = 128
+
+_batch_invariant = contextvars.ContextVar("jaxq_batch_invariant", default=False)
+
+
+@contextlib.contextmanager
+def batch_invariant(enabled: bool = True):
+    """Within this context (at trace time), ``marlin_gemm`` runs its kernel for every M, so that a row's
+    result is bit-identical whatever batch it is computed in (vLLM's batch-invariant mode). Above
+    ``MARLIN_KERNEL_MAX_M`` rows this costs speed: the kernel reads the weight once per 64 rows."""
+    token = _batch_invariant.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _batch_invariant.reset(token)
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+
+@functools.cache
+def _tile_positions(bits: int) -> np.ndarray:
+    """For each (word, slot) of one 16 x 64 tile, flattened, the tile position ``row * 64 + col`` it holds."""
+    offsets = (0, 1, 8, 9)
+    per_word = 32 // bits
+    order = (0, 2, 4, 6, 1, 3, 5, 7) if bits == 4 else (0, 2, 1, 3)
+    positions = np.empty(TILE_K * TILE_N, np.int64)
+    for lane in range(32):
+        for warp in range(4):
+            for half in range(1 if bits == 4 else 2):
+                word = lane * 4 + warp if bits == 4 else lane * 8 + warp * 2 + half
+                for slot in range(per_word):
+                    value = order[slot] + 4 * half  # vLLM's vals[] index: rows offsets[v % 4], column +8 if v >= 4
+                    row = 2 * (lane % 4) + offsets[value % 4]
+                    col = warp * 16 + lane // 4 + 8 * (value // 4)
+                    positions[word * per_word + slot] = row * TILE_N + col
+    return positions
+
+
+def _check_tiles(fn: str, size_k: int, size_n: int):
+    if size_k <= 0 or size_k % TILE_K:
+        raise ValueError(f"{fn}: size_k={size_k} must be a positive multiple of {TILE_K} (the Marlin tile)")
+    if size_n <= 0 or size_n % TILE_N:
+        raise ValueError(f"{fn}: size_n={size_n} must be a positive multiple of {TILE_N} (the Marlin tile)")
+
+
+def marlin_pack(values, bits: int) -> jax.Array:
+    """Codes ``[K, N]`` (0 .. 2**bits - 1) -> the Marlin layout, int32 ``[K/16, N*16*bits/32]``."""
+    v = formats._u32(values)
+    k, n = v.shape
+    _check_tiles("marlin_pack", k, n)
+    per_word = 32 // bits
+    tiles = v.reshape(k // TILE_K, TILE_K, n // TILE_N, TILE_N).transpose(0, 2, 1, 3).reshape(k // TILE_K, n // TILE_N, -1)
+    slots = tiles[..., _tile_positions(bits)].reshape(k // TILE_K, n // TILE_N, -1, per_word)
+    shifts = (bits * jnp.arange(per_word, dtype=jnp.uint32))
+    words = jnp.sum((slots & ((1 << bits) - 1)) << shifts, axis=-1, dtype=jnp.uint32)
+    return formats._i32(words.reshape(k // TILE_K, -1))
+
+
+def marlin_unpack(packed, bits: int) -> jax.Array:
+    """Inverse of :func:`marlin_pack`: int32 ``[K/16, N*16*bits/32]`` -> int32 codes ``[K, N]``."""
+    w = formats._u32(packed)
+    per_word = 32 // bits
+    k_tiles, n = w.shape[0], w.shape[1] * per_word // TILE_K
+    slots = (w[..., None] >> (bits * jnp.arange(per_word, dtype=jnp.uint32))) & ((1 << bits) - 1)
+    slots = slots.reshape(k_tiles, n // TILE_N, TILE_K * TILE_N)
+    tiles = slots[..., np.argsort(_tile_positions(bits))]
+    q = tiles.reshape(k_tiles, n // TILE_N, TILE_K, TILE_N).transpose(0, 2, 1, 3).reshape(k_tiles * TILE_K, n)
+    return q.astype(jnp.int32)
+
+
+def _check_num_bits(fn: str, num_bits: int):
+    if num_bits not in (4, 8):
+        raise ValueError(f"{fn}: num_bits must be 4 or 8; got {num_bits!r}")
+
+
+def gptq_marlin_repack(b_q_weight, perm, *, size_k: int, size_n: int, num_bits: int) -> jax.Array:
+    """A GPTQ ``qweight`` (int32 ``[K*bits/32, N]``, packed along K) in the Marlin layout (vLLM's
+    ``gptq_marlin_repack``): int32 ``[K/16, N*16*bits/32]``. ``perm`` (int32 ``[K]``, act-order:
+    ``argsort(g_idx)``) or an empty array: row ``i`` of the result's logical weight is row ``perm[i]``."""
+    fn = "gptq_marlin_repack"
+    _check_num_bits(fn, num_bits)
+    _check_tiles(fn, size_k, size_n)
+    wo.check_int32(fn, "b_q_weight", b_q_weight, 2)
+    wo.check_int32(fn, "perm", perm, 1)
+    if tuple(b_q_weight.shape) != (size_k * num_bits // 32, size_n):
+        raise ValueError(f"{fn}: b_q_weight must have shape {(size_k * num_bits // 32, size_n)} for size_k={size_k}, "
+                         f"size_n={size_n}, num_bits={num_bits}; got {tuple(b_q_weight.shape)}")
+    if perm.shape[0] not in (0, size_k):
+        raise ValueError(f"{fn}: perm must have size_k={size_k} entries or none; got {perm.shape[0]}")
+    q = formats.unpack_gptq(b_q_weight, num_bits, axis=0)
+    if perm.shape[0]:
+        q = jnp.take(q, perm, axis=0, mode="clip")
+    return marlin_pack(q, num_bits)
+
+
+def _unpack_awq_columns(packed, num_bits: int) -> jax.Array:
+    """AWQ's column packing (8 nibbles per word in order 0 2 4 6 1 3 5 7; 4 bytes in order 0 2 1 3)."""
+    if num_bits == 4:
+        return formats.unpack_awq(packed)
+    order = np.array([0, 2, 1, 3])
+    w = formats._u32(packed)
+    slots = (w[..., None] >> (8 * jnp.arange(4, dtype=jnp.uint32))) & 0xFF
+    return slots[..., np.argsort(order)].reshape(*w.shape[:-1], w.shape[-1] * 4).astype(jnp.int32)
+
+
+def awq_marlin_repack(b_q_weight, *, size_k: int, size_n: int, num_bits: int) -> jax.Array:
+    """An AutoAWQ ``qweight`` (int32 ``[K, N*bits/32]``, packed along N in AWQ's interleaved order) in the
+    Marlin layout (vLLM's ``awq_marlin_repack``): int32 ``[K/16, N*16*bits/32]``."""
+    fn = "awq_marlin_repack"
+    _check_num_bits(fn, num_bits)
+    _check_tiles(fn, size_k, size_n)
+    wo.check_int32(fn, "b_q_weight", b_q_weight, 2)
+    if tuple(b_q_weight.shape) != (size_k, size_n * num_bits // 32):
+        raise ValueError(f"{fn}: b_q_weight must have shape {(size_k, size_n * num_bits // 32)}; "
+                         f"got {tuple(b_q_weight.shape)}")
+    return marlin_pack(_unpack_awq_columns(b_q_weight, num_bits), num_bits)
+
+
+@functools.cache
+def _scale_perms() -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's ``get_scale_perms``: position ``p`` of a permuted chunk holds column ``perm[p]``."""
+    grouped = np.array([i + 8 * j for i in range(8) for j in range(8)])
+    single = np.array([2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16, 17, 24, 25)])
+    return grouped, single
+
+
+def _permute_columns(s, single: bool, inverse: bool = False):
+    perm = _scale_perms()[1 if single else 0]
+    if inverse:
+        perm = np.argsort(perm)
+    return s.reshape(-1, perm.size)[:, perm].reshape(s.shape)
+
+
+def marlin_permute_scales(s, *, size_k: int, size_n: int, group_size: int) -> jax.Array:
+    """Scales ``[groups, N]`` in the order the Marlin kernel reads them (vLLM's ``marlin_permute_scales``)."""
+    if s.ndim != 2 or s.shape[1] != size_n or size_n % TILE_N:
+        raise ValueError(f"marlin_permute_scales: s must be [groups, size_n={size_n}] with size_n a multiple of "
+                         f"{TILE_N}; got {tuple(s.shape)}")
+    return _permute_columns(jnp.asarray(s), single=not (group_size != -1 and group_size < size_k))
+
+
+def _pack_columns(values, num_bits: int) -> jax.Array:
+    """vLLM's ``pack_cols``: column ``c`` at bits ``num_bits * (c % per_word)`` of word ``c // per_word``."""
+    per_word = 32 // num_bits
+    v = formats._u32(values)
+    v = v.reshape(v.shape[0], -1, per_word) & ((1 << num_bits) - 1)
+    return formats._i32(jnp.sum(v << (num_bits * jnp.arange(per_word, dtype=jnp.uint32)), axis=-1, dtype=jnp.uint32))
+
+
+def _unpack_columns(packed, num_bits: int) -> jax.Array:
+    per_word = 32 // num_bits
+    w = formats._u32(packed)
+    v = (w[..., None] >> (num_bits * jnp.arange(per_word, dtype=jnp.uint32))) & ((1 << num_bits) - 1)
+    return v.reshape(w.shape[0], -1).astype(jnp.int32)
+
+
+def _zero_interleave(num_bits: int) -> np.ndarray:
+    return np.array([0, 2, 4, 6, 1, 3, 5, 7] if num_bits == 4 else [0, 2, 1, 3])
+
+
+def marlin_zero_points(zp, *, size_k: int, size_n: int, num_bits: int) -> jax.Array:
+    """Zero points ``[groups, N]`` (integers) packed as the kernel reads them, int32 ``[groups, N*bits/32]``
+    (vLLM's ``marlin_zero_points``; ``size_k`` is the number of groups there)."""
+    fn = "marlin_zero_points"
+    _check_num_bits(fn, num_bits)
+    if zp.ndim != 2 or tuple(zp.shape) != (size_k, size_n) or size_n % TILE_N:
+        raise ValueError(f"{fn}: zp must have shape {(size_k, size_n)} with size_n a multiple of {TILE_N}; "
+                         f"got {tuple(zp.shape)}")
+    z = _permute_columns(formats._u32(zp), single=False)
+    interleave = _zero_interleave(num_bits)
+    z = z.reshape(-1, interleave.size)[:, interleave].reshape(size_k, size_n)
+    return _pack_columns(z, num_bits)
+
+
+def marlin_unpack_zero_points(packed, num_bits: int) -> jax.Array:
+    """Inverse of :func:`marlin_zero_points`: int32 ``[groups, N]`` zero points."""
+    z = _unpack_columns(packed, num_bits)
+    interleave = _zero_interleave(num_bits)
+    z = z.reshape(-1, interleave.size)[:, np.argsort(interleave)].reshape(z.shape)
+    return _permute_columns(z, single=False, inverse=True)
+
+
+def awq_to_marlin_zero_points(q_zp_packed, *, size_k: int, size_n: int, num_bits: int) -> jax.Array:
+    """AutoAWQ ``qzeros`` (int32 ``[groups, N*bits/32]``, AWQ's interleaved order) in the kernel's layout
+    (vLLM's ``awq_to_marlin_zero_points``; ``size_k`` is the number of groups)."""
+    fn = "awq_to_marlin_zero_points"
+    _check_num_bits(fn, num_bits)
+    wo.check_int32(fn, "q_zp_packed", q_zp_packed, 2)
+    if tuple(q_zp_packed.shape) != (size_k, size_n * num_bits // 32):
+        raise ValueError(f"{fn}: q_zp_packed must have shape {(size_k, size_n * num_bits // 32)}; "
+                         f"got {tuple(q_zp_packed.shape)}")
+    return marlin_zero_points(_unpack_awq_columns(q_zp_packed, num_bits), size_k=size_k, size_n=size_n,
+                              num_bits=num_bits)
+
+
+def marlin_fp8_repack(weight) -> jax.Array:
+    """An fp8 e4m3fn weight ``[K, N]`` in the Marlin layout (vLLM's ``pack_fp8_to_int32`` then
+    ``gptq_marlin_repack`` with 8 bits). A checkpoint's ``[N, K]`` weight is passed as ``weight.T``."""
+    if getattr(weight, "dtype", None) != jnp.float8_e4m3fn or weight.ndim != 2:
+        raise TypeError(f"marlin_fp8_repack: weight must be a 2-d float8_e4m3fn array; got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    return marlin_pack(jax.lax.bitcast_convert_type(weight, jnp.uint8), 8)
+
+
+def marlin_fp8_scales(scales, *, size_k: int, group_size: int) -> jax.Array:
+    """fp8 weight scales ``[groups, N]`` (float16/bfloat16; one row for per-channel) as vLLM hands them to the
+    kernel: permuted, times ``2**bias`` (its dequantization skips the exponent-bias correction)."""
+    s = jnp.asarray(scales)
+    if s.dtype not in FP8_EXPONENT_BIAS:
+        raise TypeError(f"marlin_fp8_scales: scales must be float16 or bfloat16; got {s.dtype}")
+    permuted = marlin_permute_scales(s, size_k=size_k, size_n=s.shape[-1], group_size=group_size)
+    return (permuted.astype(jnp.float32) * 2.0 ** FP8_EXPONENT_BIAS[s.dtype]).astype(s.dtype)
+
+
+# ---------------------------------------------------------------------------------------- reference
+
+
+def marlin_dequantize(b_q_weight, b_scales, b_zeros=None, g_idx=None, *, b_q_type: str, size_k: int):
+    """``W [K, N]`` from Marlin tensors, rows in the kernel's (``perm``) order, in the scales' dtype: the
+    reference ``marlin_gemm`` multiplies by. ``g_idx`` (act-order) is clamped to the scales' groups."""
+    bits, bias, _ = SCALAR_TYPES[b_q_type]
+    q = marlin_unpack(b_q_weight, bits)
+    groups = b_scales.shape[0]
+    scales = _permute_columns(b_scales, single=groups == 1, inverse=True).astype(jnp.float32)
+    if g_idx is not None:
+        rows = jnp.clip(g_idx, 0, groups - 1)
+    else:
+        rows = jnp.arange(size_k) // (size_k // groups)
+    if b_q_type == "float8_e4m3fn":
+        values = jax.lax.bitcast_convert_type(q.astype(jnp.uint8), jnp.float8_e4m3fn).astype(jnp.float32)
+        # Unfold the bias from the scales, not the codes: codes times 2**-120 are float32 denormals, which XLA
+        # may flush to zero.
+        scales = scales * 2.0 ** -FP8_EXPONENT_BIAS[jnp.dtype(b_scales.dtype)]
+    elif b_zeros is not None:
+        values = (q - marlin_unpack_zero_points(b_zeros, bits)[rows]).astype(jnp.float32)
+    else:
+        values = (q - bias).astype(jnp.float32)
+    return (values * scales[rows]).astype(b_scales.dtype)
+
+
+def _unpack_operands(args, has_zeros, has_g_idx, has_bias):
+    a, b_q_weight, b_scales, *rest = args
+    zeros = rest.pop(0) if has_zeros else None
+    g_idx = rest.pop(0) if has_g_idx else None
+    bias = rest.pop(0) if has_bias else None
+    return a, b_q_weight, b_scales, zeros, g_idx, bias
+
+
+def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias):
+    a, b_q_weight, b_scales, zeros, g_idx, bias = _unpack_operands(args, has_zeros, has_g_idx, has_bias)
+    w = marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type, size_k=a.shape[1])
+    out = jnp.dot(a, w, preferred_element_type=jnp.float32)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return (out.astype(a.dtype),)
+
+
+def _shapes(a, b_q_weight, b_scales, *rest, **params):
+    return (jax.ShapeDtypeStruct((a.shape[0], b_scales.shape[1]), a.dtype),)
+
+
+def _sharding_rule(params, operand_shapes, result_shapes) -> ShardingRule:
+    """N splits in whole 64-column tiles (no communication); K in whole groups (partial sums, then psum); rows
+    freely. With act-order or one group, every shard of K needs all scales: they are not split."""
+    a_shape, q_shape, s_shape = operand_shapes[:3]
+    k, groups = a_shape[1], s_shape[0]
+    bits = SCALAR_TYPES[params["b_q_type"]][0]
+    grouped = groups > 1 and not params["has_g_idx"]
+    n_dims = ("nt", "c64")
+    if grouped:
+        k_dims, kt_dims, g_dims = ("kg", "gt", "r16"), ("kg", "gt"), ("kg",)
+        sizes = {"gt": k // groups // TILE_K}
+    else:
+        k_dims, kt_dims, g_dims = ("kt", "r16"), ("kt",), ("sg",)
+        sizes = {}
+    operands = [(("m",), k_dims), (kt_dims, ("nt", "tw")), (g_dims, n_dims)]
+    if params["has_zeros"]:
+        operands.append((g_dims, ("nt", "z8")))
+    if params["has_g_idx"]:
+        operands.append((k_dims,))
+    if params["has_bias"]:
+        operands.append((n_dims,))
+    return ShardingRule(
+        operands=tuple(operands),
+        results=((("m",), n_dims),),
+        factor_sizes={**sizes, "r16": TILE_K, "c64": TILE_N, "tw": TILE_K * TILE_N * bits // 32, "z8": 8},
+        reduction_factors=("kg", "kt"),
+        replicated_factors=("sg",),
+    )
+
+
+def _vjp(args, cotangents, *, b_q_type, has_zeros, has_g_idx, has_bias):
+    a, b_q_weight, b_scales, zeros, g_idx, bias = _unpack_operands(args, has_zeros, has_g_idx, has_bias)
+    (dy,) = cotangents
+    w = marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type, size_k=a.shape[1])
+    return (wo.dot_f32(dy.astype(a.dtype), w.T),) + (None,) * (len(args) - 1)
+
+
+_marlin_gemm = Op(
+    "marlin_gemm",
+    shapes=_shapes,
+    reference=_reference,
+    sharding_rule=_sharding_rule,
+    ffi_target="jaxq_marlin_gemm",
+    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx, has_bias: dict(
+        b_q_type=np.int32(_TYPE_IDS[b_q_type]), has_zeros=bool(has_zeros), has_g_idx=bool(has_g_idx),
+        has_bias=bool(has_bias)),
+    batching_rule=wo.gemm_batching,
+    vjp=_vjp,
+    operand_names=("a", "b_q_weight", "b_scales", "b_zeros", "g_idx", "b_bias"),
+    grad_operands=(0,),
+    once_operands=lambda has_zeros, has_g_idx, has_bias, **_: (3 + has_zeros + has_g_idx,) if has_bias else (),
+)
+
+
+def _check_array(fn, name, x, dtypes, rank):
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{fn}: {name} must be an array; got {type(x).__name__}")
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in dtypes]:
+        raise TypeError(f"{fn}: {name} must be {' or '.join(jnp.dtype(d).name for d in dtypes)}; "
+                        f"got {jnp.dtype(x.dtype).name}")
+    if x.ndim != rank:
+        raise ValueError(f"{fn}: {name} must have rank {rank}; got shape {tuple(x.shape)}")
+
+
+def _empty(x) -> bool:
+    return x is None or (hasattr(x, "shape") and x.size == 0)
+
+
+def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=None, perm=None, b_bias=None,
+                global_scale=None, is_k_full: bool = True, use_fp32_reduce: bool = True,
+                is_zp_float: bool = False) -> jax.Array:
+    """``a @ W (+ b_bias)`` for a weight in the Marlin layout, in ``a``'s dtype (vLLM's ``gptq_marlin_gemm``,
+    functional: no ``c``, ``workspace`` or sizes).
+
+    Args:
+      a: float16 or bfloat16 ``[..., K]``.
+      b_q_weight: int32 ``[K/16, N*16*bits/32]`` from :func:`gptq_marlin_repack`, :func:`awq_marlin_repack`
+        or :func:`marlin_fp8_repack`.
+      b_scales: ``[groups, N]`` in ``a``'s dtype, from :func:`marlin_permute_scales` (fp8: from
+        :func:`marlin_fp8_scales`). One group: per-channel; else groups of 32, 64 or 128 rows (any number of
+        groups with act-order, as a row-parallel shard keeps all of them).
+      b_q_type: ``"uint4b8"``, ``"uint4"`` (needs ``b_zeros``), ``"uint8b128"`` or ``"float8_e4m3fn"``.
+      b_zeros: int32 ``[groups, N/8]`` from :func:`marlin_zero_points` / :func:`awq_to_marlin_zero_points`.
+      g_idx, perm: act-order: int32 ``[K]`` each, ``perm = argsort(checkpoint g_idx)`` (applied by the repack)
+        and ``g_idx`` the checkpoint's groups in that order (``g_idx[perm]``). Both or neither.
+      b_bias: ``[N]`` in ``a``'s dtype, natural column order (vLLM permutes its bias; jaxq does not).
+      is_k_full: False for a row-parallel shard of an act-order layer. jaxq's kernel reads every row's group
+        from ``g_idx`` either way, so this only relaxes the check that ``g_idx`` covers this shard's K.
+      use_fp32_reduce: accepted for vLLM's signature; partial sums are always added in float32.
+      global_scale, is_zp_float: FP4 and float zero points are not supported yet (a ValueError says so).
+
+    Returns ``[..., N]`` in ``a``'s dtype. Up to ``MARLIN_KERNEL_MAX_M`` rows (all rows inside
+    :func:`batch_invariant`) the CUDA kernel runs: deterministic, and a row's output is bit-identical in any
+    batch, since every row is summed in the same order whatever M is (the K split depends on K, N and the GPU
+    only). Above that, dequantize + XLA's dot. Differentiable with respect to ``a`` only.
+    """
+    fn = "marlin_gemm"
+    if b_q_type not in SCALAR_TYPES:
+        raise ValueError(f"{fn}: b_q_type must be one of {sorted(SCALAR_TYPES)}; got {b_q_type!r}"
+                         + (" (FP4 weights are not supported yet)" if "float4" in str(b_q_type) else ""))
+    if global_scale is not None:
+        raise ValueError(f"{fn}: global_scale is for FP4 weights, which are not supported yet")
+    if is_zp_float:
+        raise ValueError(f"{fn}: is_zp_float=True (float zero points) is not supported yet")
+    bits, _, needs_zeros = SCALAR_TYPES[b_q_type]
+    if not hasattr(a, "dtype") or jnp.dtype(a.dtype) not in wo.ACTIVATION_DTYPES:
+        raise TypeError(f"{fn}: a must be a float16 or bfloat16 array; got {getattr(a, 'dtype', type(a).__name__)}")
+    _check_array(fn, "b_q_weight", b_q_weight, [jnp.int32], 2)
+    _check_array(fn, "b_scales", b_scales, [a.dtype], 2)
+    k = b_q_weight.shape[0] * TILE_K
+    if a.ndim < 1 or a.shape[-1] != k:
+        raise ValueError(f"{fn}: a {tuple(a.shape)} must end in K={k} (b_q_weight has {b_q_weight.shape[0]} "
+                         f"16-row tiles)")
+    if (b_q_weight.shape[1] * 32) % (TILE_K * bits) or (b_q_weight.shape[1] * 32 // (TILE_K * bits)) % TILE_N:
+        raise ValueError(f"{fn}: b_q_weight {tuple(b_q_weight.shape)} is not a Marlin layout of {bits}-bit codes "
+                         f"(N must be a multiple of {TILE_N})")
+    n = b_q_weight.shape[1] * 32 // (TILE_K * bits)
+    groups = b_scales.shape[0]
+    if b_scales.shape[1] != n or groups < 1:
+        raise ValueError(f"{fn}: b_scales must be [groups, N={n}]; got {tuple(b_scales.shape)}")
+    act_order = not _empty(g_idx)
+    if act_order != (not _empty(perm)):
+        raise ValueError(f"{fn}: act-order needs both g_idx and perm (or neither); got "
+                         f"g_idx {None if g_idx is None else tuple(g_idx.shape)}, "
+                         f"perm {None if perm is None else tuple(perm.shape)}")
+    if act_order:
+        _check_array(fn, "g_idx", g_idx, [jnp.int32], 1)
+        _check_array(fn, "perm", perm, [jnp.int32], 1)
+        if g_idx.shape[0] != k or perm.shape[0] != k:
+            raise ValueError(f"{fn}: g_idx and perm must have K={k} entries; got {g_idx.shape[0]} and {perm.shape[0]}")
+        if is_k_full and k % groups:
+            raise ValueError(f"{fn}: {groups} groups do not divide K={k} (is_k_full=True)")
+    elif groups > 1:
+        if k % groups or k // groups not in GROUP_SIZES:
+            raise ValueError(f"{fn}: the group size K/groups = {k}/{groups} must be one of "
+                             f"{[g for g in GROUP_SIZES if g > 0]} (or one group: per-channel)")
+    if needs_zeros != (not _empty(b_zeros)):
+        raise ValueError(f"{fn}: b_q_type {b_q_type!r} " + ("needs b_zeros" if needs_zeros else "takes no b_zeros"))
+    if needs_zeros:
+        _check_array(fn, "b_zeros", b_zeros, [jnp.int32], 2)
+        if tuple(b_zeros.shape) != (groups, n * bits // 32):
+            raise ValueError(f"{fn}: b_zeros must have shape {(groups, n * bits // 32)}; got {tuple(b_zeros.shape)}")
+    if b_bias is not None:
+        _check_array(fn, "b_bias", b_bias, [a.dtype], 1)
+        if b_bias.shape[0] != n:
+            raise ValueError(f"{fn}: b_bias must have N={n} entries; got {b_bias.shape[0]}")
+
+    rows = a.reshape(-1, k)
+    if act_order:
+        # The barrier keeps XLA:CPU from fusing the gather into the dot, whose bf16 x bf16 -> f32 form it
+        # cannot run then (jaxlib 0.10); on GPU the gather is its own kernel either way.
+        rows = jax.lax.optimization_barrier(jnp.take(rows, perm, axis=1, mode="clip"))
+    operands = [rows, b_q_weight, b_scales] + ([b_zeros] if needs_zeros else []) + ([g_idx] if act_order else [])
+    operands += [b_bias] if b_bias is not None else []
+    params = dict(b_q_type=b_q_type, has_zeros=needs_zeros, has_g_idx=act_order, has_bias=b_bias is not None)
+    if use_kernel(rows.shape[0]):
+        out = _marlin_gemm(*operands, **params)[0]
+    else:
+        out = _reference(*operands, **params)[0]
+    return out.reshape(*a.shape[:-1], n)
+
+
+def use_kernel(m: int) -> bool:
+    """Whether ``marlin_gemm`` of ``m`` rows runs the kernel (else dequantize + XLA's dot)."""
+    return m <= MARLIN_KERNEL_MAX_M or _batch_invariant.get()

@@ -1,0 +1,366 @@
+"""marlin_gemm and its repack helpers: layouts vs a transcription of vLLM's repack loops, the reference vs a
+NumPy oracle, jit/vmap/grad, sharding, errors (CPU); the kernel vs the reference (``-m gpu``)."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jaxq
+import oracle
+from jaxq import formats
+from jaxq.ops import marlin
+
+DTYPES = [jnp.float16, jnp.bfloat16]
+TYPES = ["uint4b8", "uint4", "uint8b128", "float8_e4m3fn"]
+# Relative L2 error of a GEMM against the float64 oracle on the same rounded weight: float32 sums, one
+# rounding of the output.
+GEMM_TOLERANCE = {jnp.float16: 3e-3, jnp.bfloat16: 1e-2}
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+class Weight:
+    """A random checkpoint-level weight (codes, natural-order scales and zeros, act-order) and its Marlin
+    tensors made by jaxq's helpers."""
+
+    def __init__(self, rng, q_type, k, n, group_size, dtype, act_order=False):
+        bits = marlin.SCALAR_TYPES[q_type][0]
+        groups = 1 if group_size == -1 else k // group_size
+        self.q_type, self.k, self.n, self.dtype = q_type, k, n, dtype
+        if q_type == "float8_e4m3fn":
+            finite = np.array([c for c in range(256) if np.isfinite(oracle.E4M3_VALUES[c])])
+            self.q = rng.choice(finite, (k, n))
+        else:
+            self.q = rng.integers(0, 1 << bits, (k, n))
+        self.scales = np.asarray(jnp.asarray(rng.uniform(0.5, 2.0, (groups, n)) * 2.0 ** -6, dtype))
+        self.zeros = rng.integers(0, 1 << bits, (groups, n)) if q_type == "uint4" else None
+        self.g_idx = rng.integers(0, groups, k).astype(np.int32) if act_order else None
+        self.perm = np.argsort(self.g_idx, kind="stable").astype(np.int32) if act_order else None
+        group_size_arg = group_size if groups > 1 else -1
+
+        perm = jnp.asarray(self.perm) if act_order else jnp.zeros((0,), jnp.int32)
+        if q_type == "float8_e4m3fn":
+            codes = jnp.asarray(self.q.astype(np.uint8)).view(jnp.float8_e4m3fn)
+            self.b_q_weight = marlin.marlin_fp8_repack(codes)
+            self.b_scales = marlin.marlin_fp8_scales(jnp.asarray(self.scales), size_k=k, group_size=group_size_arg)
+        else:
+            packed = formats.pack_gptq(self.q, bits, axis=0)
+            self.b_q_weight = marlin.gptq_marlin_repack(packed, perm, size_k=k, size_n=n, num_bits=bits)
+            self.b_scales = marlin.marlin_permute_scales(jnp.asarray(self.scales), size_k=k, size_n=n,
+                                                         group_size=group_size_arg)
+        self.b_zeros = (marlin.marlin_zero_points(jnp.asarray(self.zeros), size_k=groups, size_n=n, num_bits=bits)
+                        if self.zeros is not None else None)
+
+    def kwargs(self):
+        kw = dict(b_q_type=self.q_type, b_zeros=self.b_zeros)
+        if self.g_idx is not None:
+            kw.update(g_idx=jnp.asarray(self.g_idx[self.perm]), perm=jnp.asarray(self.perm))
+        return kw
+
+    def oracle_w(self) -> np.ndarray:
+        """W [K, N] in natural row order, rounded to the dtype."""
+        return oracle.marlin_weight(self.q, self.scales, self.zeros, self.g_idx, self.q_type,
+                                    ml_dtypes.bfloat16 if self.dtype == jnp.bfloat16 else np.float16)
+
+    def oracle_gemm(self, a, bias=None) -> np.ndarray:
+        out = np.asarray(a, np.float64) @ self.oracle_w().astype(np.float64)
+        return out if bias is None else out + np.asarray(bias, np.float64)
+
+
+def random_a(rng, shape, dtype):
+    return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+# ------------------------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_marlin_repack_matches_vllms_loops(bits, act_order):
+    rng = np.random.default_rng(bits + act_order)
+    k, n = 96, 192
+    q = rng.integers(0, 1 << bits, (k, n))
+    perm = rng.permutation(k).astype(np.int32) if act_order else np.zeros((0,), np.int32)
+    got = marlin.gptq_marlin_repack(formats.pack_gptq(q, bits), jnp.asarray(perm), size_k=k, size_n=n, num_bits=bits)
+    want = oracle.marlin_pack(q[perm] if act_order else q, bits)
+    assert got.shape == (k // 16, n * 16 * bits // 32)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    np.testing.assert_array_equal(np.asarray(marlin.marlin_unpack(got, bits)), q[perm] if act_order else q)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_awq_marlin_repack_matches_the_gptq_path(bits):
+    rng = np.random.default_rng(3)
+    k, n = 32, 128
+    q = rng.integers(0, 1 << bits, (k, n))
+    order = (0, 2, 4, 6, 1, 3, 5, 7) if bits == 4 else (0, 2, 1, 3)
+    per = 32 // bits
+    words = q.reshape(k, n // per, per)[..., list(order)].astype(np.uint64)
+    awq = sum(words[..., i] << np.uint64(bits * i) for i in range(per)).astype(np.uint32).view(np.int32)
+    got = marlin.awq_marlin_repack(jnp.asarray(awq), size_k=k, size_n=n, num_bits=bits)
+    np.testing.assert_array_equal(np.asarray(got), oracle.marlin_pack(q, bits))
+
+
+@pytest.mark.parametrize("group_size,single", [(32, False), (-1, True), (64, True)])
+def test_permute_scales_matches_the_position_formulas(group_size, single):
+    rng = np.random.default_rng(4)
+    k = 64
+    s = rng.standard_normal((1 if single else k // group_size, 128)).astype(np.float32)
+    got = marlin.marlin_permute_scales(jnp.asarray(s), size_k=k, size_n=128, group_size=group_size)
+    np.testing.assert_array_equal(np.asarray(got), oracle.marlin_scales(s, single))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_zero_points_match_the_oracle_and_round_trip(bits):
+    rng = np.random.default_rng(5)
+    z = rng.integers(0, 1 << bits, (3, 192))
+    got = marlin.marlin_zero_points(jnp.asarray(z), size_k=3, size_n=192, num_bits=bits)
+    np.testing.assert_array_equal(np.asarray(got), oracle.marlin_zero_points(z, bits))
+    np.testing.assert_array_equal(np.asarray(marlin.marlin_unpack_zero_points(got, bits)), z)
+
+
+def test_awq_zero_points_match_the_natural_order_path():
+    rng = np.random.default_rng(6)
+    z = rng.integers(0, 16, (4, 128))
+    got = marlin.awq_to_marlin_zero_points(formats.pack_awq(z), size_k=4, size_n=128, num_bits=4)
+    np.testing.assert_array_equal(np.asarray(got), oracle.marlin_zero_points(z, 4))
+
+
+def test_fp8_scales_fold_vllms_exponent_bias():
+    s = jnp.asarray(np.full((1, 64), 0.75), jnp.bfloat16)
+    folded = marlin.marlin_fp8_scales(s, size_k=128, group_size=-1)
+    np.testing.assert_array_equal(np.asarray(folded, np.float64), 0.75 * 2.0**120)
+    folded16 = marlin.marlin_fp8_scales(s.astype(jnp.float16), size_k=128, group_size=-1)
+    np.testing.assert_array_equal(np.asarray(folded16, np.float64), 0.75 * 2.0**8)
+
+
+# ----------------------------------------------------------------------------------------- reference
+
+
+CASES = [(t, g, False) for t in TYPES for g in (-1, 32, 128)] + [("uint4b8", 128, True), ("uint4", 64, True),
+                                                                  ("uint8b128", 32, True)]
+
+
+@pytest.mark.parametrize("q_type,group_size,act_order", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_the_oracle(q_type, group_size, act_order, dtype):
+    rng = np.random.default_rng(abs(hash((q_type, group_size, act_order, str(dtype)))) % 2**32)
+    k, n = 256, 128
+    w = Weight(rng, q_type, k, n, group_size, dtype, act_order)
+    deq = marlin.marlin_dequantize(w.b_q_weight, w.b_scales, w.b_zeros,
+                                   None if w.g_idx is None else jnp.asarray(w.g_idx[w.perm]),
+                                   b_q_type=q_type, size_k=k)
+    natural = w.oracle_w()
+    want_w = natural[w.perm] if act_order else natural
+    np.testing.assert_array_equal(np.asarray(deq).view(np.uint16), want_w.view(np.uint16))
+    for m in (1, 5, 33):
+        a = random_a(rng, (m, k), dtype)
+        bias = random_a(rng, (n,), dtype)
+        out = jax.jit(lambda a, b: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_bias=b, **w.kwargs()))(a, bias)
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert rel_l2(out, w.oracle_gemm(a, bias)) < GEMM_TOLERANCE[dtype]
+
+
+def test_leading_dims_vmap_and_jit_agree():
+    rng = np.random.default_rng(7)
+    w = Weight(rng, "uint4", 128, 64, 32, jnp.bfloat16)
+    a = random_a(rng, (3, 2, 128), jnp.bfloat16)
+    f = lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs())  # noqa: E731
+    whole = jax.jit(f)(a)
+    assert whole.shape == (3, 2, 64)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(f)(a)), np.asarray(whole))
+    assert rel_l2(whole, w.oracle_gemm(a.reshape(6, 128)).reshape(3, 2, 64)) < 1e-2
+
+
+def test_gradient_with_respect_to_a_and_frozen_scales():
+    rng = np.random.default_rng(8)
+    w = Weight(rng, "uint4b8", 128, 64, 128, jnp.float16, act_order=True)
+    a = random_a(rng, (4, 128), jnp.float16)
+    dy = random_a(rng, (4, 64), jnp.float16)
+    grad = jax.grad(lambda a: jnp.sum(marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs())
+                                      .astype(jnp.float32) * dy.astype(jnp.float32)))(a)
+    want = np.asarray(dy, np.float64) @ w.oracle_w().astype(np.float64).T
+    assert rel_l2(grad, want) < 3e-3
+    with pytest.raises(jaxq.NotDifferentiableError, match="b_scales"):
+        jax.grad(lambda s: jnp.sum(marlin.marlin_gemm(a, w.b_q_weight, s, **w.kwargs()).astype(jnp.float32)))(
+            w.b_scales)
+
+
+def test_batch_invariant_mode_keeps_the_kernel_for_every_m():
+    big = marlin.MARLIN_KERNEL_MAX_M + 1
+    assert marlin.use_kernel(marlin.MARLIN_KERNEL_MAX_M) and not marlin.use_kernel(big)
+    with jaxq.batch_invariant():
+        assert marlin.use_kernel(big)
+    assert not marlin.use_kernel(big)
+
+
+def test_out_of_range_act_order_indices_are_clamped():
+    rng = np.random.default_rng(9)
+    w = Weight(rng, "uint4b8", 64, 64, 32, jnp.bfloat16, act_order=True)
+    a = random_a(rng, (2, 64), jnp.bfloat16)
+    kw = w.kwargs()
+    bad = dict(kw, g_idx=kw["g_idx"].at[0].set(99).at[1].set(-5), perm=kw["perm"].at[2].set(1000).at[3].set(-1))
+    clamped = dict(kw, g_idx=jnp.clip(bad["g_idx"], 0, 1), perm=jnp.clip(bad["perm"], 0, 63))
+    f = jax.jit(lambda a, kw: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_q_type="uint4b8", **kw))
+    got = f(a, {k: v for k, v in bad.items() if k in ("g_idx", "perm")})
+    want = f(a, {k: v for k, v in clamped.items() if k in ("g_idx", "perm")})
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+# ------------------------------------------------------------------------------------------ sharding
+
+
+@pytest.mark.parametrize("layout", ["column", "row", "tokens"])
+@pytest.mark.parametrize("q_type,group_size,act_order", [("uint4", 32, False), ("uint4b8", -1, False),
+                                                         ("uint8b128", 64, True)])
+def test_sharded_equals_unsharded(layout, q_type, group_size, act_order):
+    rng = np.random.default_rng(10)
+    k, n, m = 512, 512, 16
+    w = Weight(rng, q_type, k, n, group_size, jnp.bfloat16, act_order)
+    a = random_a(rng, (m, k), jnp.bfloat16)
+    bias = random_a(rng, (n,), jnp.bfloat16)
+    kw = w.kwargs()
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec_a = {"column": P(), "row": P(None, "x"), "tokens": P("x", None)}[layout]
+    spec_q = {"column": P(None, "x"), "row": P("x", None), "tokens": P()}[layout]
+    spec_n = {"column": P("x"), "row": P(), "tokens": P()}[layout]
+
+    def f(a, q, s, z, g, bias):
+        return marlin.marlin_gemm(a, q, s, b_q_type=q_type, b_zeros=z, g_idx=g, perm=kw.get("perm"), b_bias=bias)
+
+    args = (a, w.b_q_weight, w.b_scales, w.b_zeros, kw.get("g_idx"), bias)
+    whole = jax.jit(f)(*args)
+    put = lambda x, spec: None if x is None else jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    sharded_args = (put(a, spec_a), put(w.b_q_weight, spec_q), put(w.b_scales, P(None, *spec_n)),
+                    put(w.b_zeros, P(None, *spec_n)), kw.get("g_idx"), put(bias, spec_n))
+    sharded = jax.jit(f)(*sharded_args)
+    tol = 0 if layout != "row" else 1e-2
+    assert rel_l2(sharded, whole) <= tol
+    assert rel_l2(whole, w.oracle_gemm(a, bias)) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_argument():
+    rng = np.random.default_rng(11)
+    w = Weight(rng, "uint4", 128, 64, 32, jnp.bfloat16)
+    a = random_a(rng, (2, 128), jnp.bfloat16)
+    call = lambda **kw: marlin.marlin_gemm(**{**dict(a=a, b_q_weight=w.b_q_weight, b_scales=w.b_scales,  # noqa: E731
+                                                     b_q_type="uint4", b_zeros=w.b_zeros), **kw})
+    with pytest.raises(ValueError, match="b_q_type"):
+        call(b_q_type="uint3")
+    with pytest.raises(ValueError, match="FP4"):
+        call(b_q_type="float4_e2m1f")
+    with pytest.raises(ValueError, match="global_scale"):
+        call(global_scale=jnp.ones(()))
+    with pytest.raises(ValueError, match="is_zp_float"):
+        call(is_zp_float=True)
+    with pytest.raises(ValueError, match="needs b_zeros"):
+        call(b_zeros=None)
+    with pytest.raises(ValueError, match="takes no b_zeros"):
+        call(b_q_type="uint4b8")
+    with pytest.raises(ValueError, match="must end in K=128"):
+        call(a=a[:, :64])
+    with pytest.raises(TypeError, match="a must be"):
+        call(a=a.astype(jnp.float32))
+    with pytest.raises(TypeError, match="b_scales must be bfloat16"):
+        call(b_scales=w.b_scales.astype(jnp.float16))
+    with pytest.raises(ValueError, match="b_scales must be"):
+        call(b_scales=w.b_scales[:, :32])
+    with pytest.raises(ValueError, match="group size"):
+        call(b_scales=jnp.ones((8, 64), jnp.bfloat16), b_zeros=jnp.zeros((8, 8), jnp.int32))
+    with pytest.raises(ValueError, match="b_zeros must have shape"):
+        call(b_zeros=w.b_zeros[:2])
+    with pytest.raises(ValueError, match="both g_idx and perm"):
+        call(g_idx=jnp.zeros((128,), jnp.int32))
+    with pytest.raises(ValueError, match="g_idx and perm must have K=128"):
+        call(g_idx=jnp.zeros((64,), jnp.int32), perm=jnp.zeros((64,), jnp.int32))
+    with pytest.raises(ValueError, match="b_bias must have N=64"):
+        call(b_bias=jnp.ones((32,), jnp.bfloat16))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        marlin.gptq_marlin_repack(jnp.zeros((16, 96), jnp.int32), jnp.zeros((0,), jnp.int32), size_k=128, size_n=96,
+                                  num_bits=4)
+    with pytest.raises(ValueError, match="num_bits"):
+        marlin.gptq_marlin_repack(jnp.zeros((16, 64), jnp.int32), jnp.zeros((0,), jnp.int32), size_k=128, size_n=64,
+                                  num_bits=3)
+    with pytest.raises(ValueError, match="b_q_weight must have shape"):
+        marlin.awq_marlin_repack(jnp.zeros((128, 16), jnp.int32), size_k=128, size_n=64, num_bits=4)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        marlin.marlin_fp8_repack(jnp.zeros((128, 64), jnp.bfloat16))
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+GPU_CASES = CASES + [("uint4", 128, False), ("float8_e4m3fn", 128, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_type,group_size,act_order", GPU_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_matches_reference_on_gpu(q_type, group_size, act_order, dtype):
+    rng = np.random.default_rng()
+    for k, n in ((256, 192), (1024, 4096), (4096, 128)):
+        if group_size != -1 and k % group_size:
+            continue
+        w = Weight(rng, q_type, k, n, group_size, dtype, act_order)
+        for m in (1, 7, 16, 33, 64, 65, 130):
+            a = random_a(rng, (m, k), dtype)
+            bias = random_a(rng, (n,), dtype) if m % 2 else None
+            with jaxq.batch_invariant():
+                got = jax.jit(lambda a, b: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_bias=b, **w.kwargs()))(
+                    a, bias)
+            want = marlin._reference(*_operands(w, a, bias), **_params(w, bias))[0]
+            err = rel_l2(got, want)
+            assert np.isfinite(np.asarray(got, np.float32)).all(), (k, n, m)
+            assert err < GEMM_TOLERANCE[dtype], (k, n, m, err)
+            assert rel_l2(got, w.oracle_gemm(np.asarray(a, np.float64), bias)) < GEMM_TOLERANCE[dtype]
+
+
+def _operands(w, a, bias):
+    kw = w.kwargs()
+    rows = a if "perm" not in kw else jnp.take(a, kw["perm"], axis=1)
+    ops = [rows, w.b_q_weight, w.b_scales] + ([w.b_zeros] if w.b_zeros is not None else [])
+    return ops + ([kw["g_idx"]] if "g_idx" in kw else []) + ([bias] if bias is not None else [])
+
+
+def _params(w, bias):
+    return dict(b_q_type=w.q_type, has_zeros=w.b_zeros is not None, has_g_idx=w.g_idx is not None,
+                has_bias=bias is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_type", ["uint4b8", "float8_e4m3fn"])
+def test_kernel_rows_are_batch_invariant_on_gpu(q_type):
+    rng = np.random.default_rng()
+    w = Weight(rng, q_type, 4096, 1024, 128, jnp.bfloat16)
+    a = random_a(rng, (200, 4096), jnp.bfloat16)
+    f = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))
+    with jaxq.batch_invariant():
+        full = np.asarray(f(a)).view(np.uint16)
+        for m in (1, 3, 16, 64, 65, 128):
+            np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
+        np.testing.assert_array_equal(np.asarray(f(a[5:6])).view(np.uint16), full[5:6])
+
+
+@pytest.mark.gpu
+def test_kernel_clamps_corrupt_act_order_indices_on_gpu():
+    rng = np.random.default_rng()
+    w = Weight(rng, "uint4b8", 1024, 256, 128, jnp.float16, act_order=True)
+    kw = w.kwargs()
+    g_idx = kw["g_idx"].at[::7].set(1 << 20).at[3::11].set(-(1 << 20))
+    a = random_a(rng, (16, 1024), jnp.float16)
+    got = jax.jit(lambda a, g: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_q_type="uint4b8", g_idx=g,
+                                                   perm=kw["perm"]))(a, g_idx)
+    clamped = jnp.clip(g_idx, 0, w.b_scales.shape[0] - 1)
+    want = marlin._reference(jnp.take(a, kw["perm"], axis=1), w.b_q_weight, w.b_scales, clamped, b_q_type="uint4b8",
+                             has_zeros=False, has_g_idx=True, has_bias=False)[0]
+    assert rel_l2(got, want) < GEMM_TOLERANCE[jnp.float16]
