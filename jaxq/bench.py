@@ -307,6 +307,84 @@ def _print_table(rows: list[dict], columns: list[tuple[str, str, str]]):
 
 WEIGHT_ONLY_OPS = {"awq_gemm", "gptq_gemm"}
 
+# ------------------------------------------------------------------------------------------ Marlin
+
+# (b_q_type, K, N): the GEMM shapes above for 4-bit, the 8-bit types on two of them, and the small
+# projections of a Llama-3-8B decode layer (q/o: K4096 N4096; k/v: K4096 N1024).
+MARLIN_CASES = [("uint4b8", k, n) for k, n in WEIGHT_SHAPES] + [("uint4", 8192, 28672)]
+MARLIN_CASES += [(t, 8192, 28672) for t in ("uint8b128", "float8_e4m3fn")]
+MARLIN_CASES += [("uint4b8", 4096, 4096), ("uint4b8", 4096, 1024)]
+MARLIN_ROWS = (1, 16, 32, 64, 128, 256)
+
+
+def _marlin_weight(q_type: str, k: int, n: int, i: int, group_size: int = 128) -> tuple:
+    """Random Marlin tensors (b_q_weight, b_scales, b_zeros): every bit pattern is a valid integer weight;
+    fp8 codes keep clear of NaN (0x7f, 0xff)."""
+    from jaxq.ops import marlin
+
+    bits = marlin.SCALAR_TYPES[q_type][0]
+    keys = jax.random.split(jax.random.key(30_000 + i), 3)
+    q = jax.random.bits(keys[0], (k // 16, n * bits // 2), jnp.uint32)
+    if q_type == "float8_e4m3fn":
+        q = q & 0xFEFEFEFE
+    scales = (jax.random.uniform(keys[1], (k // group_size, n), jnp.float32, 0.5, 1.5) * 1e-2).astype(jnp.bfloat16)
+    if q_type == "float8_e4m3fn":
+        scales = marlin.marlin_fp8_scales(scales, size_k=k, group_size=group_size)
+    zeros = jax.random.bits(keys[2], (k // group_size, n // 8), jnp.uint32).view(jnp.int32) if q_type == "uint4" else None
+    return q.view(jnp.int32), scales, zeros
+
+
+def run_marlin(copy: float) -> list[dict]:
+    """marlin_gemm per type and shape: its kernel's time and share of the copy bandwidth (weight bytes over
+    time), against XLA's bf16 dot on a [N, K] weight and, for 4-bit, jaxq's gptq_gemm; at M >= 128 also its
+    dequantize + dot path, to place the crossover."""
+    from jaxq.ops import marlin
+
+    out = []
+    for q_type, k, n in MARLIN_CASES:
+        bits = marlin.SCALAR_TYPES[q_type][0]
+        groups = k // 128
+        moved = k * n * bits // 8 + groups * n * 2 + (groups * n // 2 if q_type == "uint4" else 0)
+        make_weight = functools.cache(lambda i, q_type=q_type, k=k, n=n: _marlin_weight(q_type, k, n, i))
+
+        def ours(x, q, s, z, q_type=q_type):
+            return jaxq.marlin_gemm(x, q, s, b_q_type=q_type, b_zeros=z)
+
+        def kernel(*args):
+            with marlin.batch_invariant():
+                return ours(*args)
+
+        gptq = WeightCase("gptq", 4, k, n)
+        for m in MARLIN_ROWS:
+            def make_input(i, m=m, k=k):
+                x = jax.random.normal(jax.random.key(i), (m, k), jnp.float32).astype(jnp.bfloat16)
+                return (x, *make_weight(i))
+
+            row = dict(op="marlin_gemm", variant=f"{q_type} G128 bf16", shape=f"M{m} K{k} N{n}")
+            t = _time_per_call(kernel, make_input, moved)
+            row.update(us=t * 1e6, pct_copy=100 * moved / t / copy, tflops=2 * m * k * n / t / 1e12)
+            bf16 = _time_per_call(
+                lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))),
+                lambda i, m=m, k=k, n=n: (make_input(i)[0],
+                                          jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)), k * n * 2)
+            row.update(bf16_dot_us=bf16 * 1e6, vs_bf16=bf16 / t)
+            if bits == 4 and m <= 64:
+                g = _time_per_call(gptq.ours, lambda i, m=m, gptq=gptq: (make_input(i)[0], *gptq.make_weight(i)), moved)
+                row.update(gptq_us=g * 1e6, vs_gptq=g / t)
+            if m >= 128:
+                row["dequant_dot_us"] = _time_per_call(
+                    lambda x, q, s, z, q_type=q_type: marlin._reference(
+                        x, q, s, *([z] if z is not None else []), b_q_type=q_type, has_zeros=z is not None,
+                        has_g_idx=False, has_bias=False)[0], make_input, moved) * 1e6
+            out.append(row)
+            print(row, flush=True)
+    _print_table(out, [("kernel µs", "us", "{:.1f}"), ("% of copy BW", "pct_copy", "{:.1f}%"),
+                       ("TFLOP/s", "tflops", "{:.0f}"), ("bf16 dot µs", "bf16_dot_us", "{:.1f}"),
+                       ("speed-up vs bf16 dot", "vs_bf16", "{:.2f}x"), ("gptq_gemm µs", "gptq_us", "{:.1f}"),
+                       ("vs gptq_gemm", "vs_gptq", "{:.2f}x"), ("dequant+dot µs", "dequant_dot_us", "{:.1f}")])
+    return out
+
+
 # ------------------------------------------------------------------------------- W8A8 scaled GEMMs
 
 # (operand, M, K, N): issue 4's shapes. Weights are stored [N, K] and passed as w.T, as checkpoints keep them.
@@ -501,7 +579,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ops = {o.strip() for o in args.ops.split(",") if o.strip()} or None
     token_counts, hidden = ([256], 1024) if args.quick else ([int(m) for m in args.rows.split(",")], args.hidden)
-    gemm_ops = WEIGHT_ONLY_OPS | SCALED_MM_OPS | DECODER_LAYER_OPS
+    gemm_ops = WEIGHT_ONLY_OPS | SCALED_MM_OPS | DECODER_LAYER_OPS | {"marlin_gemm"}
     # torch's times first: its child process must find the GPU's memory before JAX takes it.
     torch_times = _torch_peer(SCALED_MM_CASES) if not args.quick and (ops is None or ops & SCALED_MM_OPS) else {}
     if ops is None or ops - gemm_ops:
@@ -513,6 +591,8 @@ def main(argv=None):
     if not args.quick and (ops is None or ops & WEIGHT_ONLY_OPS):
         run_weight_only(ops & WEIGHT_ONLY_OPS if ops else WEIGHT_ONLY_OPS, [int(m) for m in args.gemm_rows.split(",")],
                         [int(m) for m in args.sweep.split(",")], copy, [int(v) for v in args.splits.split(",") if v])
+    if not args.quick and (ops is None or "marlin_gemm" in ops):
+        run_marlin(copy)
     if not args.quick and (ops is None or ops & SCALED_MM_OPS):
         run_scaled_mm(torch_times, copy)
     if not args.quick and (ops is None or ops & DECODER_LAYER_OPS):

@@ -308,11 +308,10 @@ GPU_CASES = CASES + [("uint4", 128, False), ("float8_e4m3fn", 128, False)]
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_matches_reference_on_gpu(q_type, group_size, act_order, dtype):
     rng = np.random.default_rng()
-    for k, n in ((256, 192), (1024, 4096), (4096, 128)):
-        if group_size != -1 and k % group_size:
-            continue
+    # Small and tall weights (K split over a cluster), a wide one (no split); rows in every bucket and tail.
+    for (k, n), rows in (((256, 192), (1, 33, 130)), ((4096, 128), (7, 64)), ((1024, 4096), (16, 65))):
         w = Weight(rng, q_type, k, n, group_size, dtype, act_order)
-        for m in (1, 7, 16, 33, 64, 65, 130):
+        for m in rows:
             a = random_a(rng, (m, k), dtype)
             bias = random_a(rng, (n,), dtype) if m % 2 else None
             with jaxq.batch_invariant():

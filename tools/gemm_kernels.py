@@ -4,6 +4,9 @@ compute-sanitizer.
 * ``weight_only``: AWQ GEMM and dequantization; GPTQ 2/3/4/8-bit GEMM (plain and exllama, M=1 and M=9,
   split K, and 4-bit with more column tiles than SMs, which deals out narrower blocks) and dequantization
   (with and without act-order g_idx).
+* ``marlin``: marlin_gemm for every weight type, dtype, row bucket (M 1, 20, 40, 64, 130), grouped and
+  per-channel scales, act-order (with corrupt g_idx entries, which the kernel must clamp), bias, K split
+  over a cluster (N = 64) and not (N = 4096).
 * ``scaled_mm``: int8 and fp8 W8A8 GEMMs in every M-bucket tile configuration, both output dtypes, scalar
   and vector scales, bias, both zero-point forms, fp8 fast accumulation; fp8 with block-wise scales in both
   of its tiles.
@@ -55,6 +58,32 @@ def weight_only():
     print("ran every weight-only kernel variant")
 
 
+def marlin():
+    from jaxq.ops import marlin as ops
+
+    rng = np.random.default_rng(0)
+    for dtype in [jnp.dtype(d) for d in sys.argv[2:]] or (jnp.float16, jnp.bfloat16):
+        for q_type, (bits, _, zeros) in ops.SCALAR_TYPES.items():
+            for k, n, groups in ((1024, 64, 8), (256, 4096, 1)):
+                q = jnp.asarray(rng.integers(0, 2**31, (k // 16, n * bits // 2)), jnp.int32)
+                s = jnp.asarray(rng.uniform(0.5, 1.5, (groups, n)) * 1e-2, dtype)
+                z = jnp.asarray(rng.integers(0, 2**31, (groups, n // 8)), jnp.int32) if zeros else None
+                orders = [None] if q_type == "float8_e4m3fn" or groups == 1 else [None, "act"]
+                for order in orders:
+                    kw = {}
+                    if order:
+                        g_idx = np.sort(rng.integers(0, groups, k)).astype(np.int32)
+                        g_idx[::97] = 1 << 20  # corrupt entries: clamped, never read past the scales
+                        kw = dict(g_idx=jnp.asarray(g_idx), perm=jnp.asarray(rng.permutation(k), jnp.int32))
+                    for m in (1, 20, 40, 64, 130):
+                        a = jnp.asarray(rng.standard_normal((m, k)), dtype)
+                        bias = jnp.asarray(rng.standard_normal((n,)), dtype) if m % 2 == 0 else None
+                        with ops.batch_invariant():
+                            jax.block_until_ready(jax.jit(lambda a, q, s, z, bias: jaxq.marlin_gemm(
+                                a, q, s, b_q_type=q_type, b_zeros=z, b_bias=bias, **kw))(a, q, s, z, bias))
+    print("ran every marlin kernel variant")
+
+
 def scaled_mm():
     rng = np.random.default_rng(0)
     k, n = 272, 208
@@ -90,4 +119,4 @@ def scaled_mm():
     print("ran every scaled_mm kernel variant")
 
 
-{"weight_only": weight_only, "scaled_mm": scaled_mm}[sys.argv[1]]()
+{"weight_only": weight_only, "scaled_mm": scaled_mm, "marlin": marlin}[sys.argv[1]]()

@@ -3,7 +3,7 @@
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
 #   stages: tests sanitizer bench nn ncu ncu_gemm sweep (default: tests sanitizer bench). The build runs first
 #   every time (BUILD=0 skips it).
-#   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm), SANITIZER_TOOLS and BENCH_ARGS
+#   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin), SANITIZER_TOOLS and BENCH_ARGS
 #   narrow a run. BUILD=0 reuses the package a previous call installed on a still-warm machine (same tree).
 # Logs go to $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
@@ -47,7 +47,7 @@ for stage in $stages; do
     san_tests="$REPO/tests/test_gpu.py::test_packed_kernel_batched $REPO/tests/test_gpu.py::test_nvfp4_kernel_batched_global_scales"
     san_tests+=" $REPO/tests/test_gpu.py::test_group_quant_kernel_group_sizes"
     for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
-      for set in ${SANITIZER_SETS:-activation weight_only scaled_mm}; do
+      for set in ${SANITIZER_SETS:-activation weight_only scaled_mm marlin}; do
         # The GEMM kernels run from a script without CPU references: memcheck once crashed inside
         # compute-sanitizer while XLA compiled a CPU reference under pytest.
         if [ $set = activation ]; then
@@ -55,7 +55,7 @@ for stage in $stages; do
         else
           cmd=(python3 "$REPO/tools/gemm_kernels.py" $set)
           # racecheck over every weight-only variant outlasts a 10-minute device call: one dtype.
-          [ $tool = racecheck ] && [ $set = weight_only ] && cmd+=(bfloat16)
+          [ $tool = racecheck ] && { [ $set = weight_only ] || [ $set = marlin ]; } && cmd+=(bfloat16)
         fi
         (cd /tmp && XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool $tool --target-processes all \
            --print-limit 20 "${cmd[@]}" 2>&1) > "$OUT/sanitizer_${tool}_$set.log"

@@ -1,0 +1,37 @@
+// Weight-only GEMM on weights in vLLM's Marlin layout (jaxq/ops/marlin.py describes the layout and types).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/types.h"
+
+namespace jaxq {
+
+enum class MarlinType : int32_t { kU4B8 = 0, kU4 = 1, kU8B128 = 2, kFp8E4M3 = 3 };
+
+struct MarlinParams {
+  FloatType type = FloatType::kBF16;  // of a, the scales, the bias and the output
+  MarlinType weight = MarlinType::kU4B8;
+  const void* a = nullptr;            // [m, k] (columns already in perm order for act-order)
+  const uint32_t* b_q = nullptr;      // [k / 16, n * 16 * bits / 32]
+  const void* scales = nullptr;       // [groups, n], permuted per 64 columns (per 32 with one group)
+  const uint32_t* zeros = nullptr;    // [groups, n / 8] for kU4, else null
+  const int32_t* g_idx = nullptr;     // [k] group of each row (act-order; clamped to [0, groups)), or null
+  const void* bias = nullptr;         // [n] or null
+  void* out = nullptr;                // [m, n]
+  int64_t m = 0;
+  int k = 0, n = 0, groups = 1;
+};
+
+int MarlinBits(MarlinType t);
+
+// Blocks that share the K range of one 64-column tile: a function of n, k and the SM count only, so that a
+// row's result never depends on m.
+int MarlinKSplits(int n, int k, int sm_count);
+
+// out = a @ W (+ bias), W dequantized in registers and rounded to the activations' type, float32 sums.
+// Needs sm_90 for K splits (their partial sums meet in a thread-block cluster's shared memory).
+cudaError_t LaunchMarlinGemm(const MarlinParams& p, cudaStream_t stream);
+
+}  // namespace jaxq
