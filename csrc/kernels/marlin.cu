@@ -84,13 +84,13 @@ __device__ __forceinline__ T FromFloat(float v) {
 template <typename T>
 __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (std::is_same_v<T, half>) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   } else {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -190,8 +190,12 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
   const size_t zero_stride = p.n / 8;
 
   for (int kt0 = kt_begin + warp; kt0 < kt_end; kt0 += kWarps * kUnroll) {
+    // Everything the next kUnroll slabs need is requested before any is used: the weight codes, their scales
+    // and the A fragments (a's rows are read by every block, so they mostly come from L2; waiting for them
+    // slab by slab left the loads of the codes idle).
     uint4 codes[kUnroll][kVectors];
     T s[kUnroll][8];
+    uint32_t frag_a[kUnroll][kMBlocks][4];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int kt = kt0 + kWarps * u;
@@ -202,12 +206,22 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
           const int group = single ? 0 : kt * kTileK / group_rows;
           LoadScales(scale_tile + static_cast<size_t>(group) * p.n, g, single, s[u]);
         }
+#pragma unroll
+        for (int mb = 0; mb < kMBlocks; ++mb) {
+          const int col = kt * kTileK;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            frag_a[u][mb][r] = a_valid[mb][r] ? __ldg(reinterpret_cast<const uint32_t*>(a_rows[mb][r] + col)) : 0u;
+            frag_a[u][mb][2 + r] =
+                a_valid[mb][r] ? __ldg(reinterpret_cast<const uint32_t*>(a_rows[mb][r] + col + 8)) : 0u;
+          }
+        }
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int kt = kt0 + kWarps * u;
-      if (kt >= kt_end) break;
+      if (kt >= kt_end) continue;
       // Per column j and row pair (2t, 2t+1) / (2t+8, 2t+9): the scale and the subtracted offset.
       T2<T> scale01[8], scale89[8], offset01[8], offset89[8];
       if constexpr (kActOrder) {
@@ -250,17 +264,6 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
         for (int j = 0; j < 8; ++j) offset01[j] = offset89[j] = MakePair<T>(bias, bias);
       }
 
-      uint32_t frag_a[kMBlocks][4];
-#pragma unroll
-      for (int mb = 0; mb < kMBlocks; ++mb) {
-        const int col = kt * kTileK;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          frag_a[mb][r] = a_valid[mb][r] ? __ldg(reinterpret_cast<const uint32_t*>(a_rows[mb][r] + col)) : 0u;
-          frag_a[mb][2 + r] = a_valid[mb][r] ? __ldg(reinterpret_cast<const uint32_t*>(a_rows[mb][r] + col + 8)) : 0u;
-        }
-      }
-
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
 #pragma unroll
@@ -284,7 +287,7 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
           const uint32_t b0 = Bits<T>(__hmul2(Codes<T, kType>(lo, offset01[j]), scale01[j]));
           const uint32_t b1 = Bits<T>(__hmul2(Codes<T, kType>(hi, offset89[j]), scale89[j]));
 #pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb) Mma<T>(acc[mb][j], frag_a[mb], b0, b1);
+          for (int mb = 0; mb < kMBlocks; ++mb) Mma<T>(acc[mb][j], frag_a[u][mb], b0, b1);
         }
       }
     }
