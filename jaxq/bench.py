@@ -326,7 +326,7 @@ def _marlin_weight(q_type: str, k: int, n: int, i: int, group_size: int = 128) -
     keys = jax.random.split(jax.random.key(30_000 + i), 3)
     q = jax.random.bits(keys[0], (k // 16, n * bits // 2), jnp.uint32)
     if q_type == "float8_e4m3fn":
-        q = q & 0xFEFEFEFE
+        q = q & jnp.uint32(0xFEFEFEFE)
     scales = (jax.random.uniform(keys[1], (k // group_size, n), jnp.float32, 0.5, 1.5) * 1e-2).astype(jnp.bfloat16)
     if q_type == "float8_e4m3fn":
         scales = marlin.marlin_fp8_scales(scales, size_k=k, group_size=group_size)
