@@ -11,7 +11,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
 #include <type_traits>
 
 #include "kernels/sm_count.h"
@@ -99,24 +98,6 @@ __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint3
   }
 }
 
-__device__ __forceinline__ void CpAsync16(void* shared, const void* global) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(shared))),
-               "l"(global));
-}
-
-// Copies 4 bytes, or writes 4 zero bytes without reading when !valid.
-__device__ __forceinline__ void CpAsync4(void* shared, const void* global, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(shared))),
-               "l"(global), "r"(valid ? 4 : 0));
-}
-
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
 // Codes of rows (r, r + 1) of one column -> a pair in T, exact: `word` holds them as the low and high 16 bits
 // (4-bit codes in bits 0..3 of each half; 8-bit codes in bits 0..7). Integer types come out as code - offset
 // with `offset` a pair (per row) of the subtracted bias or zero point; fp8 as its value times 2**-bias (the
@@ -160,23 +141,11 @@ __device__ __forceinline__ uint32_t ZeroNibble(uint32_t word, int j) {
   return (word >> (4 * ((j & 1) * 4 + (j >> 1)))) & 0xfu;
 }
 
-// The per-warp ring of slabs: kStages slots, each kSlotWords 16-byte words per lane (the codes, the scales,
-// a zero-point word and one word of A fragments per row block).
-template <MarlinType kType, int kMBlocks>
-struct Ring {
-  static constexpr int kVectors = kType == MarlinType::kU4B8 || kType == MarlinType::kU4 ? 1 : 2;
-  static constexpr int kStages = kMBlocks <= 2 ? 8 : 4;
-  static constexpr int kZeroWord = kVectors + 1, kAWord = kVectors + 2;
-  static constexpr int kSlotWords = kAWord + kMBlocks;
-  static constexpr int kBytes = kWarps * kStages * kSlotWords * 32 * 16;
-};
-
 template <typename T, MarlinType kType, int kMBlocks, bool kActOrder>
 __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, int k_tiles_per_split) {
   constexpr int kBits = kType == MarlinType::kU4B8 || kType == MarlinType::kU4 ? 4 : 8;
-  using R = Ring<kType, kMBlocks>;
-  constexpr int kVectors = R::kVectors;  // 16-byte vectors per lane per 16 x 64 tile
-  constexpr int kStages = R::kStages, kZeroWord = R::kZeroWord, kAWord = R::kAWord, kSlotWords = R::kSlotWords;
+  constexpr int kVectors = kBits / 4;                  // 16-byte vectors per lane per 16 x 64 tile
+  constexpr int kUnroll = (kMBlocks <= 1 ? 8 : kMBlocks == 2 ? 4 : 2) / kVectors;
   constexpr bool kHasZeros = kType == MarlinType::kU4;
   const T* a = static_cast<const T*>(p.a);
   const T* scales = static_cast<const T*>(p.scales);
@@ -220,135 +189,112 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
   const uint32_t* zero_tile = kHasZeros ? p.zeros + static_cast<size_t>(nt) * (kTileN / 8) + g : nullptr;
   const size_t zero_stride = p.n / 8;
 
-  // Each warp streams its slabs through a ring of kStages slots in shared memory (cp.async): a lane copies the
-  // codes of its fragments, their scales and zero points and its A fragments, and later reads back only what
-  // it copied itself, so a slab's loads are in flight kStages - 1 slabs ahead without any barrier.
-  extern __shared__ uint4 shared_raw[];
-  uint4* ring = shared_raw + warp * kStages * kSlotWords * 32 + lane;
-  auto slot = [&](int stage, int word) { return ring + (stage * kSlotWords + word) * 32; };
-  T single_scales[8];
-  if (single && !kActOrder) LoadScales(scale_tile, g, true, single_scales);
-  auto issue = [&](int kt, int stage) {
-    if (kt < kt_end) {
+  for (int kt0 = kt_begin + warp; kt0 < kt_end; kt0 += kWarps * kUnroll) {
+    // Everything the next kUnroll slabs need is requested before any is used: the weight codes, their scales
+    // and the A fragments (a's rows are read by every block, so they mostly come from L2; waiting for them
+    // slab by slab left the loads of the codes idle).
+    uint4 codes[kUnroll][kVectors];
+    T s[kUnroll][8];
+    uint32_t frag_a[kUnroll][kMBlocks][4];
 #pragma unroll
-      for (int v = 0; v < kVectors; ++v) CpAsync16(slot(stage, v), b_lane + kt * b_stride + v);
-      const int group = single ? 0 : kt * kTileK / group_rows;
-      if (!kActOrder && !single) CpAsync16(slot(stage, kVectors), scale_tile + static_cast<size_t>(group) * p.n + 8 * g);
-      if constexpr (kHasZeros && !kActOrder) {
-        CpAsync4(reinterpret_cast<uint32_t*>(slot(stage, kZeroWord)), zero_tile + group * zero_stride, true);
-      }
+    for (int u = 0; u < kUnroll; ++u) {
+      const int kt = kt0 + kWarps * u;
+      if (kt < kt_end) {
 #pragma unroll
-      for (int mb = 0; mb < kMBlocks; ++mb) {
-        uint32_t* dst = reinterpret_cast<uint32_t*>(slot(stage, kAWord + mb));
+        for (int v = 0; v < kVectors; ++v) codes[u][v] = __ldcs(b_lane + kt * b_stride + v);
+        if constexpr (!kActOrder) {
+          const int group = single ? 0 : kt * kTileK / group_rows;
+          LoadScales(scale_tile + static_cast<size_t>(group) * p.n, g, single, s[u]);
+        }
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          CpAsync4(dst + r, a_rows[mb][r] + kt * kTileK, a_valid[mb][r]);
-          CpAsync4(dst + 2 + r, a_rows[mb][r] + kt * kTileK + 8, a_valid[mb][r]);
+        for (int mb = 0; mb < kMBlocks; ++mb) {
+          const int col = kt * kTileK;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            frag_a[u][mb][r] = a_valid[mb][r] ? __ldg(reinterpret_cast<const uint32_t*>(a_rows[mb][r] + col)) : 0u;
+            frag_a[u][mb][2 + r] =
+                a_valid[mb][r] ? __ldg(reinterpret_cast<const uint32_t*>(a_rows[mb][r] + col + 8)) : 0u;
+          }
         }
       }
     }
-    CpAsyncCommit();
-  };
 #pragma unroll
-  for (int stage = 0; stage < kStages - 1; ++stage) issue(kt_begin + warp + kWarps * stage, stage);
-  for (int i = 0, kt = kt_begin + warp; kt < kt_end; ++i, kt += kWarps) {
-    issue(kt + kWarps * (kStages - 1), (i + kStages - 1) % kStages);
-    CpAsyncWait<kStages - 1>();
-    const int stage = i % kStages;
-    uint4 codes[kVectors];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int kt = kt0 + kWarps * u;
+      if (kt >= kt_end) continue;
+      // Per column j and row pair (2t, 2t+1) / (2t+8, 2t+9): the scale and the subtracted offset.
+      T2<T> scale01[8], scale89[8], offset01[8], offset89[8];
+      if constexpr (kActOrder) {
+        T sr[4][8];
+        uint32_t zr[4];
 #pragma unroll
-    for (int v = 0; v < kVectors; ++v) codes[v] = *slot(stage, v);
-    T s[8];
-    if constexpr (!kActOrder) {
-      if (single) {
+        for (int r = 0; r < 4; ++r) {
+          const int row = kt * kTileK + 2 * t + (r & 1) + 8 * (r >> 1);
+          const int group = min(max(__ldg(p.g_idx + row), 0), p.groups - 1);
+          LoadScales(scale_tile + static_cast<size_t>(group) * p.n, g, single, sr[r]);
+          if constexpr (kHasZeros) zr[r] = __ldg(zero_tile + group * zero_stride);
+        }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) s[j] = single_scales[j];
+        for (int j = 0; j < 8; ++j) {
+          scale01[j] = T2<T>{sr[0][j], sr[1][j]};
+          scale89[j] = T2<T>{sr[2][j], sr[3][j]};
+          if constexpr (kHasZeros) {
+            const float base = Pair<T>::kMagicValue;
+            offset01[j] = MakePair<T>(base + ZeroNibble(zr[0], j), base + ZeroNibble(zr[1], j));
+            offset89[j] = MakePair<T>(base + ZeroNibble(zr[2], j), base + ZeroNibble(zr[3], j));
+          }
+        }
       } else {
-        const uint4 v = *slot(stage, kVectors);
-        const T* e = reinterpret_cast<const T*>(&v);
+        uint32_t z = 0;
+        if constexpr (kHasZeros) z = __ldg(zero_tile + (single ? 0 : kt * kTileK / group_rows) * zero_stride);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) s[j] = e[j];
-      }
-    }
-    uint32_t z = 0;
-    if constexpr (kHasZeros && !kActOrder) z = slot(stage, kZeroWord)->x;
-    uint32_t frag_a[kMBlocks][4];
-#pragma unroll
-    for (int mb = 0; mb < kMBlocks; ++mb) {
-      const uint4 v = *slot(stage, kAWord + mb);
-      frag_a[mb][0] = v.x, frag_a[mb][1] = v.y, frag_a[mb][2] = v.z, frag_a[mb][3] = v.w;
-    }
-    // Per column j and row pair (2t, 2t+1) / (2t+8, 2t+9): the scale and the subtracted offset.
-    T2<T> scale01[8], scale89[8], offset01[8], offset89[8];
-    if constexpr (kActOrder) {
-      T sr[4][8];
-      uint32_t zr[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int row = kt * kTileK + 2 * t + (r & 1) + 8 * (r >> 1);
-        const int group = min(max(__ldg(p.g_idx + row), 0), p.groups - 1);
-        LoadScales(scale_tile + static_cast<size_t>(group) * p.n, g, single, sr[r]);
-        if constexpr (kHasZeros) zr[r] = __ldg(zero_tile + group * zero_stride);
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        scale01[j] = T2<T>{sr[0][j], sr[1][j]};
-        scale89[j] = T2<T>{sr[2][j], sr[3][j]};
-        if constexpr (kHasZeros) {
-          const float base = Pair<T>::kMagicValue;
-          offset01[j] = MakePair<T>(base + ZeroNibble(zr[0], j), base + ZeroNibble(zr[1], j));
-          offset89[j] = MakePair<T>(base + ZeroNibble(zr[2], j), base + ZeroNibble(zr[3], j));
+        for (int j = 0; j < 8; ++j) {
+          scale01[j] = scale89[j] = T2<T>{s[u][j], s[u][j]};
+          if constexpr (kHasZeros) {
+            const float zero = Pair<T>::kMagicValue + ZeroNibble(z, j);
+            offset01[j] = offset89[j] = MakePair<T>(zero, zero);
+          }
         }
       }
-    } else {
+      if constexpr (!kHasZeros) {
+        const float bias = kType == MarlinType::kU4B8    ? Pair<T>::kMagicValue + 8.0f
+                           : kType == MarlinType::kU8B128 ? 1024.0f + 128.0f  // used by float16 only
+                                                          : 0.0f;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        scale01[j] = scale89[j] = T2<T>{s[j], s[j]};
-        if constexpr (kHasZeros) {
-          const float zero = Pair<T>::kMagicValue + ZeroNibble(z, j);
-          offset01[j] = offset89[j] = MakePair<T>(zero, zero);
-        }
+        for (int j = 0; j < 8; ++j) offset01[j] = offset89[j] = MakePair<T>(bias, bias);
       }
-    }
-    if constexpr (!kHasZeros) {
-      const float bias = kType == MarlinType::kU4B8    ? Pair<T>::kMagicValue + 8.0f
-                         : kType == MarlinType::kU8B128 ? 1024.0f + 128.0f  // used by float16 only
-                                                        : 0.0f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) offset01[j] = offset89[j] = MakePair<T>(bias, bias);
-    }
 
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
+      for (int w = 0; w < 4; ++w) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int j = 2 * w + h;
-        uint32_t lo, hi;  // codes of rows (2t, 2t+1) and (2t+8, 2t+9) of column j, one per 16 bits
-        if constexpr (kBits == 4) {
-          const uint32_t word = w == 0 ? codes[0].x : w == 1 ? codes[0].y : w == 2 ? codes[0].z
-                                                                                      : codes[0].w;
-          lo = (word >> (8 * h)) & 0x000f000fu;
-          hi = (word >> (8 * h + 4)) & 0x000f000fu;
-        } else {
-          const uint4& v = codes[w >> 1];
-          const uint32_t word = (2 * (w & 1) + h) == 0   ? v.x
-                                : (2 * (w & 1) + h) == 1 ? v.y
-                                : (2 * (w & 1) + h) == 2 ? v.z
-                                                         : v.w;
-          lo = __byte_perm(word, 0u, 0x4240);  // bytes 0 and 2: rows 2t and 2t+1
-          hi = __byte_perm(word, 0u, 0x4341);  // bytes 1 and 3: rows 2t+8 and 2t+9
+        for (int h = 0; h < 2; ++h) {
+          const int j = 2 * w + h;
+          uint32_t lo, hi;  // codes of rows (2t, 2t+1) and (2t+8, 2t+9) of column j, one per 16 bits
+          if constexpr (kBits == 4) {
+            const uint32_t word = w == 0 ? codes[u][0].x : w == 1 ? codes[u][0].y : w == 2 ? codes[u][0].z
+                                                                                        : codes[u][0].w;
+            lo = (word >> (8 * h)) & 0x000f000fu;
+            hi = (word >> (8 * h + 4)) & 0x000f000fu;
+          } else {
+            const uint4& v = codes[u][w >> 1];
+            const uint32_t word = (2 * (w & 1) + h) == 0   ? v.x
+                                  : (2 * (w & 1) + h) == 1 ? v.y
+                                  : (2 * (w & 1) + h) == 2 ? v.z
+                                                           : v.w;
+            lo = __byte_perm(word, 0u, 0x4240);  // bytes 0 and 2: rows 2t and 2t+1
+            hi = __byte_perm(word, 0u, 0x4341);  // bytes 1 and 3: rows 2t+8 and 2t+9
+          }
+          const uint32_t b0 = Bits<T>(__hmul2(Codes<T, kType>(lo, offset01[j]), scale01[j]));
+          const uint32_t b1 = Bits<T>(__hmul2(Codes<T, kType>(hi, offset89[j]), scale89[j]));
+#pragma unroll
+          for (int mb = 0; mb < kMBlocks; ++mb) Mma<T>(acc[mb][j], frag_a[u][mb], b0, b1);
         }
-        const uint32_t b0 = Bits<T>(__hmul2(Codes<T, kType>(lo, offset01[j]), scale01[j]));
-        const uint32_t b1 = Bits<T>(__hmul2(Codes<T, kType>(hi, offset89[j]), scale89[j]));
-#pragma unroll
-        for (int mb = 0; mb < kMBlocks; ++mb) Mma<T>(acc[mb][j], frag_a[mb], b0, b1);
       }
     }
   }
-  CpAsyncWait<0>();
-  __syncthreads();  // the ring's memory becomes the warps' partial sums
 
   // The warps' sums, then (with a K split) the cluster's, added in a fixed order.
+  extern __shared__ float4 shared_raw[];
   float* partial = reinterpret_cast<float*>(shared_raw);
   constexpr int kTileFloats = kMBlocks * 16 * kTileN;
 #pragma unroll
@@ -401,7 +347,7 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
 template <typename T, MarlinType kType, int kMBlocks, bool kActOrder>
 cudaError_t Launch(const MarlinParams& p, int splits, cudaStream_t stream) {
   auto kernel = MarlinGemmKernel<T, kType, kMBlocks, kActOrder>;
-  const int shared = std::max<int>(Ring<kType, kMBlocks>::kBytes, kWarps * kMBlocks * 16 * kTileN * sizeof(float));
+  const int shared = kWarps * kMBlocks * 16 * kTileN * sizeof(float);
   static const cudaError_t configured =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
   if (configured != cudaSuccess) return configured;
