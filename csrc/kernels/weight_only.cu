@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "kernels/device_utils.cuh"
 #include "kernels/sm_count.h"
 #include "kernels/weight_only.h"
 
@@ -292,23 +293,6 @@ struct AwqTiles {
   // Pair j of column c: its nibble in rows 8t + 2j (bits 0..3) and 8t + 2j + 1 (bits 16..19).
   __device__ __forceinline__ uint32_t Pair(int c, int j) const { return w[j][c / 4] >> (4 * (c % 4)); }
 };
-
-template <typename T>
-__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 
 // x values a and b (16-bit elements of the words xv) as one pair register.
 __device__ __forceinline__ uint32_t XPair(const uint32_t* xv, int a, int b) {
