@@ -191,6 +191,23 @@ def test_gptq_gemm_kernel(m, k, n, bits, variant):
     _compare(lambda *a: (jaxq.gptq_dequantize(*a, bits=bits, use_v2_format=v2, use_exllama=exllama),), qw, qz, sc, g_idx)
 
 
+@pytest.mark.parametrize("bits", formats.GPTQ_BITS)
+def test_gptq_kernels_clamp_corrupt_g_idx(bits):
+    """A corrupt checkpoint's g_idx (past the last group, negative): the kernels clamp as the reference does,
+    and never read past the scales (tools/gemm_kernels.py runs the same under compute-sanitizer memcheck)."""
+    rng = np.random.default_rng(bits)
+    k, n = 1024, 96
+    qw, qz, sc, g_idx = formats.quantize_gptq(jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16), bits, 128,
+                                              act_order=rng.permutation(k), symmetric=False)
+    g_idx = g_idx.at[::7].set(1 << 20).at[3::11].set(-1)
+    x = jnp.asarray(rng.standard_normal((16, k)), jnp.bfloat16)
+    got = _on("cuda", lambda *a: jaxq.gptq_gemm(*a, use_exllama=False, bits=bits), x, qw, qz, sc, g_idx)
+    want = _on("cpu", lambda *a: jaxq.gptq_gemm(*a, use_exllama=False, bits=bits), x, qw, qz, sc,
+               jnp.clip(g_idx, 0, sc.shape[0] - 1))
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+    assert _rel_l2(got, want) < _gemm_tol(jnp.bfloat16)
+
+
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("split", [None, 1, 3, 7])
 def test_awq_gemm_kernel_large_and_split(m, split):

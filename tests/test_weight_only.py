@@ -123,6 +123,19 @@ def test_gptq_dequantize_matches_oracle(bits, v2, act_order, exllama):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(want, dtype)))
 
 
+def test_gptq_dequantize_clamps_corrupt_g_idx():
+    """Entries past the last group or negative (-1 included, which numpy indexing would wrap) take the nearest
+    group, as the GPU kernels clamp them."""
+    rng = np.random.default_rng(5)
+    qweight, qzeros, scales, g_idx = gptq_weight(rng, 128, 64, 4, 32, jnp.float16, act_order=True, symmetric=False)
+    corrupt = g_idx.at[0].set(-1).at[1].set(-(1 << 20)).at[2].set(4).at[3].set(1 << 20)
+    clamped = g_idx.at[0].set(0).at[1].set(0).at[2].set(3).at[3].set(3)
+    got = jaxq.gptq_dequantize(qweight, qzeros, scales, corrupt, bits=4)
+    want = oracle.gptq_dequantize(np.asarray(qweight), np.asarray(qzeros), np.asarray(scales.astype(jnp.float32)),
+                                  np.asarray(clamped), 4, False)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(want, jnp.float16)))
+
+
 # -------------------------------------------------------------------------------------------- GEMM
 
 

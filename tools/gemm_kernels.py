@@ -43,6 +43,8 @@ def weight_only():
                 w = jnp.asarray(rng.standard_normal((1024, 96)), dtype)
                 qw, qz, sc, g_idx = formats.quantize_gptq(w, bits, 128, act_order=rng.permutation(1024), symmetric=False)
                 jax.block_until_ready(jax.jit(lambda *a: jaxq.gptq_dequantize(*a, bits=bits))(qw, qz, sc, g_idx))
+                corrupt = g_idx.at[::7].set(1 << 20).at[3::11].set(-1)  # clamped by the kernel, never read
+                jax.block_until_ready(jax.jit(lambda *a: jaxq.gptq_dequantize(*a, bits=bits))(qw, qz, sc, corrupt))
                 qw, qz, sc, _ = formats.quantize_gptq(w, bits, 128, symmetric=False)
                 for exllama in (False, True):
                     weight = jaxq.gptq_shuffle(qw, no_perm, bits) if exllama else qw

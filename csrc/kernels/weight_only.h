@@ -20,7 +20,7 @@ struct WeightOnlyParams {
   const uint32_t* qweight = nullptr;
   const uint32_t* qzeros = nullptr;
   const void* scales = nullptr;     // [groups, n]
-  const int32_t* g_idx = nullptr;   // dequantization only: group of each row; null means k / group size
+  const int32_t* g_idx = nullptr;   // dequantization only: group of each row (clamped to [0, groups)); null means k / group size
   void* out = nullptr;              // [m, n] (GEMM) or [k, n] (dequantization)
   uint32_t* workspace = nullptr;    // GEMM: WeightOnlyWorkspaceWords(m, n, split_k) words
   int64_t m = 0, n = 0, k = 0, groups = 1;

@@ -49,7 +49,8 @@ def gptq_dequantize_reference(qweight, qzeros, scales, g_idx=None, *, bits, exll
     words = formats.exllama_unshuffle(qweight, bits) if exllama else qweight
     q = formats.unpack_gptq(words, bits, axis=0)
     k, groups = q.shape[0], scales.shape[0]
-    rows = jnp.arange(k) // (k // groups) if g_idx is None else g_idx
+    # A corrupt g_idx (negative, or past the last group) is clamped, as the kernels do.
+    rows = jnp.arange(k) // (k // groups) if g_idx is None else jnp.clip(g_idx, 0, groups - 1)
     zeros = formats.unpack_gptq(qzeros, bits, axis=1) + (0 if v2 else 1)
     w = (q - zeros[rows]).astype(jnp.float32) * scales.astype(jnp.float32)[rows]
     return w.astype(scales.dtype)
