@@ -86,4 +86,25 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint3
   }
 }
 
+// Copies `Bytes` (4, 8 or 16) from global memory to shared-window address `s` without holding registers;
+// src_bytes = 0 fills zeros instead (rows of x past M, columns past the block's). Streaming copies (weights: read
+// once) bypass L1; with LinePrefetch they also have L2 fetch the whole 128-byte line around them.
+template <int Bytes, bool Streaming, bool LinePrefetch = false>
+__device__ __forceinline__ void CopyAsync(uint32_t s, const void* src, int src_bytes) {
+  if constexpr (Streaming && LinePrefetch) {
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(src_bytes));
+  } else if constexpr (Streaming) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(s), "l"(src), "n"(Bytes), "r"(src_bytes));
+  }
+}
+
+__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;"); }
+
+template <int Pending>
+__device__ __forceinline__ void WaitAsync() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(Pending));
+}
+
 }  // namespace jaxq

@@ -138,30 +138,9 @@ struct GroupWords {
 
 // ------------------------------------------------------------------------------------ async copies
 
-// Copies `Bytes` (4, 8 or 16) from global memory to shared-window address `s` without holding registers;
-// src_bytes = 0 fills zeros instead (rows of x past M, columns past the block's). Streaming copies (weights: read
-// once) bypass L1; with LinePrefetch they also have L2 fetch the whole 128-byte line around them.
-template <int Bytes, bool Streaming, bool LinePrefetch = false>
-__device__ __forceinline__ void CopyAsync(uint32_t s, const void* src, int src_bytes) {
-  if constexpr (Streaming && LinePrefetch) {
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(src_bytes));
-  } else if constexpr (Streaming) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(src_bytes));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(s), "l"(src), "n"(Bytes), "r"(src_bytes));
-  }
-}
-
 // Shared memory holds a warp's vectors lane-major: vector v of lane l at 16 (32 v + l) bytes from the
 // warp's stage, so a lane's consecutive vectors are this far apart.
 constexpr uint32_t kVectorStride = 32 * 16;
-
-__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;"); }
-
-template <int Pending>
-__device__ __forceinline__ void WaitAsync() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(Pending));
-}
 
 // --------------------------------------------------------------------------------------- GEMM tiles
 //
@@ -673,7 +652,8 @@ __global__ void GptqDequantizeKernel(WeightOnlyParams p) {
 #pragma unroll
   for (int v = 0; v < 32; ++v) {
     const int64_t row = block * 32 + v;
-    const int64_t group = p.g_idx ? __ldg(p.g_idx + row) : block_group;
+    // A corrupt checkpoint's g_idx is clamped to the groups, as the reference does (never read past the scales).
+    const int64_t group = p.g_idx ? min(max(__ldg(p.g_idx + row), 0), static_cast<int>(p.groups) - 1) : block_group;
     if (group != loaded) {
       loaded = group;
 #pragma unroll
