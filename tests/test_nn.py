@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 import jaxq
 import jaxq.nn as qnn
 import oracle
+from jaxq.nn.checkpoint import read_safetensors
 from jaxq.nn.llama import MODEL_AXIS, LlamaConfig, LlamaForCausalLM, greedy_decode
 
 K, N = 256, 128
@@ -35,6 +36,9 @@ LAYERS = {
     "fp8_block": (qnn.Fp8Linear, dict(block=True), 0.06),
     "int8": (qnn.Int8Linear, {}, 0.02),
     "int8_azp": (qnn.Int8Linear, dict(azp=True), 0.02),
+    "awq_marlin": (qnn.AWQLinear, dict(backend="marlin"), 0.15),
+    "gptq4_marlin_act_order": (qnn.GPTQLinear, dict(backend="marlin", act_order=ACT_ORDER), 0.15),
+    "gptq8_marlin_g64": (qnn.GPTQLinear, dict(bits=8, group_size=64, backend="marlin"), 0.02),
 }
 
 
@@ -66,7 +70,8 @@ def oracle_output(layer, x) -> np.ndarray:
     xf = np.asarray(x, np.float32)
     bias = None if layer.bias is None else _np(layer.bias).astype(np.float32)
     if isinstance(layer, qnn.AWQLinear):
-        w = oracle.awq_dequantize(_np(layer.qweight), _np(layer.scales), _np(layer.qzeros))
+        ckpt = {k: np.asarray(v) for k, v in layer.checkpoint_tensors().items()}
+        w = oracle.awq_dequantize(ckpt["qweight"], ckpt["scales"], ckpt["qzeros"])
         out = xf @ w.astype(ml_dtypes.bfloat16).astype(np.float32)
     elif isinstance(layer, qnn.GPTQLinear):
         ckpt = {k: np.asarray(v) for k, v in layer.checkpoint_tensors().items()}
@@ -147,6 +152,22 @@ def test_layer_errors_name_the_argument():
         qnn.AWQLinear.from_linear(nnx.Embed(4, 8, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="permutation"):
         qnn.GPTQLinear.from_linear(_linear(), act_order=np.zeros(K, int))
+    with pytest.raises(ValueError, match="backend"):
+        qnn.AWQLinear(K, N, backend="exllama")
+    with pytest.raises(ValueError, match="out_features a multiple of 64"):
+        qnn.AWQLinear(K, 96, backend="marlin")
+    with pytest.raises(ValueError, match="group sizes"):
+        qnn.GPTQLinear(384, N, group_size=96, backend="marlin")
+    with pytest.raises(ValueError, match="symmetric 4- and 8-bit"):
+        qnn.GPTQLinear(K, N, bits=3, backend="marlin")
+    with pytest.raises(ValueError, match="symmetric 4- and 8-bit"):
+        qnn.GPTQLinear(K, N, symmetric=False, backend="marlin")
+    marlin_layer = qnn.GPTQLinear(K, N, backend="marlin")
+    with pytest.raises(ValueError, match="symmetric 4- and 8-bit"):
+        marlin_layer.configure_storage(act_order=False, v2_format=False, symmetric=False)
+    asym = qnn.GPTQLinear.from_linear(_linear(), symmetric=False).checkpoint_tensors()
+    with pytest.raises(ValueError, match="qzeros.*symmetric constant"):
+        marlin_layer.set_checkpoint_tensors(asym["qweight"], asym["qzeros"], asym["scales"], asym["g_idx"])
 
 
 # ------------------------------------------------------------------------------------------ quantize
@@ -204,6 +225,8 @@ SAVE_CASES = {
     "fp8": ("fp8", {}),
     "fp8_block": ("fp8-block", {}),
     "int8_azp": ("int8-azp", {}),
+    "awq_marlin": ("awq", dict(backend="marlin")),
+    "gptq4_marlin_act_order": ("gptq", dict(backend="marlin", act_order=ACT_ORDER)),
 }
 
 
@@ -285,6 +308,30 @@ def test_load_autogptq_written_from_the_format(tmp_path, bits, desc_act, fmt):
     w = (q - zeros[g_idx]) * scales.astype(np.float32)[g_idx]
     x = _x((3, K), dtype=jnp.float16)
     assert _rel(layer(x), np.asarray(x, np.float32) @ w + bias.astype(np.float32)) < 5e-3
+
+
+@pytest.mark.parametrize("bits,desc_act", [(4, True), (8, False)])
+def test_load_symmetric_autogptq_into_marlin_layer(tmp_path, bits, desc_act):
+    """A symmetric AutoGPTQ file (v1 zeros: 2**(bits-1) - 1) read into backend="marlin", and saved back as it was."""
+    rng = np.random.default_rng(bits)
+    g = 64
+    q = rng.integers(0, 1 << bits, (K, N))
+    stored = np.full((K // g, N), (1 << (bits - 1)) - 1)
+    g_idx = (np.argsort(rng.permutation(K)) // g if desc_act else np.arange(K) // g).astype(np.int32)
+    scales = (rng.random((K // g, N)) * 0.02 + 0.001).astype(np.float16)
+    tensors = {"proj.qweight": oracle.bitstream_pack(q, bits, 0), "proj.qzeros": oracle.bitstream_pack(stored, bits, 1),
+               "proj.scales": scales, "proj.g_idx": g_idx}
+    path = _write(tmp_path, tensors, {"quant_method": "gptq", "bits": bits, "group_size": g, "desc_act": desc_act,
+                                      "sym": True})
+    layer = qnn.GPTQLinear(K, N, bits=bits, group_size=g, dtype=jnp.float16, use_bias=False, backend="marlin")
+    model = qnn.load_quantized(_single_layer_model(layer), path)
+    assert layer.qweight.shape == (K // 16, N * bits // 2) and not hasattr(layer, "qzeros")
+    w = (q - (1 << (bits - 1))) * scales.astype(np.float32)[g_idx]
+    x = _x((3, K), dtype=jnp.float16)
+    assert _rel(layer(x), np.asarray(x, np.float32) @ w) < 5e-3
+    saved = qnn.save_quantized(model, str(tmp_path / "saved"))
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(read_safetensors(saved)[name], value)
 
 
 @pytest.mark.parametrize("symmetric,strategy", [(True, "group"), (False, "group"), (True, "channel")])
@@ -377,8 +424,9 @@ def _mesh():
     return jax.make_mesh((4, 2), ("data", MODEL_AXIS), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-@pytest.mark.parametrize("scheme", list(qnn.SCHEMES))
-def test_tensor_parallel_layers_equal_unsharded(scheme):
+@pytest.mark.parametrize("scheme,options", [(s, {}) for s in qnn.SCHEMES]
+                         + [("awq", dict(backend="marlin")), ("gptq", dict(backend="marlin"))])
+def test_tensor_parallel_layers_equal_unsharded(scheme, options):
     """A column-parallel up projection and a row-parallel down projection on 8 virtual devices: the first
     gives the bits of one device, the second differs by the bf16 rounding of its two partial sums (each
     jitted on its own: in one program XLA may keep the f32 of a fused silu, which moves dynamic activation
@@ -399,8 +447,8 @@ def test_tensor_parallel_layers_equal_unsharded(scheme):
 
     x = _x((8, K))
     single, sharded = MLP(False), MLP(True)
-    qnn.quantize(single, scheme)
-    qnn.quantize(sharded, scheme)
+    qnn.quantize(single, scheme, **options)
+    qnn.quantize(sharded, scheme, **options)
     qnn.shard_model(sharded, mesh)
     spec = sharded.down.scales.sharding.spec if scheme in ("awq", "gptq") else sharded.down.weight.sharding.spec
     assert MODEL_AXIS in tuple(spec)

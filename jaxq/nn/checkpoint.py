@@ -24,6 +24,9 @@ naming: ``model.layers.0.self_attn.q_proj.qweight``). Per layer class:
   int8 activations, symmetric or with zero points = ``azp``): ``weight`` int8 ``[out, in]``,
   ``weight_scale`` float32 ``[out, 1]``.
 
+Layers built with ``backend="marlin"`` read and write the same files: their tensors are repacked into the
+Marlin layout when set and back when saved.
+
 Float modules are filled too: ``nnx.Linear`` from ``weight [out, in]`` (and ``bias``), ``nnx.Embed`` from
 ``weight``, ``nnx.RMSNorm``/``nnx.LayerNorm`` from ``weight`` (and ``bias``). An ``nnx.LoRA`` around a layer
 is transparent (``q_proj.base_module`` reads ``q_proj``); its adapters are not part of the checkpoint.
@@ -236,7 +239,7 @@ def _load_ct_packed(layer: GPTQLinear, prefix: str, take: Callable):
 def _quantized_tensors(layer: QuantizedLinear) -> dict[str, object]:
     if isinstance(layer, GPTQLinear) and layer.checkpoint_format == "compressed-tensors":
         return _ct_packed(layer)
-    if isinstance(layer, GPTQLinear):
+    if isinstance(layer, (GPTQLinear, AWQLinear)):
         return layer.checkpoint_tensors()
     return {name: getattr(layer, name)[...] for name in layer.tensor_specs() if name != "azp_adj"}
 
@@ -247,6 +250,9 @@ def _load_quantized_layer(layer: QuantizedLinear, prefix: str, take: Callable):
     elif isinstance(layer, GPTQLinear):
         names = {n: f"{prefix}.{n}" for n in ("qweight", "qzeros", "scales", "g_idx")}
         layer.set_checkpoint_tensors(*(take(names[n]) for n in ("qweight", "qzeros", "scales", "g_idx")), names=names)
+    elif isinstance(layer, AWQLinear):
+        names = {n: f"{prefix}.{n}" for n in ("qweight", "qzeros", "scales")}
+        layer.set_checkpoint_tensors(*(take(names[n]) for n in ("qweight", "qzeros", "scales")), names=names)
     elif isinstance(layer, Int8Linear):
         layer.set_weight(take(f"{prefix}.weight"), take(f"{prefix}.weight_scale"),
                          names={n: f"{prefix}.{n}" for n in ("weight", "weight_scale")})

@@ -33,6 +33,7 @@ from jaxq import formats
 from jaxq._op import NotDifferentiableError
 from jaxq.ops.awq import awq_gemm
 from jaxq.ops.gptq import gptq_gemm, gptq_shuffle
+from jaxq.ops import marlin
 from jaxq.ops.group_quant import per_token_group_fp8_quant
 from jaxq.ops.scaled_mm import cutlass_azp_adj, cutlass_scaled_mm, cutlass_scaled_mm_azp
 
@@ -48,6 +49,10 @@ _quantize_gptq = jax.jit(formats.quantize_gptq, static_argnums=(1, 2), static_ar
 _gptq_shuffle = jax.jit(gptq_shuffle, static_argnums=2)
 _azp_adj = jax.jit(lambda weight: cutlass_azp_adj(weight.T))
 _argsort = jax.jit(functools.partial(jnp.argsort, stable=True))
+_gptq_marlin_repack = jax.jit(marlin.gptq_marlin_repack, static_argnames=("size_k", "size_n", "num_bits"))
+_awq_marlin_repack = jax.jit(marlin.awq_marlin_repack, static_argnames=("size_k", "size_n", "num_bits"))
+_marlin_permute_scales = jax.jit(marlin.marlin_permute_scales, static_argnames=("size_k", "size_n", "group_size"))
+_awq_to_marlin_zero_points = jax.jit(marlin.awq_to_marlin_zero_points, static_argnames=("size_k", "size_n", "num_bits"))
 
 
 class QuantizedWeight(nnx.Variable):
@@ -138,15 +143,15 @@ class QuantizedLinear(nnx.Module):
         value, spec = self._checked(name, value, what)
         setattr(self, name, annotated(nnx.Param if name == "bias" else QuantizedWeight, value, self._axes(spec.layout)))
 
-    def _checked(self, name: str, value, what: str | None) -> tuple[jax.Array, Tensor]:
-        """``value`` as tensor ``name`` of this layer (the bias cast to ``dtype``), and its spec; raises if
-        its shape or dtype is not the spec's."""
+    def _checked(self, name: str, value, what: str | None, spec: Tensor | None = None) -> tuple[jax.Array, Tensor]:
+        """``value`` as tensor ``name`` of this layer (the bias cast to ``dtype``), and its spec (``spec`` when
+        given: a checkpoint tensor the layer converts); raises if its shape or dtype is not the spec's."""
         label = what or f"{type(self).__name__}.{name}"
-        if name == "bias":
+        if spec is None and name == "bias":
             if not self.use_bias:
                 raise ValueError(f"{label}: the layer has no bias (use_bias=False)")
             spec = Tensor((self.out_features,), self.dtype, ("out",))
-        else:
+        elif spec is None:
             specs = self.tensor_specs()
             if name not in specs:
                 raise KeyError(f"{label}: {type(self).__name__} has no tensor {name!r} (it has {sorted(specs)})")
@@ -196,47 +201,114 @@ class QuantizedLinear(nnx.Module):
 # --------------------------------------------------------------------------------- weight-only (W4A16)
 
 
-class AWQLinear(QuantizedLinear):
-    """A linear layer with an AutoAWQ 4-bit weight: ``awq_gemm(x, qweight, scales, qzeros) + bias``.
+BACKENDS = ("kernel", "marlin")
 
-    Tensors (AutoAWQ's names and layouts): ``qweight`` int32 ``[in, out/8]``, ``qzeros`` int32
-    ``[in/G, out/8]``, ``scales`` ``[in/G, out]`` in ``dtype``. ``out_features`` must be a multiple of 8.
+
+def _check_backend(cls_name: str, backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"{cls_name}: backend must be one of {BACKENDS}; got {backend!r}")
+
+
+def _check_marlin_shape(cls_name: str, in_features: int, out_features: int, group_size: int):
+    """What ``marlin_gemm`` needs of a layer: whole 16 x 64 tiles and one of its group sizes."""
+    if in_features % marlin.TILE_K or out_features % marlin.TILE_N:
+        raise ValueError(f"{cls_name}: backend='marlin' needs in_features a multiple of {marlin.TILE_K} and "
+                         f"out_features a multiple of {marlin.TILE_N}; got {in_features} x {out_features}")
+    if group_size != in_features and group_size not in marlin.GROUP_SIZES:
+        raise ValueError(f"{cls_name}: backend='marlin' takes group sizes {[g for g in marlin.GROUP_SIZES if g > 0]} "
+                         f"or one group (in_features); got {group_size}")
+
+
+class AWQLinear(QuantizedLinear):
+    """A linear layer with an AutoAWQ 4-bit weight (asymmetric, group-wise).
+
+    ``backend="kernel"``: ``awq_gemm``; tensors in AutoAWQ's names and layouts, ``qweight`` int32
+    ``[in, out/8]``, ``qzeros`` int32 ``[in/G, out/8]``, ``scales`` ``[in/G, out]`` in ``dtype``; ``out_features``
+    a multiple of 8. ``backend="marlin"``: ``marlin_gemm`` (``uint4`` with zero points), the checkpoint
+    repacked when it is set (:func:`jaxq.awq_marlin_repack`): ``qweight`` int32 ``[in/16, 2*out]``, ``qzeros``
+    ``[in/G, out/8]`` and ``scales`` in the Marlin orders; ``in_features`` a multiple of 16, ``out_features`` of
+    64. Either way :meth:`set_checkpoint_tensors` / :meth:`checkpoint_tensors` speak AutoAWQ's layout.
     """
 
     def __init__(self, in_features: int, out_features: int, *, group_size: int = 128, use_bias: bool = True,
-                 dtype=jnp.bfloat16, kernel_axes=None):
-        _check_features(type(self).__name__, "out_features", out_features, 8)
-        self.group_size = _group_size(type(self).__name__, group_size, in_features)
+                 dtype=jnp.bfloat16, kernel_axes=None, backend: str = "kernel"):
+        name = type(self).__name__
+        _check_backend(name, backend)
+        _check_features(name, "out_features", out_features, 8)
+        self.group_size = _group_size(name, group_size, in_features)
+        if backend == "marlin":
+            _check_marlin_shape(name, in_features, out_features, self.group_size)
+        self.backend = backend
         super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes)
 
-    def tensor_specs(self):
+    def checkpoint_specs(self):
+        """AutoAWQ's tensors."""
         k, n, groups = self.in_features, self.out_features, self.in_features // self.group_size
         return {"qweight": Tensor((k, n // 8), jnp.int32, ("in", "out")),
                 "qzeros": Tensor((groups, n // 8), jnp.int32, ("in", "out")),
                 "scales": Tensor((groups, n), self.dtype, ("in", "out"))}
 
+    def tensor_specs(self):
+        specs = self.checkpoint_specs()
+        if self.backend == "marlin":
+            specs["qweight"] = Tensor((self.in_features // 16, self.out_features * 2), jnp.int32, ("in", "out"))
+        return specs
+
     def _matmul(self, rows, bias):
+        if self.backend == "marlin":
+            return marlin.marlin_gemm(rows, self.qweight[...], self.scales[...], b_q_type="uint4",
+                                      b_zeros=self.qzeros[...], b_bias=bias)
         out = awq_gemm(rows, self.qweight[...], self.scales[...], self.qzeros[...])
         return out if bias is None else out + bias
 
+    def set_checkpoint_tensors(self, qweight, qzeros, scales, *, names: dict | None = None):
+        """Fills the layer from AutoAWQ tensors (repacked for ``backend="marlin"``)."""
+        names = names or {}
+        specs = self.checkpoint_specs()
+        checked = {name: self._checked(name, value, names.get(name), specs[name])[0]
+                   for name, value in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales))}
+        if self.backend == "marlin":
+            k, n, groups = self.in_features, self.out_features, self.in_features // self.group_size
+            checked["qweight"] = _awq_marlin_repack(checked["qweight"], size_k=k, size_n=n, num_bits=4)
+            checked["qzeros"] = _awq_to_marlin_zero_points(checked["qzeros"], size_k=groups, size_n=n, num_bits=4)
+            checked["scales"] = _marlin_permute_scales(checked["scales"], size_k=k, size_n=n,
+                                                       group_size=self.group_size)
+        for name, value in checked.items():
+            self.assign(name, value)
+
+    def checkpoint_tensors(self) -> dict[str, jax.Array]:
+        """AutoAWQ's ``qweight``, ``qzeros``, ``scales``: the inverse of :meth:`set_checkpoint_tensors`, bit for bit."""
+        if self.backend != "marlin":
+            return {name: getattr(self, name)[...] for name in self.checkpoint_specs()}
+        k = self.in_features
+        return {"qweight": formats.pack_awq(marlin.marlin_unpack(self.qweight[...], 4)),
+                "qzeros": formats.pack_awq(marlin.marlin_unpack_zero_points(self.qzeros[...], 4)),
+                "scales": marlin.marlin_unpermute_scales(self.scales[...], size_k=k, group_size=self.group_size)}
+
     @classmethod
-    def from_linear(cls, linear, *, group_size: int = 128, dtype=None):
+    def from_linear(cls, linear, *, group_size: int = 128, dtype=None, backend: str = "kernel"):
         """Quantizes an ``nnx.Linear`` by round-to-nearest (asymmetric, as AutoAWQ stores it; no activation-
         aware scaling search)."""
         kernel, bias, args = cls._source(linear)
         args["dtype"] = args["dtype"] if dtype is None else dtype
-        layer = cls(**args, group_size=group_size)
+        layer = cls(**args, group_size=group_size, backend=backend)
         qweight, scales, qzeros = _quantize_awq(kernel.astype(layer.dtype), layer.group_size)
-        return layer._fill({"qweight": qweight, "qzeros": qzeros, "scales": scales}, bias)
+        layer.set_checkpoint_tensors(qweight, qzeros, scales)
+        return layer._fill({}, bias)
 
 
 class GPTQLinear(QuantizedLinear):
-    """A linear layer with an AutoGPTQ weight of 2, 3, 4 or 8 bits, run by ``gptq_gemm`` (exllama layout).
+    """A linear layer with an AutoGPTQ weight of 2, 3, 4 or 8 bits.
 
-    Tensors: ``qweight`` int32 ``[in*bits/32, out]`` in the exllama layout (:func:`jaxq.gptq_shuffle` of the
-    checkpoint's, rows in ``perm`` order under act-order), ``qzeros`` int32 ``[groups, out*bits/32]``,
-    ``scales`` ``[groups, out]``, ``g_idx`` int32 ``[in]`` (the checkpoint's group of each input row) and,
-    with ``act_order``, ``perm = argsort(g_idx)`` int32 ``[in]`` (vLLM's convention; empty otherwise).
+    ``backend="kernel"``: ``gptq_gemm`` on the exllama layout. Tensors: ``qweight`` int32 ``[in*bits/32, out]``
+    (:func:`jaxq.gptq_shuffle` of the checkpoint's, rows in ``perm`` order under act-order), ``qzeros`` int32
+    ``[groups, out*bits/32]``, ``scales`` ``[groups, out]``, ``g_idx`` int32 ``[in]`` (the checkpoint's group
+    of each input row) and, with ``act_order``, ``perm = argsort(g_idx)`` int32 ``[in]`` (vLLM's convention;
+    empty otherwise). ``backend="marlin"`` (4 or 8 bits, symmetric; ``in_features`` a multiple of 16,
+    ``out_features`` of 64): ``marlin_gemm`` (``uint4b8`` / ``uint8b128``), ``qweight`` int32
+    ``[in/16, out*bits/2]`` from :func:`jaxq.gptq_marlin_repack` and ``scales`` in the Marlin order; no
+    ``qzeros`` (a symmetric checkpoint's are a constant, checked when set and written back when saved).
+    :meth:`set_checkpoint_tensors` / :meth:`checkpoint_tensors` speak AutoGPTQ's layout for both.
     ``v2_format``: zeros stored as they are rather than minus one (AutoGPTQ's ``checkpoint_format``).
     ``symmetric`` only records how the weight was quantized (the checkpoint config's ``sym``).
     ``checkpoint_format``: how :mod:`jaxq.nn.checkpoint` names and lays out the tensors, ``"gptq"``
@@ -248,8 +320,9 @@ class GPTQLinear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, *, bits: int = 4, group_size: int = 128,
                  act_order: bool = False, v2_format: bool = False, symmetric: bool = True, use_bias: bool = True,
-                 dtype=jnp.bfloat16, kernel_axes=None, checkpoint_format: str = "gptq"):
+                 dtype=jnp.bfloat16, kernel_axes=None, checkpoint_format: str = "gptq", backend: str = "kernel"):
         name = type(self).__name__
+        _check_backend(name, backend)
         if bits not in formats.GPTQ_BITS:
             raise ValueError(f"{name}: bits must be one of {formats.GPTQ_BITS}; got {bits!r}")
         if checkpoint_format not in self.CHECKPOINT_FORMATS:
@@ -263,23 +336,54 @@ class GPTQLinear(QuantizedLinear):
         self.bits, self.act_order, self.v2_format = int(bits), bool(act_order), bool(v2_format)
         self.symmetric = bool(symmetric)
         self.group_size = _group_size(name, group_size, in_features)
+        self.backend = backend
+        if backend == "marlin":
+            _check_marlin_shape(name, in_features, out_features, self.group_size)
+            self._check_marlin_weights(self.bits, self.symmetric)
         super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes)
 
-    def tensor_specs(self):
+    def _check_marlin_weights(self, bits: int, symmetric: bool):
+        if bits not in (4, 8) or not symmetric:
+            raise ValueError(f"{type(self).__name__}: backend='marlin' runs symmetric 4- and 8-bit GPTQ weights; "
+                             f"got bits={bits}, symmetric={symmetric} (use backend='kernel')")
+
+    def checkpoint_specs(self):
+        """AutoGPTQ's tensors (``g_idx`` as stored; no ``perm``)."""
         k, n, b, groups = self.in_features, self.out_features, self.bits, self.in_features // self.group_size
         return {"qweight": Tensor((k * b // 32, n), jnp.int32, ("in", "out")),
                 "qzeros": Tensor((groups, n * b // 32), jnp.int32, ("in", "out")),
                 "scales": Tensor((groups, n), self.dtype, ("in", "out")),
-                "g_idx": Tensor((k,), jnp.int32, (None,)),
-                "perm": Tensor((k if self.act_order else 0,), jnp.int32, (None,))}
+                "g_idx": Tensor((k,), jnp.int32, (None,))}
+
+    def tensor_specs(self):
+        specs = self.checkpoint_specs()
+        specs["perm"] = Tensor((self.in_features if self.act_order else 0,), jnp.int32, (None,))
+        if self.backend == "marlin":
+            del specs["qzeros"]
+            specs["qweight"] = Tensor((self.in_features // 16, self.out_features * self.bits // 2), jnp.int32,
+                                      ("in", "out"))
+        return specs
 
     def _matmul(self, rows, bias):
+        if self.backend == "marlin":
+            perm = self.perm[...]
+            act_order = dict(g_idx=self.g_idx[...][perm], perm=perm) if self.act_order else {}
+            return marlin.marlin_gemm(rows, self.qweight[...], self.scales[...],
+                                      b_q_type="uint4b8" if self.bits == 4 else "uint8b128", b_bias=bias, **act_order)
         out = gptq_gemm(rows, self.qweight[...], self.qzeros[...], self.scales[...], self.perm[...],
                         use_exllama=True, use_v2_format=self.v2_format, bits=self.bits)
         return out if bias is None else out + bias
 
+    def _symmetric_zeros(self) -> jax.Array:
+        """The ``qzeros`` of a symmetric checkpoint: ``2**(bits-1)``, minus one unless ``v2_format``."""
+        zero = (1 << (self.bits - 1)) - (0 if self.v2_format else 1)
+        groups = self.in_features // self.group_size
+        return formats.pack_gptq(jnp.full((groups, self.out_features), zero, jnp.int32), self.bits, axis=1)
+
     def configure_storage(self, *, act_order: bool, v2_format: bool, symmetric: bool):
         """Adopts a checkpoint's storage settings (before :meth:`set_checkpoint_tensors`)."""
+        if self.backend == "marlin":
+            self._check_marlin_weights(self.bits, symmetric)
         self.v2_format, self.symmetric = bool(v2_format), bool(symmetric)
         if bool(act_order) != self.act_order:
             self.act_order = bool(act_order)
@@ -290,27 +394,46 @@ class GPTQLinear(QuantizedLinear):
         """Fills the layer from AutoGPTQ tensors in the checkpoint layout (rows in input order, not
         shuffled): shuffles ``qweight`` for the exllama kernel, under act-order into ``argsort(g_idx)`` order."""
         names = names or {}
+        specs = self.checkpoint_specs()
         g_idx = jnp.asarray(g_idx)
         self.assign("g_idx", g_idx, what=names.get("g_idx"))
         perm = _argsort(g_idx).astype(jnp.int32) if self.act_order else jnp.zeros((0,), jnp.int32)
         self.assign("perm", perm)
-        qweight, _ = self._checked("qweight", qweight, names.get("qweight"))  # before the shuffle
+        qweight, _ = self._checked("qweight", qweight, names.get("qweight"), specs["qweight"])  # before the repack
+        qzeros, _ = self._checked("qzeros", qzeros, names.get("qzeros"), specs["qzeros"])
+        scales, _ = self._checked("scales", scales, names.get("scales"), specs["scales"])
+        if self.backend == "marlin":
+            if not np.array_equal(np.asarray(qzeros), np.asarray(self._symmetric_zeros())):
+                raise ValueError(f"{names.get('qzeros', type(self).__name__ + '.qzeros')}: backend='marlin' runs "
+                                 "symmetric weights, and these zero points are not the symmetric constant")
+            k, n = self.in_features, self.out_features
+            self.assign("qweight", _gptq_marlin_repack(qweight, perm, size_k=k, size_n=n, num_bits=self.bits))
+            self.assign("scales", _marlin_permute_scales(scales, size_k=k, size_n=n, group_size=self.group_size))
+            return
         self.assign("qweight", _gptq_shuffle(qweight, perm, self.bits))
-        self.assign("qzeros", qzeros, what=names.get("qzeros"))
-        self.assign("scales", scales, what=names.get("scales"))
+        self.assign("qzeros", qzeros)
+        self.assign("scales", scales)
 
     def checkpoint_tensors(self) -> dict[str, jax.Array]:
         """``qweight`` (checkpoint layout: unshuffled, rows in input order), ``qzeros``, ``scales``,
         ``g_idx``: the inverse of :meth:`set_checkpoint_tensors`, bit for bit."""
-        values = formats.unpack_gptq(formats.exllama_unshuffle(self.qweight[...], self.bits), self.bits, axis=0)
+        if self.backend == "marlin":
+            values = marlin.marlin_unpack(self.qweight[...], self.bits)
+            qzeros = self._symmetric_zeros()
+            scales = marlin.marlin_unpermute_scales(self.scales[...], size_k=self.in_features,
+                                                    group_size=self.group_size)
+        else:
+            values = formats.unpack_gptq(formats.exllama_unshuffle(self.qweight[...], self.bits), self.bits, axis=0)
+            qzeros, scales = self.qzeros[...], self.scales[...]
         if self.act_order:  # row i of the shuffled weight is input row perm[i]
             values = jnp.zeros_like(values).at[self.perm[...]].set(values)
-        return {"qweight": formats.pack_gptq(values, self.bits, axis=0), "qzeros": self.qzeros[...],
-                "scales": self.scales[...], "g_idx": self.g_idx[...]}
+        return {"qweight": formats.pack_gptq(values, self.bits, axis=0), "qzeros": qzeros, "scales": scales,
+                "g_idx": self.g_idx[...]}
 
     @classmethod
     def from_linear(cls, linear, *, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                    act_order=None, v2_format: bool = False, dtype=None, checkpoint_format: str = "gptq"):
+                    act_order=None, v2_format: bool = False, dtype=None, checkpoint_format: str = "gptq",
+                    backend: str = "kernel"):
         """Quantizes an ``nnx.Linear`` by round-to-nearest into AutoGPTQ tensors.
 
         ``act_order``: None, or a permutation of the input rows (the order GPTQ would visit them, e.g.
@@ -320,7 +443,7 @@ class GPTQLinear(QuantizedLinear):
         kernel, bias, args = cls._source(linear)
         args["dtype"] = args["dtype"] if dtype is None else dtype
         layer = cls(**args, bits=bits, group_size=group_size, act_order=act_order is not None, v2_format=v2_format,
-                    symmetric=symmetric, checkpoint_format=checkpoint_format)
+                    symmetric=symmetric, checkpoint_format=checkpoint_format, backend=backend)
         if act_order is not None:
             perm = np.asarray(act_order)
             if perm.shape != (layer.in_features,) or not np.array_equal(np.sort(perm), np.arange(layer.in_features)):

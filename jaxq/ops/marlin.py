@@ -197,6 +197,14 @@ def marlin_permute_scales(s, *, size_k: int, size_n: int, group_size: int) -> ja
     return _permute_columns(jnp.asarray(s), single=not (group_size != -1 and group_size < size_k))
 
 
+def marlin_unpermute_scales(s, *, size_k: int, group_size: int) -> jax.Array:
+    """Inverse of :func:`marlin_permute_scales`: scales ``[groups, N]`` in natural column order."""
+    if s.ndim != 2 or s.shape[1] % TILE_N:
+        raise ValueError(f"marlin_unpermute_scales: s must be [groups, N] with N a multiple of {TILE_N}; "
+                         f"got {tuple(s.shape)}")
+    return _permute_columns(jnp.asarray(s), single=not (group_size != -1 and group_size < size_k), inverse=True)
+
+
 def _pack_columns(values, num_bits: int) -> jax.Array:
     """vLLM's ``pack_cols``: column ``c`` at bits ``num_bits * (c % per_word)`` of word ``c // per_word``."""
     per_word = 32 // num_bits
