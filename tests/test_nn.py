@@ -39,6 +39,8 @@ LAYERS = {
     "awq_marlin": (qnn.AWQLinear, dict(backend="marlin"), 0.15),
     "gptq4_marlin_act_order": (qnn.GPTQLinear, dict(backend="marlin", act_order=ACT_ORDER), 0.15),
     "gptq8_marlin_g64": (qnn.GPTQLinear, dict(bits=8, group_size=64, backend="marlin"), 0.02),
+    "fp8_weight_only": (qnn.Fp8Linear, dict(weight_only=True), 0.06),
+    "fp8_block_weight_only": (qnn.Fp8Linear, dict(block=True, weight_only=True), 0.06),
 }
 
 
@@ -78,6 +80,12 @@ def oracle_output(layer, x) -> np.ndarray:
         w = oracle.gptq_dequantize(ckpt["qweight"], ckpt["qzeros"], ckpt["scales"], ckpt["g_idx"], layer.bits,
                                    layer.v2_format)
         out = xf @ w.astype(ml_dtypes.bfloat16).astype(np.float32)
+    elif isinstance(layer, qnn.Fp8Linear) and layer.weight_only:  # scales rounded to the layer's dtype, as vLLM
+        ckpt = {k: np.asarray(v, np.float32) for k, v in layer.checkpoint_tensors().items()}
+        scale = (np.repeat(np.repeat(ckpt["weight_scale_inv"], 128, 0)[:layer.out_features], 128, 1)
+                 if layer.block else ckpt["weight_scale"])
+        w = ckpt["weight"] * scale.astype(ml_dtypes.bfloat16).astype(np.float32)
+        out = xf @ w.T.astype(ml_dtypes.bfloat16).astype(np.float32)
     elif isinstance(layer, qnn.Fp8Linear):
         group = 128 if layer.block else layer.in_features
         q, s = oracle.group_quant(xf, group, 1e-10, False, False)
@@ -162,6 +170,8 @@ def test_layer_errors_name_the_argument():
         qnn.GPTQLinear(K, N, bits=3, backend="marlin")
     with pytest.raises(ValueError, match="symmetric 4- and 8-bit"):
         qnn.GPTQLinear(K, N, symmetric=False, backend="marlin")
+    with pytest.raises(ValueError, match="out_features a multiple of 64"):
+        qnn.Fp8Linear(K, 96, weight_only=True)
     marlin_layer = qnn.GPTQLinear(K, N, backend="marlin")
     with pytest.raises(ValueError, match="symmetric 4- and 8-bit"):
         marlin_layer.configure_storage(act_order=False, v2_format=False, symmetric=False)
@@ -226,6 +236,8 @@ SAVE_CASES = {
     "fp8_block": ("fp8-block", {}),
     "int8_azp": ("int8-azp", {}),
     "awq_marlin": ("awq", dict(backend="marlin")),
+    "fp8_weight_only": ("fp8-weight", {}),
+    "fp8_block_weight_only": ("fp8-block", dict(weight_only=True)),
     "gptq4_marlin_act_order": ("gptq", dict(backend="marlin", act_order=ACT_ORDER)),
 }
 
@@ -387,6 +399,32 @@ def test_load_fp8_block_and_compressed_tensors_written_from_the_format(tmp_path)
     symmetric = qnn.Int8Linear(K, N, azp=False, use_bias=False)
     with pytest.raises(ValueError, match="input_activations.symmetric"):
         qnn.load_quantized(_single_layer_model(symmetric), path)
+
+
+def test_load_fp8_weight_only_written_from_the_format(tmp_path):
+    """compressed-tensors FP8 W8A16 (per-channel weights, no input_activations) and a block-wise fp8 file, both
+    into weight-only layers: the codes land in the Marlin layout and the file comes back unchanged."""
+    rng = np.random.default_rng(4)
+    codes = oracle.e4m3_encode(rng.standard_normal((N, K)) * 50).view(ml_dtypes.float8_e4m3fn)
+    scale = (rng.random((N, 1)) * 0.01 + 1e-3).astype(np.float32)
+    ct = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+                                           "dynamic": False}, "input_activations": None}}}
+    block = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    scale_inv = (rng.random((N // 128, K // 128)) * 0.01 + 1e-3).astype(np.float32)
+    for name, tensors, config, options in (("ct", {"proj.weight": codes, "proj.weight_scale": scale}, ct, {}),
+                                           ("block", {"proj.weight": codes, "proj.weight_scale_inv": scale_inv}, block,
+                                            dict(block=True))):
+        (tmp_path / name).mkdir()
+        path = _write(tmp_path / name, tensors, config)
+        layer = qnn.Fp8Linear(K, N, weight_only=True, use_bias=False, **options)
+        model = qnn.load_quantized(_single_layer_model(layer), path)
+        assert layer.weight.shape == (K // 16, 4 * N)
+        x = _x((4, K))
+        assert _rel(layer(x), oracle_output(layer, x)) < 5e-3
+        saved = read_safetensors(qnn.save_quantized(model, str(tmp_path / name / "saved")))
+        for key, value in tensors.items():
+            np.testing.assert_array_equal(saved[key].view(np.uint8), value.view(np.uint8))
 
 
 def test_load_errors_name_the_tensor(tmp_path):

@@ -20,6 +20,8 @@ naming: ``model.layers.0.self_attn.q_proj.qweight``). Per layer class:
   ``[ceil(out/128), in/128]``.
 * :class:`Fp8Linear` - compressed-tensors ``float-quantized`` (fp8 weights per channel, dynamic per-token
   activations): ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale`` float32 ``[out, 1]``.
+  ``weight_only=True`` layers read the same fp8 files (vLLM runs those weight-only on GPUs without fp8
+  tensor cores); their own ``quantization_config`` has no ``input_activations``.
 * :class:`Int8Linear` - compressed-tensors ``int-quantized`` (int8 weights per channel, dynamic per-token
   int8 activations, symmetric or with zero points = ``azp``): ``weight`` int8 ``[out, in]``,
   ``weight_scale`` float32 ``[out, 1]``.
@@ -135,6 +137,8 @@ def quantization_config(layer: QuantizedLinear) -> dict:
     weights = {"num_bits": 8, "type": kind, "strategy": "channel", "symmetric": True, "dynamic": False}
     activations = {"num_bits": 8, "type": kind, "strategy": "token", "dynamic": True,
                    "symmetric": not getattr(layer, "azp", False)}
+    if getattr(layer, "weight_only", False):  # compressed-tensors' FP8 W8A16
+        activations = None
     return _ct_config(weights, activations, f"{kind}-quantized")
 
 
@@ -178,7 +182,7 @@ def _configure(layer: QuantizedLinear, config: dict, prefix: str):
         want = expected["config_groups"]["group_0"]
         for part in ("weights", "input_activations"):
             got = group.get(part) or {}
-            for key, value in want[part].items():
+            for key, value in (want[part] or {}).items():
                 if key in got and got[key] != value:
                     raise _mismatch(prefix, f"{part}.{key}", value, got[key])
         return
@@ -239,26 +243,20 @@ def _load_ct_packed(layer: GPTQLinear, prefix: str, take: Callable):
 def _quantized_tensors(layer: QuantizedLinear) -> dict[str, object]:
     if isinstance(layer, GPTQLinear) and layer.checkpoint_format == "compressed-tensors":
         return _ct_packed(layer)
-    if isinstance(layer, (GPTQLinear, AWQLinear)):
-        return layer.checkpoint_tensors()
-    return {name: getattr(layer, name)[...] for name in layer.tensor_specs() if name != "azp_adj"}
+    if isinstance(layer, Int8Linear):
+        return {name: getattr(layer, name)[...] for name in layer.tensor_specs() if name != "azp_adj"}
+    return layer.checkpoint_tensors()
 
 
 def _load_quantized_layer(layer: QuantizedLinear, prefix: str, take: Callable):
     if isinstance(layer, GPTQLinear) and layer.checkpoint_format == "compressed-tensors":
         _load_ct_packed(layer, prefix, take)
-    elif isinstance(layer, GPTQLinear):
-        names = {n: f"{prefix}.{n}" for n in ("qweight", "qzeros", "scales", "g_idx")}
-        layer.set_checkpoint_tensors(*(take(names[n]) for n in ("qweight", "qzeros", "scales", "g_idx")), names=names)
-    elif isinstance(layer, AWQLinear):
-        names = {n: f"{prefix}.{n}" for n in ("qweight", "qzeros", "scales")}
-        layer.set_checkpoint_tensors(*(take(names[n]) for n in ("qweight", "qzeros", "scales")), names=names)
     elif isinstance(layer, Int8Linear):
         layer.set_weight(take(f"{prefix}.weight"), take(f"{prefix}.weight_scale"),
                          names={n: f"{prefix}.{n}" for n in ("weight", "weight_scale")})
     else:
-        for name in layer.tensor_specs():
-            layer.assign(name, take(f"{prefix}.{name}"), what=f"{prefix}.{name}")
+        names = {n: f"{prefix}.{n}" for n in layer.checkpoint_specs()}
+        layer.set_checkpoint_tensors(**{n: take(names[n]) for n in names}, names=names)
 
 
 # ------------------------------------------------------------------------------------------ float modules

@@ -190,6 +190,21 @@ class QuantizedLinear(nnx.Module):
         return kernel, bias, dict(in_features=linear.in_features, out_features=linear.out_features,
                                   use_bias=bias is not None, dtype=dtype, kernel_axes=sharding_axes(linear.kernel))
 
+    def checkpoint_specs(self) -> dict[str, Tensor]:
+        """The tensors a checkpoint of this layer holds (by default the ones it stores)."""
+        return self.tensor_specs()
+
+    def set_checkpoint_tensors(self, *, names: dict | None = None, **tensors):
+        """Fills the layer from its checkpoint tensors (``checkpoint_specs``); ``names`` maps a tensor to the
+        name errors give (the checkpoint's)."""
+        names = names or {}
+        for name in self.checkpoint_specs():
+            self.assign(name, tensors[name], what=names.get(name))
+
+    def checkpoint_tensors(self) -> dict[str, jax.Array]:
+        """The checkpoint tensors: the inverse of :meth:`set_checkpoint_tensors`, bit for bit."""
+        return {name: getattr(self, name)[...] for name in self.checkpoint_specs()}
+
     def _fill(self, tensors: dict, bias):
         for name, value in tensors.items():
             self.assign(name, value)
@@ -256,9 +271,10 @@ class AWQLinear(QuantizedLinear):
 
     def _matmul(self, rows, bias):
         if self.backend == "marlin":
-            return marlin.marlin_gemm(rows, self.qweight[...], self.scales[...], b_q_type="uint4",
-                                      b_zeros=self.qzeros[...], b_bias=bias)
-        out = awq_gemm(rows, self.qweight[...], self.scales[...], self.qzeros[...])
+            out = marlin.marlin_gemm(rows, self.qweight[...], self.scales[...], b_q_type="uint4",
+                                     b_zeros=self.qzeros[...])
+        else:
+            out = awq_gemm(rows, self.qweight[...], self.scales[...], self.qzeros[...])
         return out if bias is None else out + bias
 
     def set_checkpoint_tensors(self, qweight, qzeros, scales, *, names: dict | None = None):
@@ -279,7 +295,7 @@ class AWQLinear(QuantizedLinear):
     def checkpoint_tensors(self) -> dict[str, jax.Array]:
         """AutoAWQ's ``qweight``, ``qzeros``, ``scales``: the inverse of :meth:`set_checkpoint_tensors`, bit for bit."""
         if self.backend != "marlin":
-            return {name: getattr(self, name)[...] for name in self.checkpoint_specs()}
+            return super().checkpoint_tensors()
         k = self.in_features
         return {"qweight": formats.pack_awq(marlin.marlin_unpack(self.qweight[...], 4)),
                 "qzeros": formats.pack_awq(marlin.marlin_unpack_zero_points(self.qzeros[...], 4)),
@@ -368,10 +384,11 @@ class GPTQLinear(QuantizedLinear):
         if self.backend == "marlin":
             perm = self.perm[...]
             act_order = dict(g_idx=self.g_idx[...][perm], perm=perm) if self.act_order else {}
-            return marlin.marlin_gemm(rows, self.qweight[...], self.scales[...],
-                                      b_q_type="uint4b8" if self.bits == 4 else "uint8b128", b_bias=bias, **act_order)
-        out = gptq_gemm(rows, self.qweight[...], self.qzeros[...], self.scales[...], self.perm[...],
-                        use_exllama=True, use_v2_format=self.v2_format, bits=self.bits)
+            out = marlin.marlin_gemm(rows, self.qweight[...], self.scales[...],
+                                     b_q_type="uint4b8" if self.bits == 4 else "uint8b128", **act_order)
+        else:
+            out = gptq_gemm(rows, self.qweight[...], self.qzeros[...], self.scales[...], self.perm[...],
+                            use_exllama=True, use_v2_format=self.v2_format, bits=self.bits)
         return out if bias is None else out + bias
 
     def _symmetric_zeros(self) -> jax.Array:
@@ -503,7 +520,7 @@ def _fp8(values):
 
 
 class Fp8Linear(QuantizedLinear):
-    """W8A8 fp8 (e4m3fn): ``cutlass_scaled_mm`` on activations quantized per call.
+    """fp8 (e4m3fn) weights: W8A8 through ``cutlass_scaled_mm``, or weight-only through ``marlin_gemm``.
 
     ``block=False``: tensors ``weight`` float8_e4m3fn ``[out, in]`` and ``weight_scale`` float32 ``[out, 1]``
     (one scale per output channel, compressed-tensors' names); each token is quantized with its own scale
@@ -511,17 +528,30 @@ class Fp8Linear(QuantizedLinear):
     ``block=True`` (DeepSeek-V3 style): ``weight_scale_inv`` float32 ``[ceil(out/128), in/128]``, one scale
     per 128 x 128 block (``in`` a multiple of 128), activations in 1 x 128 groups.
     ``in_features`` and ``out_features`` must be multiples of 16.
+
+    ``weight_only=True`` (what vLLM runs for fp8 checkpoints on GPUs without fp8 tensor cores; on Hopper it
+    keeps activations in 16 bits): the same checkpoint tensors, stored for ``marlin_gemm``: ``weight`` int32
+    ``[in/16, 4*out]`` (:func:`jaxq.marlin_fp8_repack`), the float32 scale kept for saving, and
+    ``marlin_scales`` ``[groups, out]`` in ``dtype`` (groups 1 per channel, ``in/128`` for blocks, each block's
+    scale repeated over its 128 columns) with vLLM's exponent-bias fold (:func:`jaxq.marlin_fp8_scales`).
+    The scales are rounded to ``dtype`` there, as vLLM does. ``out_features`` must be a multiple of 64.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, block: bool = False, use_bias: bool = True,
-                 dtype=jnp.bfloat16, kernel_axes=None):
+    def __init__(self, in_features: int, out_features: int, *, block: bool = False, weight_only: bool = False,
+                 use_bias: bool = True, dtype=jnp.bfloat16, kernel_axes=None):
         name = type(self).__name__
         _check_features(name, "in_features", in_features, BLOCK if block else 16)
         _check_features(name, "out_features", out_features, 16)
-        self.block = bool(block)
+        self.block, self.weight_only = bool(block), bool(weight_only)
+        if self.weight_only:
+            _check_marlin_shape(name, in_features, out_features, BLOCK if block else in_features)
         super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes)
 
-    def tensor_specs(self):
+    @property
+    def _scale_name(self) -> str:
+        return "weight_scale_inv" if self.block else "weight_scale"
+
+    def checkpoint_specs(self):
         k, n = self.in_features, self.out_features
         specs = {"weight": Tensor((n, k), jnp.float8_e4m3fn, ("out", "in"))}
         if self.block:
@@ -530,13 +560,44 @@ class Fp8Linear(QuantizedLinear):
             specs["weight_scale"] = Tensor((n, 1), jnp.float32, ("out", None))
         return specs
 
+    def tensor_specs(self):
+        specs = self.checkpoint_specs()
+        if self.weight_only:
+            k, n = self.in_features, self.out_features
+            specs["weight"] = Tensor((k // 16, 4 * n), jnp.int32, ("in", "out"))
+            specs["marlin_scales"] = (Tensor((k // BLOCK, n), self.dtype, ("in", "out")) if self.block
+                                      else Tensor((1, n), self.dtype, (None, "out")))
+        return specs
+
+    def set_checkpoint_tensors(self, *, names: dict | None = None, **tensors):
+        """Fills the layer from the checkpoint's ``weight`` and scale (repacked for ``weight_only``)."""
+        names = names or {}
+        checked = {name: self._checked(name, tensors[name], names.get(name), spec)[0]
+                   for name, spec in self.checkpoint_specs().items()}
+        if self.weight_only:
+            checked["marlin_scales"] = _marlin_fp8_scales(checked[self._scale_name], self.block, self.out_features,
+                                                          self.dtype)
+            checked["weight"] = _marlin_fp8_repack(checked["weight"].T)
+        for name, value in checked.items():
+            self.assign(name, value)
+
+    def checkpoint_tensors(self) -> dict[str, jax.Array]:
+        if not self.weight_only:
+            return super().checkpoint_tensors()
+        codes = marlin.marlin_unpack(self.weight[...], 8).astype(jnp.uint8)
+        return {"weight": jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn).T,
+                self._scale_name: getattr(self, self._scale_name)[...]}
+
     def _scale(self):
-        return self.weight_scale_inv[...] if self.block else self.weight_scale[...]
+        return getattr(self, self._scale_name)[...]
 
     def _dequantized(self, weight, scale):
         return weight.astype(jnp.float32) * (_block_scales(scale, weight.shape[0]) if self.block else scale)
 
     def _matmul(self, rows, bias):
+        if self.weight_only:
+            out = marlin.marlin_gemm(rows, self.weight[...], self.marlin_scales[...], b_q_type="float8_e4m3fn")
+            return out if bias is None else out + bias
         group = BLOCK if self.block else self.in_features
 
         def forward(rows, bias, weight, scale):
@@ -546,14 +607,27 @@ class Fp8Linear(QuantizedLinear):
         return _frozen_weight_matmul(forward, self._dequantized)(rows, bias, self.weight[...], self._scale())
 
     @classmethod
-    def from_linear(cls, linear, *, block: bool = False, dtype=None):
+    def from_linear(cls, linear, *, block: bool = False, weight_only: bool = False, dtype=None):
         """Quantizes an ``nnx.Linear``: per output channel (or per 128 x 128 block) ``s = amax / 448``,
         ``weight = fp8(w / s)`` with round-to-nearest-even."""
         kernel, bias, args = cls._source(linear)
         args["dtype"] = args["dtype"] if dtype is None else dtype
-        layer = cls(**args, block=block)
+        layer = cls(**args, block=block, weight_only=weight_only)
         weight, scale = (_fp8_blocks if block else _fp8_channels)(kernel)
-        return layer._fill({"weight": weight, ("weight_scale_inv" if block else "weight_scale"): scale}, bias)
+        layer.set_checkpoint_tensors(**{"weight": weight, layer._scale_name: scale})
+        return layer._fill({}, bias)
+
+
+_marlin_fp8_repack = jax.jit(marlin.marlin_fp8_repack)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _marlin_fp8_scales(scale, block: bool, n: int, dtype):
+    """The float32 checkpoint scale as ``marlin_gemm``'s fp8 scales: ``[1, n]`` per channel, or a block's
+    scale for each of its columns, ``[k/128, n]``."""
+    groups = jnp.repeat(scale, BLOCK, axis=0)[:n].T if block else scale.T
+    return marlin.marlin_fp8_scales(groups.astype(dtype), size_k=scale.shape[1] * BLOCK if block else 1,
+                                    group_size=BLOCK if block else -1)
 
 
 @jax.jit

@@ -16,6 +16,7 @@ SCHEMES: dict[str, tuple[type, dict]] = {
     "gptq": (GPTQLinear, {}),
     "fp8": (Fp8Linear, {"block": False}),
     "fp8-block": (Fp8Linear, {"block": True}),
+    "fp8-weight": (Fp8Linear, {"block": False, "weight_only": True}),
     "int8": (Int8Linear, {"azp": False}),
     "int8-azp": (Int8Linear, {"azp": True}),
 }
@@ -49,7 +50,9 @@ def quantize(model: nnx.Module, scheme: str, *, filter=None, **options) -> list[
 
     Args:
       model: any NNX module; linear layers may sit in attributes, ``nnx.List``/lists or ``nnx.Dict``/dicts.
-      scheme: ``"awq"``, ``"gptq"``, ``"fp8"``, ``"fp8-block"``, ``"int8"`` or ``"int8-azp"``.
+      scheme: ``"awq"``, ``"gptq"``, ``"fp8"``, ``"fp8-block"``, ``"fp8-weight"`` (fp8 weights per channel,
+        weight-only through ``marlin_gemm``), ``"int8"`` or ``"int8-azp"``. ``backend="marlin"`` (an option of
+        ``"awq"`` and ``"gptq"``) runs 4- and 8-bit layers through ``marlin_gemm``.
       filter: None (every linear layer), a regular expression searched in the layer's dotted path
         (``"model.layers.0.mlp.up_proj"``), or ``filter(path, linear) -> bool``.
       **options: passed to ``from_linear`` (e.g. ``group_size``, ``bits``, ``act_order``, ``dtype``).
