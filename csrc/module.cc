@@ -19,6 +19,7 @@ NB_MODULE(_jaxq_cuda, m) {
   m.def("ffi_targets", []() {
     nb::dict targets;
     targets["jaxq_per_token_group_quant"] = Capsule(JaxqPerTokenGroupQuant);
+    targets["jaxq_marlin_dequantize"] = Capsule(JaxqMarlinDequantize);
     targets["jaxq_marlin_gemm"] = Capsule(JaxqMarlinGemm);
     targets["jaxq_scaled_fp4_quant"] = Capsule(JaxqScaledFp4Quant);
     targets["jaxq_scaled_mm"] = Capsule(JaxqScaledMm);

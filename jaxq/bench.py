@@ -309,15 +309,19 @@ WEIGHT_ONLY_OPS = {"awq_gemm", "gptq_gemm"}
 
 # ------------------------------------------------------------------------------------------ Marlin
 
-# (b_q_type, K, N): the GEMM shapes above for 4-bit, the 8-bit types on two of them, and the small
-# projections of a Llama-3-8B decode layer (q/o: K4096 N4096; k/v: K4096 N1024).
-MARLIN_CASES = [("uint4b8", k, n) for k, n in WEIGHT_SHAPES] + [("uint4", 8192, 28672)]
-MARLIN_CASES += [(t, 8192, 28672) for t in ("uint8b128", "float8_e4m3fn")]
-MARLIN_CASES += [("uint4b8", 4096, 4096), ("uint4b8", 4096, 1024)]
+# (b_q_type, K, N, activations): the GEMM shapes above for 4-bit, the 8-bit types on two of them, the small
+# projections of a Llama-3-8B decode layer (q/o: K4096 N4096; k/v: K4096 N1024), and float16 on the largest
+# shape, where the original Marlin kernel (float16 only) runs beside it.
+MARLIN_CASES = [("uint4b8", k, n, "bfloat16") for k, n in WEIGHT_SHAPES] + [("uint4", 8192, 28672, "bfloat16")]
+MARLIN_CASES += [(t, 8192, 28672, "bfloat16") for t in ("uint8b128", "float8_e4m3fn")]
+MARLIN_CASES += [("uint4b8", 4096, 4096, "bfloat16"), ("uint4b8", 4096, 1024, "bfloat16")]
+MARLIN_CASES += [("uint4b8", 8192, 28672, "float16")]
 MARLIN_ROWS = (1, 16, 32, 64, 128, 256)
+# The original Marlin (IST-DASLab) on the 4-bit shapes, timed by jaxq.bench_torch.
+MARLIN_PEER_CASES = [("marlin-ist", m, k, n) for q, k, n, _ in MARLIN_CASES if q == "uint4b8" for m in MARLIN_ROWS]
 
 
-def _marlin_weight(q_type: str, k: int, n: int, i: int, group_size: int = 128) -> tuple:
+def _marlin_weight(q_type: str, k: int, n: int, i: int, group_size: int = 128, dtype=jnp.bfloat16) -> tuple:
     """Random Marlin tensors (b_q_weight, b_scales, b_zeros): every bit pattern is a valid integer weight;
     fp8 codes keep clear of NaN (0x7f, 0xff)."""
     from jaxq.ops import marlin
@@ -327,25 +331,28 @@ def _marlin_weight(q_type: str, k: int, n: int, i: int, group_size: int = 128) -
     q = jax.random.bits(keys[0], (k // 16, n * bits // 2), jnp.uint32)
     if q_type == "float8_e4m3fn":
         q = q & jnp.uint32(0xFEFEFEFE)
-    scales = (jax.random.uniform(keys[1], (k // group_size, n), jnp.float32, 0.5, 1.5) * 1e-2).astype(jnp.bfloat16)
+    scales = (jax.random.uniform(keys[1], (k // group_size, n), jnp.float32, 0.5, 1.5) * 1e-2).astype(dtype)
     if q_type == "float8_e4m3fn":
         scales = marlin.marlin_fp8_scales(scales, size_k=k, group_size=group_size)
     zeros = jax.random.bits(keys[2], (k // group_size, n // 8), jnp.uint32).view(jnp.int32) if q_type == "uint4" else None
     return q.view(jnp.int32), scales, zeros
 
 
-def run_marlin(copy: float) -> list[dict]:
+def run_marlin(peer_times: dict, copy: float) -> list[dict]:
     """marlin_gemm per type and shape: its kernel's time and share of the copy bandwidth (weight bytes over
-    time), against XLA's bf16 dot on a [N, K] weight and, for 4-bit, jaxq's gptq_gemm; at M >= 128 also its
-    dequantize + dot path, to place the crossover."""
+    time), against XLA's bf16 dot on a [N, K] weight, the original Marlin kernel (float16; `peer_times` from
+    jaxq.bench_torch) and, for 4-bit, jaxq's gptq_gemm; at M >= 128 also its dequantize + dot path, to place
+    the crossover."""
     from jaxq.ops import marlin
 
     out = []
-    for q_type, k, n in MARLIN_CASES:
+    for q_type, k, n, dtype_name in MARLIN_CASES:
+        dtype = jnp.dtype(dtype_name)
         bits = marlin.SCALAR_TYPES[q_type][0]
         groups = k // 128
         moved = k * n * bits // 8 + groups * n * 2 + (groups * n // 2 if q_type == "uint4" else 0)
-        make_weight = functools.cache(lambda i, q_type=q_type, k=k, n=n: _marlin_weight(q_type, k, n, i))
+        make_weight = functools.cache(
+            lambda i, q_type=q_type, k=k, n=n, dtype=dtype: _marlin_weight(q_type, k, n, i, dtype=dtype))
 
         def ours(x, q, s, z, q_type=q_type):
             return jaxq.marlin_gemm(x, q, s, b_q_type=q_type, b_zeros=z)
@@ -356,19 +363,22 @@ def run_marlin(copy: float) -> list[dict]:
 
         gptq = WeightCase("gptq", 4, k, n)
         for m in MARLIN_ROWS:
-            def make_input(i, m=m, k=k):
-                x = jax.random.normal(jax.random.key(i), (m, k), jnp.float32).astype(jnp.bfloat16)
+            def make_input(i, m=m, k=k, dtype=dtype):
+                x = jax.random.normal(jax.random.key(i), (m, k), jnp.float32).astype(dtype)
                 return (x, *make_weight(i))
 
-            row = dict(op="marlin_gemm", variant=f"{q_type} G128 bf16", shape=f"M{m} K{k} N{n}")
+            row = dict(op="marlin_gemm", variant=f"{q_type} G128 {dtype_name}", shape=f"M{m} K{k} N{n}")
             t = _time_per_call(kernel, make_input, moved)
             row.update(us=t * 1e6, pct_copy=100 * moved / t / copy, tflops=2 * m * k * n / t / 1e12)
+            peer = peer_times.get(f"marlin-ist {m} {k} {n}") if q_type == "uint4b8" else None
+            if peer:
+                row.update(peer_us=peer * 1e6, vs_peer=peer / t)
             bf16 = _time_per_call(
                 lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))),
                 lambda i, m=m, k=k, n=n: (make_input(i)[0],
                                           jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)), k * n * 2)
             row.update(bf16_dot_us=bf16 * 1e6, vs_bf16=bf16 / t)
-            if bits == 4 and m <= 64:
+            if bits == 4 and m <= 64 and dtype == jnp.bfloat16:
                 g = _time_per_call(gptq.ours, lambda i, m=m, gptq=gptq: (make_input(i)[0], *gptq.make_weight(i)), moved)
                 row.update(gptq_us=g * 1e6, vs_gptq=g / t)
             if m >= 128:
@@ -381,7 +391,8 @@ def run_marlin(copy: float) -> list[dict]:
     _print_table(out, [("kernel µs", "us", "{:.1f}"), ("% of copy BW", "pct_copy", "{:.1f}%"),
                        ("TFLOP/s", "tflops", "{:.0f}"), ("bf16 dot µs", "bf16_dot_us", "{:.1f}"),
                        ("speed-up vs bf16 dot", "vs_bf16", "{:.2f}x"), ("gptq_gemm µs", "gptq_us", "{:.1f}"),
-                       ("vs gptq_gemm", "vs_gptq", "{:.2f}x"), ("dequant+dot µs", "dequant_dot_us", "{:.1f}")])
+                       ("vs gptq_gemm", "vs_gptq", "{:.2f}x"), ("Marlin (IST, fp16) µs", "peer_us", "{:.1f}"),
+                       ("vs Marlin", "vs_peer", "{:.2f}x"), ("dequant+dot µs", "dequant_dot_us", "{:.1f}")])
     return out
 
 
@@ -458,7 +469,7 @@ def _torch_peer(cases) -> dict:
     if importlib.util.find_spec("torch") is None:
         print("torch peer unavailable: torch is not installed")
         return {}
-    specs = [f"{kind}:{m}:{k}:{n}" for kind, m, k, n in cases if kind in ("fp8", "fp8-fast", "int8")]
+    specs = [f"{kind}:{m}:{k}:{n}" for kind, m, k, n in cases if kind in ("fp8", "fp8-fast", "int8", "marlin-ist")]
     done = subprocess.run([sys.executable, "-m", "jaxq.bench_torch", *specs], capture_output=True, text=True)
     if done.returncode:
         print(f"torch peer unavailable: {done.stderr.strip().splitlines()[-1:]}")
@@ -520,10 +531,14 @@ DECODER_LAYER_OPS = {"decoder_layer"}
 DECODER_ROWS = (1, 16, 2048)  # decode (one sequence, then a batch of 16) and a 2048-token prefill
 
 
+# Layer variants beyond the schemes: the 4-bit schemes on backend="marlin".
+DECODER_VARIANTS = {"awq marlin": ("awq", {"backend": "marlin"}), "gptq marlin": ("gptq", {"backend": "marlin"})}
+
+
 def decoder_layer_workload(scheme: str):
     """One Llama-3-8B decoder layer (random weights; attention and MLP) with its projections quantized by
-    ``scheme`` (a ``jaxq.nn.SCHEMES`` key, or ``"bf16"`` for ``nnx.Linear``): ``(fn, make_input(m), weight
-    bytes)`` with ``fn(x, state)`` on hidden states ``x [1, M, 4096]``."""
+    ``scheme`` (a ``jaxq.nn.SCHEMES`` key, a ``DECODER_VARIANTS`` key, or ``"bf16"`` for ``nnx.Linear``):
+    ``(fn, make_input(m), weight bytes)`` with ``fn(x, state)`` on hidden states ``x [1, M, 4096]``."""
     from flax import nnx
 
     import jaxq.nn as qnn
@@ -531,7 +546,8 @@ def decoder_layer_workload(scheme: str):
 
     layer = DecoderLayer(LLAMA3_8B, rngs=nnx.Rngs(0))
     if scheme != "bf16":
-        qnn.quantize(layer, scheme)
+        name, options = DECODER_VARIANTS.get(scheme, (scheme, {}))
+        qnn.quantize(layer, name, **options)
     graphdef, state = nnx.split(layer)
 
     def make_input(m):
@@ -549,7 +565,7 @@ def run_decoder_layer(copy: float) -> list[dict]:
     import jaxq.nn as qnn
 
     out, bf16 = [], {}
-    for scheme in ("bf16", *qnn.SCHEMES):
+    for scheme in ("bf16", *qnn.SCHEMES, *DECODER_VARIANTS):
         fn, make_input, moved = decoder_layer_workload(scheme)
         for m in DECODER_ROWS:
             seconds = _time_per_call(fn, make_input(m), moved)
@@ -581,7 +597,9 @@ def main(argv=None):
     token_counts, hidden = ([256], 1024) if args.quick else ([int(m) for m in args.rows.split(",")], args.hidden)
     gemm_ops = WEIGHT_ONLY_OPS | SCALED_MM_OPS | DECODER_LAYER_OPS | {"marlin_gemm"}
     # torch's times first: its child process must find the GPU's memory before JAX takes it.
-    torch_times = _torch_peer(SCALED_MM_CASES) if not args.quick and (ops is None or ops & SCALED_MM_OPS) else {}
+    peer_cases = list(SCALED_MM_CASES) if ops is None or ops & SCALED_MM_OPS else []
+    peer_cases += MARLIN_PEER_CASES if ops is None or "marlin_gemm" in ops else []
+    torch_times = _torch_peer(peer_cases) if not args.quick and peer_cases else {}
     if ops is None or ops - gemm_ops:
         run(ops - gemm_ops if ops else None, token_counts, hidden, args.quick)
     copy = None
@@ -592,7 +610,7 @@ def main(argv=None):
         run_weight_only(ops & WEIGHT_ONLY_OPS if ops else WEIGHT_ONLY_OPS, [int(m) for m in args.gemm_rows.split(",")],
                         [int(m) for m in args.sweep.split(",")], copy, [int(v) for v in args.splits.split(",") if v])
     if not args.quick and (ops is None or "marlin_gemm" in ops):
-        run_marlin(copy)
+        run_marlin(torch_times, copy)
     if not args.quick and (ops is None or ops & SCALED_MM_OPS):
         run_scaled_mm(torch_times, copy)
     if not args.quick and (ops is None or ops & DECODER_LAYER_OPS):

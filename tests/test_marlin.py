@@ -217,10 +217,14 @@ def test_out_of_range_act_order_indices_are_clamped():
 # ------------------------------------------------------------------------------------------ sharding
 
 
+@pytest.mark.parametrize("path", ["kernel", "dequantize"])
 @pytest.mark.parametrize("layout", ["column", "row", "tokens"])
 @pytest.mark.parametrize("q_type,group_size,act_order", [("uint4", 32, False), ("uint4b8", -1, False),
                                                          ("uint8b128", 64, True)])
-def test_sharded_equals_unsharded(layout, q_type, group_size, act_order):
+def test_sharded_equals_unsharded(layout, q_type, group_size, act_order, path, monkeypatch):
+    """``path="dequantize"``: the rows past the kernel's range (the dequantize op's own sharding rule)."""
+    if path == "dequantize":
+        monkeypatch.setattr(marlin, "MARLIN_KERNEL_MAX_M", 0)
     rng = np.random.default_rng(10)
     k, n, m = 512, 512, 16
     w = Weight(rng, q_type, k, n, group_size, jnp.bfloat16, act_order)
@@ -308,8 +312,12 @@ GPU_CASES = CASES + [("uint4", 128, False), ("float8_e4m3fn", 128, False)]
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_matches_reference_on_gpu(q_type, group_size, act_order, dtype):
     rng = np.random.default_rng()
-    # Small and tall weights (K split over a cluster), a wide one (no split); rows in every bucket and tail.
-    for (k, n), rows in (((256, 192), (1, 33, 130)), ((4096, 128), (7, 64)), ((1024, 4096), (16, 65))):
+    # Small and tall weights (K split over a cluster), wide ones: on 132 SMs (the H200) 1 column tile per block
+    # with a 2-way split, 4 tiles per block in a 3-way split, 2 tiles in a 3-way split. Rows in every bucket
+    # (1-16, 17-32 with at most 2 tiles per block, 33-48, 49-64, then 64-row blocks) and tail.
+    shapes = (((256, 192), (1, 33, 130)), ((4096, 128), (7, 64)), ((1024, 4096), (16, 65)), ((512, 8704), (1, 20)),
+              ((512, 4352), (16, 40)))
+    for (k, n), rows in shapes:
         w = Weight(rng, q_type, k, n, group_size, dtype, act_order)
         for m in rows:
             a = random_a(rng, (m, k), dtype)
@@ -322,6 +330,24 @@ def test_kernel_matches_reference_on_gpu(q_type, group_size, act_order, dtype):
             assert np.isfinite(np.asarray(got, np.float32)).all(), (k, n, m)
             assert err < GEMM_TOLERANCE[dtype], (k, n, m, err)
             assert rel_l2(got, w.oracle_gemm(np.asarray(a, np.float64), bias)) < GEMM_TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_type,group_size,act_order", GPU_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_kernel_is_the_reference_bit_for_bit_on_gpu(q_type, group_size, act_order, dtype):
+    """The weight the path above the kernel's rows multiplies by; then that path against the reference."""
+    rng = np.random.default_rng()
+    w = Weight(rng, q_type, 512, 192, group_size, dtype, act_order)
+    weight = _operands(w, jnp.zeros((1, 512), dtype), None)[1:]
+    params = {key: value for key, value in _params(w, None).items() if key != "has_bias"}
+    got = jax.jit(lambda *o: marlin._marlin_dequantize(*o, **params)[0])(*weight)
+    cpu = jax.devices("cpu")[0]
+    want = jax.jit(lambda *o: marlin._dequantize_reference(*o, **params)[0])(*[jax.device_put(x, cpu) for x in weight])
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+    a = random_a(rng, (marlin.MARLIN_KERNEL_MAX_M + 3, 512), dtype)
+    out = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))(a)
+    assert rel_l2(out, w.oracle_gemm(np.asarray(a, np.float64))) < GEMM_TOLERANCE[dtype]
 
 
 def _operands(w, a, bias):

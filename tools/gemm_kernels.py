@@ -66,7 +66,8 @@ def marlin():
     rng = np.random.default_rng(0)
     for dtype in [jnp.dtype(d) for d in sys.argv[2:]] or (jnp.float16, jnp.bfloat16):
         for q_type, (bits, _, zeros) in ops.SCALAR_TYPES.items():
-            for k, n, groups in ((1024, 64, 8), (256, 4096, 1)):
+            # The shapes' plans: 1 tile per block with a 2-way K split, 1 tile without, 4 tiles in a 3-way split.
+            for k, n, groups in ((1024, 64, 8), (256, 4096, 1), (512, 8704, 4)):
                 q = jnp.asarray(rng.integers(0, 2**31, (k // 16, n * bits // 2)), jnp.int32)
                 s = jnp.asarray(rng.uniform(0.5, 1.5, (groups, n)) * 1e-2, dtype)
                 z = jnp.asarray(rng.integers(0, 2**31, (groups, n // 8)), jnp.int32) if zeros else None
@@ -83,6 +84,10 @@ def marlin():
                         with ops.batch_invariant():
                             jax.block_until_ready(jax.jit(lambda a, q, s, z, bias: jaxq.marlin_gemm(
                                 a, q, s, b_q_type=q_type, b_zeros=z, b_bias=bias, **kw))(a, q, s, z, bias))
+                    # Past the kernel's rows: the dequantize kernel, then XLA's dot.
+                    a = jnp.asarray(rng.standard_normal((ops.MARLIN_KERNEL_MAX_M + 1, k)), dtype)
+                    jax.block_until_ready(jax.jit(lambda a, q, s, z: jaxq.marlin_gemm(
+                        a, q, s, b_q_type=q_type, b_zeros=z, **kw))(a, q, s, z))
     print("ran every marlin kernel variant")
 
 

@@ -18,6 +18,13 @@ echo "=== environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; nvcc --version | tail -1
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; } 2>&1 | tee "$OUT/env.log"
 
+# The original Marlin kernel, a peer in the benchmark, compiles beside jaxq when its sources were carried in
+# .peers/ist-marlin (tools/marlin_peer.md); the benchmark waits for it.
+export JAXQ_MARLIN_PEER_SRC=$REPO/.peers/ist-marlin
+if [ -f "$JAXQ_MARLIN_PEER_SRC/marlin_cuda_kernel.cu" ] && python3 -c "import torch" 2>/dev/null; then
+  python3 -m jaxq.bench_torch --build-marlin > "$OUT/marlin_peer_build.log" 2>&1 &
+fi
+
 if [ "${BUILD:-1}" = 1 ]; then
   # CUTLASS's headers (nvidia-cutlass, a build requirement) are not on the device machine: carry its wheel in .whl.
   if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then

@@ -1,16 +1,21 @@
-// Weight-only GEMM on the Marlin layout. One block (4 warps) owns one 64-column tile of the output for up to 64
-// rows of a and one K range; the 4 warps take every 4th 16-row slab of that range. A lane's 16-byte load of a
-// slab holds exactly its B fragments of mma.m16n8k16 for all 64 columns (that is what the layout is for), so the
-// codes are turned into a's type in registers, scaled there, and multiplied on the tensor cores with float32
-// sums. The warps' sums meet in shared memory, in warp order; when K is split over several blocks (few column
-// tiles), those blocks form a thread-block cluster and the first adds the others' sums from their shared memory,
-// in rank order. No atomics and no workspace: deterministic, and each row is summed the same way whatever m is.
+// Weight-only GEMM on the Marlin layout. A block (4 warps) owns kTiles 64-column tiles of the output for up to
+// 16 * kMBlocks rows of a and one K range; the 4 warps take every 4th 16-row slab of that range. A lane's
+// 16-byte vector of a slab holds exactly its B fragments of mma.m16n8k16 for a tile's 64 columns (that is what
+// the layout is for). Each warp streams its slabs (codes, the group's scales and zero points, the slab of a)
+// through its own ring of shared memory with cp.async, kStages - 1 slabs ahead, so the loads never wait on the
+// math and need no registers nor block barriers. Codes are turned into a's type in registers, scaled there,
+// and multiplied on the tensor cores with float32 sums. The warps' sums meet in shared memory in warp order;
+// when K is split over several blocks, those blocks form a thread-block cluster and the first adds the others'
+// sums from their shared memory, in rank order. No atomics and no workspace: deterministic, and each row is
+// summed the same way whatever m is (the split depends on n, k and the GPU only; kTiles and kMBlocks do not
+// change which slabs a warp adds, nor in what order).
 #include "kernels/marlin.h"
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "kernels/device_utils.cuh"
@@ -24,21 +29,21 @@ namespace cg = cooperative_groups;
 constexpr int kWarps = 4;
 constexpr int kTileK = 16;
 constexpr int kTileN = 64;
-constexpr int kRowsPerBlock = 64;  // rows of a per block: 4 mma row blocks
-constexpr int kMaxSplits = 8;      // the portable cluster size
+constexpr int kMaxSplits = 8;                 // the portable cluster size
+constexpr int kRingBytesPerWarp = 24 * 1024;  // two blocks of 4 warps per SM, 7 slabs in flight per warp at M <= 16
 
 template <typename T>
 struct Pair;
 template <>
 struct Pair<half> {
   using Type = half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half: 1024 + a 4-bit code is exact
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half: 1024 + 16 * a 4-bit code is exact
   static constexpr float kMagicValue = 1024.0f;
 };
 template <>
 struct Pair<__nv_bfloat16> {
   using Type = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each half: 128 + a 4-bit code is exact
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each half: 128 + 16 * a 4-bit code is exact
   static constexpr float kMagicValue = 128.0f;
 };
 
@@ -82,32 +87,70 @@ __device__ __forceinline__ T FromFloat(float v) {
   }
 }
 
-// Codes of rows (r, r + 1) of one column -> a pair in T, exact: `word` holds them as the low and high 16 bits
-// (4-bit codes in bits 0..3 of each half; 8-bit codes in bits 0..7). Integer types come out as code - offset
-// with `offset` a pair (per row) of the subtracted bias or zero point; fp8 as its value times 2**-bias (the
-// scales carry 2**bias, as in vLLM).
+template <MarlinType kType>
+constexpr int kBitsOf = kType == MarlinType::kU4B8 || kType == MarlinType::kU4 ? 4 : 8;
+
+// The two fragments b0 (rows 2t, 2t + 1) and b1 (rows 2t + 8, 2t + 9) of column j = 2w + h of a tile, exact
+// in T before the scale: integer codes minus their bias or zero point, fp8 as its value times 2**-bias (the
+// scales carry 2**bias, as in vLLM). `neg01` / `neg89` are minus the offsets each pair subtracts, as the
+// 4-bit path reads them: magic + code, except float16's high nibbles, read in place as magic + 16 * code and
+// taken down by an exact fma with 1/16 (one shift fewer).
 template <typename T, MarlinType kType>
-__device__ __forceinline__ T2<T> Codes(uint32_t word, T2<T> offset) {
-  if constexpr (kType == MarlinType::kFp8E4M3) {
-    constexpr int kShift = std::is_same_v<T, half> ? 7 : 4;  // e4m3's exponent and mantissa under T's
-    return AsPair<T>(((word & 0x007f007fu) << kShift) | ((word & 0x00800080u) << 8));
-  } else if constexpr (kType == MarlinType::kU8B128 && std::is_same_v<T, half>) {
-    return __hsub2(AsPair<T>(word | 0x64006400u), offset);
-  } else if constexpr (kType == MarlinType::kU8B128) {
-    // bfloat16 has 8 significant bits: go through float32 (exact for 0..255 - 128).
-    return MakePair<T>(static_cast<float>(word & 0xffu) - 128.0f, static_cast<float>(word >> 16) - 128.0f);
+__device__ __forceinline__ void Dequantize(const uint4* codes, int w, int h, T2<T> neg01, T2<T> neg89,
+                                           T2<T> scale01, T2<T> scale89, uint32_t& b0, uint32_t& b1) {
+  T2<T> v01, v89;
+  if constexpr (kBitsOf<kType> == 4) {
+    const uint32_t word = (w == 0 ? codes[0].x : w == 1 ? codes[0].y : w == 2 ? codes[0].z : codes[0].w) >> (8 * h);
+    v01 = __hadd2(AsPair<T>((word & 0x000f000fu) | Pair<T>::kMagic), neg01);
+    if constexpr (std::is_same_v<T, half>) {
+      v89 = __hfma2(AsPair<T>((word & 0x00f000f0u) | Pair<T>::kMagic), MakePair<T>(0.0625f, 0.0625f), neg89);
+    } else {  // bfloat16's 7 mantissa bits cannot hold 16 * code
+      v89 = __hadd2(AsPair<T>(((word >> 4) & 0x000f000fu) | Pair<T>::kMagic), neg89);
+    }
   } else {
-    return __hsub2(AsPair<T>(word | Pair<T>::kMagic), offset);
+    const uint4& v = codes[w >> 1];
+    const int e = 2 * (w & 1) + h;
+    const uint32_t word = e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w;
+    const uint32_t lo = __byte_perm(word, 0u, 0x4240);  // bytes 0 and 2: rows 2t and 2t+1
+    const uint32_t hi = __byte_perm(word, 0u, 0x4341);  // bytes 1 and 3: rows 2t+8 and 2t+9
+    if constexpr (kType == MarlinType::kFp8E4M3) {
+      constexpr int kShift = std::is_same_v<T, half> ? 7 : 4;  // e4m3's exponent and mantissa under T's
+      v01 = AsPair<T>(((lo & 0x007f007fu) << kShift) | ((lo & 0x00800080u) << 8));
+      v89 = AsPair<T>(((hi & 0x007f007fu) << kShift) | ((hi & 0x00800080u) << 8));
+    } else if constexpr (std::is_same_v<T, half>) {
+      v01 = __hadd2(AsPair<T>(lo | 0x64006400u), neg01);
+      v89 = __hadd2(AsPair<T>(hi | 0x64006400u), neg89);
+    } else {
+      // bfloat16 has 8 significant bits: go through float32 (exact for 0..255 - 128).
+      v01 = MakePair<T>(static_cast<float>(lo & 0xffu) - 128.0f, static_cast<float>(lo >> 16) - 128.0f);
+      v89 = MakePair<T>(static_cast<float>(hi & 0xffu) - 128.0f, static_cast<float>(hi >> 16) - 128.0f);
+    }
+  }
+  b0 = Bits<T>(__hmul2(v01, scale01));
+  b1 = Bits<T>(__hmul2(v89, scale89));
+}
+
+// Minus the offsets Dequantize subtracts, for a zero point (or bias) `z` of rows (2t, 2t + 1) and (2t + 8, 2t + 9).
+template <typename T, MarlinType kType>
+__device__ __forceinline__ void Offsets(float z01a, float z01b, float z89a, float z89b, T2<T>& neg01, T2<T>& neg89) {
+  if constexpr (kBitsOf<kType> == 4) {
+    const float m = Pair<T>::kMagicValue;
+    neg01 = MakePair<T>(-(m + z01a), -(m + z01b));
+    const float m89 = std::is_same_v<T, half> ? m / 16 : m;
+    neg89 = MakePair<T>(-(m89 + z89a), -(m89 + z89b));
+  } else {
+    neg01 = MakePair<T>(-(1024.0f + z01a), -(1024.0f + z01b));  // float16 8-bit codes only
+    neg89 = MakePair<T>(-(1024.0f + z89a), -(1024.0f + z89b));
   }
 }
 
 // The 8 scales (or zero points) one lane needs for its columns 16 * w + 8 * h + lane / 4 of the tile, in order
 // j = 2 * w + h: with several groups one 16-byte vector (vLLM's grouped permutation puts them side by side);
-// with one group vLLM's other permutation scatters them.
+// with one group vLLM's other permutation scatters them. `row` is the tile's 64 scales of one group.
 template <typename T>
 __device__ __forceinline__ void LoadScales(const T* row, int lane_col, bool single, T (&s)[8]) {
   if (!single) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(row + 8 * lane_col));
+    const uint4 v = *reinterpret_cast<const uint4*>(row + 8 * lane_col);
     const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
     for (int j = 0; j < 8; ++j) s[j] = e[j];
@@ -125,177 +168,239 @@ __device__ __forceinline__ uint32_t ZeroNibble(uint32_t word, int j) {
   return (word >> (4 * ((j & 1) * 4 + (j >> 1)))) & 0xfu;
 }
 
-template <typename T, MarlinType kType, int kMBlocks, bool kActOrder>
-__global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, int k_tiles_per_split) {
-  constexpr int kBits = kType == MarlinType::kU4B8 || kType == MarlinType::kU4 ? 4 : 8;
-  constexpr int kVectors = kBits / 4;                  // 16-byte vectors per lane per 16 x 64 tile
-  constexpr int kUnroll = (kMBlocks <= 1 ? 8 : kMBlocks == 2 ? 4 : 2) / kVectors;
+// Per column j and row pair (2t, 2t + 1) / (2t + 8, 2t + 9) of a lane: the scale, and minus the offset
+// Dequantize subtracts.
+template <typename T>
+struct Factors {
+  T2<T> scale01[8], scale89[8], neg01[8], neg89[8];
+};
+
+// A lane's factors for one tile: `scales` / `zeros` point at the tile's 64 scales / 8 zero words of group 0,
+// `group[r]` is the group of the lane's row r (2t, 2t + 1, 2t + 8, 2t + 9; all equal without act-order), and
+// groups are `scale_stride` / `zero_stride` elements apart.
+template <typename T, MarlinType kType, bool kActOrder>
+__device__ __forceinline__ void TileFactors(const T* scales, size_t scale_stride, const uint32_t* zeros,
+                                            size_t zero_stride, const int (&group)[4], int g, bool single,
+                                            Factors<T>& f) {
   constexpr bool kHasZeros = kType == MarlinType::kU4;
+  if constexpr (kActOrder) {
+    T sr[4][8];
+    uint32_t zr[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      LoadScales(scales + group[r] * scale_stride, g, single, sr[r]);
+      if constexpr (kHasZeros) zr[r] = zeros[group[r] * zero_stride + g];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      f.scale01[j] = T2<T>{sr[0][j], sr[1][j]};
+      f.scale89[j] = T2<T>{sr[2][j], sr[3][j]};
+      if constexpr (kHasZeros) {
+        Offsets<T, kType>(ZeroNibble(zr[0], j), ZeroNibble(zr[1], j), ZeroNibble(zr[2], j), ZeroNibble(zr[3], j),
+                          f.neg01[j], f.neg89[j]);
+      }
+    }
+  } else {
+    T s[8];
+    LoadScales(scales + group[0] * scale_stride, g, single, s);
+    const uint32_t z = kHasZeros ? zeros[group[0] * zero_stride + g] : 0u;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      f.scale01[j] = f.scale89[j] = T2<T>{s[j], s[j]};
+      if constexpr (kHasZeros) {
+        const float zero = ZeroNibble(z, j);
+        Offsets<T, kType>(zero, zero, zero, zero, f.neg01[j], f.neg89[j]);
+      }
+    }
+  }
+  if constexpr (!kHasZeros && kType != MarlinType::kFp8E4M3) {
+    const float bias = kType == MarlinType::kU4B8 ? 8.0f : 128.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) Offsets<T, kType>(bias, bias, bias, bias, f.neg01[j], f.neg89[j]);
+  }
+}
+
+// Offset of row r (0..15), half `half` (columns 0..7 or 8..15) of a 16 x 16 slab of a in a stage: rows are 32
+// bytes, and the halves swap every 4 rows so that ldmatrix's 8 row reads hit distinct banks.
+__device__ __forceinline__ uint32_t ASlot(int r, int half) { return r * 32 + ((half ^ ((r >> 2) & 1)) << 4); }
+
+__device__ __forceinline__ void LoadMatrixX4(uint32_t (&frag)[4], uint32_t at) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(frag[0]), "=r"(frag[1]), "=r"(frag[2]), "=r"(frag[3])
+               : "r"(at));
+}
+
+// A warp's stage of the ring: the codes of kTiles tiles (lane-major per 16-byte vector), the slab of a
+// (kMBlocks 16 x 16 blocks), and without act-order the group's kTiles * 64 scales and kTiles * 8 zero words.
+template <MarlinType kType, int kMBlocks, int kTiles, bool kActOrder>
+struct Ring {
+  static constexpr int kBits = kBitsOf<kType>;
+  static constexpr int kVectors = kBits / 4;  // 16-byte vectors of codes per lane per tile
+  static constexpr bool kHasZeros = kType == MarlinType::kU4;
+  static constexpr int kCodes = 0;
+  static constexpr int kA = kCodes + kTiles * kVectors * 32 * 16;
+  static constexpr int kScales = kA + kMBlocks * 16 * kTileK * 2;
+  static constexpr int kZeros = kScales + (kActOrder ? 0 : kTiles * kTileN * 2);
+  static constexpr int kStageBytes = kZeros + (kActOrder || !kHasZeros ? 0 : kTiles * kTileN / 2);
+  static constexpr int kStages = std::min(8, std::max(2, kRingBytesPerWarp / kStageBytes));
+  static constexpr int kPartialFloats = kMBlocks * 16 * kTiles * kTileN;  // one warp's sums
+  static constexpr int kSharedBytes =
+      std::max(kWarps * kStages * kStageBytes, kWarps * kPartialFloats * static_cast<int>(sizeof(float)));
+};
+
+template <typename T, MarlinType kType, int kMBlocks, int kTiles, bool kActOrder>
+__global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, int k_tiles_per_split) {
+  using R = Ring<kType, kMBlocks, kTiles, kActOrder>;
   const T* a = static_cast<const T*>(p.a);
   const T* scales = static_cast<const T*>(p.scales);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;  // mma fragment row / column group
-  const int n_tiles = p.n / kTileN;
-  const int nt = blockIdx.y;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
-  const int k_tiles = p.k / kTileK;
+  const int nt0 = blockIdx.y * kTiles;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kMBlocks * 16;
+  const int rows = static_cast<int>(p.m - m0 < kMBlocks * 16 ? p.m - m0 : kMBlocks * 16);
   const int kt_begin = blockIdx.z * k_tiles_per_split;
-  const int kt_end = min(kt_begin + k_tiles_per_split, k_tiles);
+  const int kt_end = min(kt_begin + k_tiles_per_split, p.k / kTileK);
+  const int slabs = kt_end > kt_begin + warp ? (kt_end - kt_begin - warp + kWarps - 1) / kWarps : 0;
   const bool single = p.groups == 1;
   const int group_rows = p.k / p.groups;  // rows per group without act-order
 
-  float acc[kMBlocks][8][4];
-#pragma unroll
-  for (int mb = 0; mb < kMBlocks; ++mb)
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[mb][j][c] = 0.0f;
+  extern __shared__ float4 shared_raw[];
+  char* ring = reinterpret_cast<char*>(shared_raw) + warp * R::kStages * R::kStageBytes;
+  const uint32_t ring_at = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
 
-  // Rows of a this lane feeds into the mma (g and g + 8 of each row block); rows past m read as zeros.
-  const T* a_rows[kMBlocks][2];
-  bool a_valid[kMBlocks][2];
+  // What this lane copies of each slab: its own code vectors, one 16-byte half row of a per 16-row block
+  // (rows past m are filled with zeros), and a share of the group's scales and zero points.
+  const int words_per_tile = kTileK * kTileN * R::kBits / 32;
+  const uint4* codes_src = reinterpret_cast<const uint4*>(p.b_q + static_cast<size_t>(nt0) * words_per_tile) +
+                           lane * R::kVectors;
+  const size_t codes_stride = static_cast<size_t>(p.n / kTileN) * words_per_tile / 4;  // uint4s per slab
+  const int a_row = lane >> 1, a_half = lane & 1;
+  const T* a_src[kMBlocks];
+  int a_bytes[kMBlocks];
 #pragma unroll
-  for (int mb = 0; mb < kMBlocks; ++mb)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t row = m0 + mb * 16 + g + 8 * r;
-      a_valid[mb][r] = row < p.m;
-      a_rows[mb][r] = a + (a_valid[mb][r] ? row : 0) * p.k + 2 * t;
-    }
+  for (int mb = 0; mb < kMBlocks; ++mb) {
+    const bool valid = mb * 16 + a_row < rows;
+    a_src[mb] = a + (valid ? m0 + mb * 16 + a_row : 0) * p.k + 8 * a_half;
+    a_bytes[mb] = valid ? 16 : 0;
+  }
+  const uint32_t a_slot = R::kA + ASlot(a_row, a_half);
 
-  const size_t words_per_tile = kTileK * kTileN * kBits / 32;
-  const uint4* b_lane = reinterpret_cast<const uint4*>(p.b_q + static_cast<size_t>(nt) * words_per_tile) +
-                        lane * kVectors;
-  const size_t b_stride = static_cast<size_t>(n_tiles) * words_per_tile / 4;  // uint4s per 16-row slab
-  const T* scale_tile = scales + static_cast<size_t>(nt) * kTileN;
-  const uint32_t* zero_tile = kHasZeros ? p.zeros + static_cast<size_t>(nt) * (kTileN / 8) + g : nullptr;
-  const size_t zero_stride = p.n / 8;
-
-  for (int kt0 = kt_begin + warp; kt0 < kt_end; kt0 += kWarps * kUnroll) {
-    // Everything the next kUnroll slabs need is requested before any is used: the weight codes, their scales
-    // and the A fragments (a's rows are read by every block, so they mostly come from L2; waiting for them
-    // slab by slab left the loads of the codes idle).
-    uint4 codes[kUnroll][kVectors];
-    T s[kUnroll][8];
-    uint32_t frag_a[kUnroll][kMBlocks][4];
+  auto issue = [&](int i) {
+    if (i < slabs) {
+      const int kt = kt_begin + warp + kWarps * i;
+      const uint32_t stage = ring_at + (i % R::kStages) * R::kStageBytes;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int kt = kt0 + kWarps * u;
-      if (kt < kt_end) {
+      for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
-        for (int v = 0; v < kVectors; ++v) codes[u][v] = __ldcs(b_lane + kt * b_stride + v);
-        if constexpr (!kActOrder) {
-          const int group = single ? 0 : kt * kTileK / group_rows;
-          LoadScales(scale_tile + static_cast<size_t>(group) * p.n, g, single, s[u]);
+        for (int v = 0; v < R::kVectors; ++v) {
+          CopyAsync<16, true>(stage + R::kCodes + ((tile * R::kVectors + v) * 32 + lane) * 16,
+                              codes_src + kt * codes_stride + tile * (words_per_tile / 4) + v, 16);
         }
 #pragma unroll
-        for (int mb = 0; mb < kMBlocks; ++mb) {
-          const int col = kt * kTileK;
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            frag_a[u][mb][r] = a_valid[mb][r] ? __ldg(reinterpret_cast<const uint32_t*>(a_rows[mb][r] + col)) : 0u;
-            frag_a[u][mb][2 + r] =
-                a_valid[mb][r] ? __ldg(reinterpret_cast<const uint32_t*>(a_rows[mb][r] + col + 8)) : 0u;
+      for (int mb = 0; mb < kMBlocks; ++mb) CopyAsync<16, false>(stage + a_slot + mb * 512, a_src[mb] + kt * kTileK, a_bytes[mb]);
+      if constexpr (!kActOrder) {
+        const size_t group = single ? 0 : kt * kTileK / group_rows;
+        if (lane < kTiles * 8) {
+          CopyAsync<16, false>(stage + R::kScales + lane * 16, scales + group * p.n + nt0 * kTileN + 8 * lane, 16);
+        }
+        if constexpr (R::kHasZeros) {
+          if (lane < kTiles * 2) {
+            CopyAsync<16, false>(stage + R::kZeros + lane * 16, p.zeros + group * (p.n / 8) + nt0 * 8 + 4 * lane, 16);
           }
         }
       }
     }
+    CommitAsync();  // empty groups too, so that every wait below counts the same slabs
+  };
+
+  float acc[kMBlocks][kTiles][8][4];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int kt = kt0 + kWarps * u;
-      if (kt >= kt_end) continue;
-      // Per column j and row pair (2t, 2t+1) / (2t+8, 2t+9): the scale and the subtracted offset.
-      T2<T> scale01[8], scale89[8], offset01[8], offset89[8];
+  for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[mb][tile][j][c] = 0.0f;
+
+  // ldmatrix.x4 reads the four 8 x 8 quarters of a 16 x 16 block in the order of mma's A fragment.
+  const int ld_row = (lane & 7) + 8 * ((lane >> 3) & 1);
+  const uint32_t ld_slot = R::kA + ASlot(ld_row, lane >> 4);
+
+#pragma unroll
+  for (int i = 0; i < R::kStages - 1; ++i) issue(i);
+  for (int i = 0; i < slabs; ++i) {
+    WaitAsync<R::kStages - 2>();
+    __syncwarp();  // every lane's copies of slab i have landed, and every lane is done with slab i - 1's slot
+    issue(i + R::kStages - 1);
+    const int kt = kt_begin + warp + kWarps * i;
+    const uint32_t stage_at = ring_at + (i % R::kStages) * R::kStageBytes;
+    const char* stage = ring + (i % R::kStages) * R::kStageBytes;
+
+    uint32_t frag_a[kMBlocks][4];
+#pragma unroll
+    for (int mb = 0; mb < kMBlocks; ++mb) LoadMatrixX4(frag_a[mb], stage_at + ld_slot + mb * 512);
+
+    // Act-order: each of the lane's 4 rows has its own group (entries clamped to the groups); else the ring's
+    // stage holds the slab's group.
+    int row_group[4] = {0, 0, 0, 0};
+    if constexpr (kActOrder) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        row_group[r] = min(max(__ldg(p.g_idx + kt * kTileK + 2 * t + (r & 1) + 8 * (r >> 1)), 0), p.groups - 1);
+      }
+    }
+
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile) {
+      uint4 codes[R::kVectors];
+#pragma unroll
+      for (int v = 0; v < R::kVectors; ++v) {
+        codes[v] = *reinterpret_cast<const uint4*>(stage + R::kCodes + ((tile * R::kVectors + v) * 32 + lane) * 16);
+      }
+      Factors<T> f;
       if constexpr (kActOrder) {
-        T sr[4][8];
-        uint32_t zr[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int row = kt * kTileK + 2 * t + (r & 1) + 8 * (r >> 1);
-          const int group = min(max(__ldg(p.g_idx + row), 0), p.groups - 1);
-          LoadScales(scale_tile + static_cast<size_t>(group) * p.n, g, single, sr[r]);
-          if constexpr (kHasZeros) zr[r] = __ldg(zero_tile + group * zero_stride);
-        }
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          scale01[j] = T2<T>{sr[0][j], sr[1][j]};
-          scale89[j] = T2<T>{sr[2][j], sr[3][j]};
-          if constexpr (kHasZeros) {
-            const float base = Pair<T>::kMagicValue;
-            offset01[j] = MakePair<T>(base + ZeroNibble(zr[0], j), base + ZeroNibble(zr[1], j));
-            offset89[j] = MakePair<T>(base + ZeroNibble(zr[2], j), base + ZeroNibble(zr[3], j));
-          }
-        }
+        TileFactors<T, kType, true>(scales + static_cast<size_t>(nt0 + tile) * kTileN, p.n,
+                                    p.zeros + (nt0 + tile) * 8, p.n / 8, row_group, g, single, f);
       } else {
-        uint32_t z = 0;
-        if constexpr (kHasZeros) z = __ldg(zero_tile + (single ? 0 : kt * kTileK / group_rows) * zero_stride);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          scale01[j] = scale89[j] = T2<T>{s[u][j], s[u][j]};
-          if constexpr (kHasZeros) {
-            const float zero = Pair<T>::kMagicValue + ZeroNibble(z, j);
-            offset01[j] = offset89[j] = MakePair<T>(zero, zero);
-          }
-        }
+        TileFactors<T, kType, false>(reinterpret_cast<const T*>(stage + R::kScales) + tile * kTileN, 0,
+                                     reinterpret_cast<const uint32_t*>(stage + R::kZeros) + tile * 8, 0, row_group,
+                                     g, single, f);
       }
-      if constexpr (!kHasZeros) {
-        const float bias = kType == MarlinType::kU4B8    ? Pair<T>::kMagicValue + 8.0f
-                           : kType == MarlinType::kU8B128 ? 1024.0f + 128.0f  // used by float16 only
-                                                          : 0.0f;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) offset01[j] = offset89[j] = MakePair<T>(bias, bias);
-      }
-
+      for (int j = 0; j < 8; ++j) {
+        uint32_t b0, b1;
+        Dequantize<T, kType>(codes, j >> 1, j & 1, f.neg01[j], f.neg89[j], f.scale01[j], f.scale89[j], b0, b1);
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int j = 2 * w + h;
-          uint32_t lo, hi;  // codes of rows (2t, 2t+1) and (2t+8, 2t+9) of column j, one per 16 bits
-          if constexpr (kBits == 4) {
-            const uint32_t word = w == 0 ? codes[u][0].x : w == 1 ? codes[u][0].y : w == 2 ? codes[u][0].z
-                                                                                        : codes[u][0].w;
-            lo = (word >> (8 * h)) & 0x000f000fu;
-            hi = (word >> (8 * h + 4)) & 0x000f000fu;
-          } else {
-            const uint4& v = codes[u][w >> 1];
-            const uint32_t word = (2 * (w & 1) + h) == 0   ? v.x
-                                  : (2 * (w & 1) + h) == 1 ? v.y
-                                  : (2 * (w & 1) + h) == 2 ? v.z
-                                                           : v.w;
-            lo = __byte_perm(word, 0u, 0x4240);  // bytes 0 and 2: rows 2t and 2t+1
-            hi = __byte_perm(word, 0u, 0x4341);  // bytes 1 and 3: rows 2t+8 and 2t+9
-          }
-          const uint32_t b0 = Bits<T>(__hmul2(Codes<T, kType>(lo, offset01[j]), scale01[j]));
-          const uint32_t b1 = Bits<T>(__hmul2(Codes<T, kType>(hi, offset89[j]), scale89[j]));
-#pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb) Mma<T>(acc[mb][j], frag_a[u][mb], b0, b1);
-        }
+        for (int mb = 0; mb < kMBlocks; ++mb) Mma<T>(acc[mb][tile][j], frag_a[mb], b0, b1);
       }
     }
   }
+  WaitAsync<0>();
 
-  // The warps' sums, then (with a K split) the cluster's, added in a fixed order.
-  extern __shared__ float4 shared_raw[];
+  // The warps' sums, then (with a K split) the cluster's, added in a fixed order. The ring's memory holds them.
+  __syncthreads();
   float* partial = reinterpret_cast<float*>(shared_raw);
-  constexpr int kTileFloats = kMBlocks * 16 * kTileN;
+  constexpr int kCols = kTiles * kTileN;
 #pragma unroll
   for (int mb = 0; mb < kMBlocks; ++mb)
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+    for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = mb * 16 + g + 8 * r, col = 16 * (j >> 1) + 8 * (j & 1) + 2 * t;
-        *reinterpret_cast<float2*>(partial + warp * kTileFloats + row * kTileN + col) =
-            make_float2(acc[mb][j][2 * r], acc[mb][j][2 * r + 1]);
-      }
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = mb * 16 + g + 8 * r, col = tile * kTileN + 16 * (j >> 1) + 8 * (j & 1) + 2 * t;
+          *reinterpret_cast<float2*>(partial + warp * R::kPartialFloats + row * kCols + col) =
+              make_float2(acc[mb][tile][j][2 * r], acc[mb][tile][j][2 * r + 1]);
+        }
   __syncthreads();
-  for (int i = threadIdx.x; i < kTileFloats; i += kWarps * 32) {
+  const int live = rows * kCols;  // rows past m are neither added nor written
+  for (int i = threadIdx.x; i < live; i += kWarps * 32) {
     float sum = partial[i];
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) sum += partial[w * kTileFloats + i];
+    for (int w = 1; w < kWarps; ++w) sum += partial[w * R::kPartialFloats + i];
     partial[i] = sum;
   }
   const int splits = gridDim.z;
@@ -311,37 +416,83 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
 #endif
   T* out = static_cast<T*>(p.out);
   const T* bias = static_cast<const T*>(p.bias);
-  for (int i = threadIdx.x; i < kTileFloats; i += kWarps * 32) {
+  for (int i = threadIdx.x; i < live; i += kWarps * 32) {
     float sum = partial[i];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     for (int rank = 1; rank < splits; ++rank) sum += cluster.map_shared_rank(partial, rank)[i];
 #endif
-    const int64_t row = m0 + i / kTileN;
-    const int col = nt * kTileN + i % kTileN;
-    if (row < p.m) {
-      if (bias != nullptr) sum += ToFloat(bias[col]);
-      out[row * p.n + col] = FromFloat<T>(sum);
-    }
+    const int64_t row = m0 + i / kCols;
+    const int col = nt0 * kTileN + i % kCols;
+    if (bias != nullptr) sum += ToFloat(bias[col]);
+    out[row * p.n + col] = FromFloat<T>(sum);
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (splits > 1) cluster.sync();
 #endif
 }
 
-template <typename T, MarlinType kType, int kMBlocks, bool kActOrder>
+// W [k, n] in T, rows in the layout's order (perm order under act-order), exactly the W the GEMM multiplies
+// by: the path for many rows dequantizes once and hands W to XLA's dot. One warp per 16 x 64 tile, staged in
+// shared memory so that rows leave as whole 128-byte lines.
+template <typename T, MarlinType kType, bool kActOrder>
+__global__ void __launch_bounds__(kWarps * 32) MarlinDequantizeKernel(MarlinParams p) {
+  constexpr int kVectors = kBitsOf<kType> / 4;
+  constexpr int kRow = kTileN + 8;  // a staged row, padded (elements)
+  __shared__ __align__(16) T staged[kWarps][kTileK][kRow];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nt = blockIdx.x;
+  const int kt = blockIdx.y * kWarps + warp;
+  if (kt >= p.k / kTileK) return;
+  const int words_per_tile = kTileK * kTileN * kBitsOf<kType> / 32;
+  const uint4* src = reinterpret_cast<const uint4*>(
+                         p.b_q + (static_cast<size_t>(kt) * (p.n / kTileN) + nt) * words_per_tile) + lane * kVectors;
+  uint4 codes[kVectors];
+#pragma unroll
+  for (int v = 0; v < kVectors; ++v) codes[v] = __ldcs(src + v);
+  int group[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    group[r] = kActOrder ? min(max(__ldg(p.g_idx + kt * kTileK + 2 * t + (r & 1) + 8 * (r >> 1)), 0), p.groups - 1)
+                         : kt * kTileK / (p.k / p.groups);
+  }
+  Factors<T> f;
+  TileFactors<T, kType, kActOrder>(static_cast<const T*>(p.scales) + static_cast<size_t>(nt) * kTileN, p.n,
+                                   p.zeros + nt * 8, p.n / 8, group, g, p.groups == 1, f);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    uint32_t b0, b1;
+    Dequantize<T, kType>(codes, j >> 1, j & 1, f.neg01[j], f.neg89[j], f.scale01[j], f.scale89[j], b0, b1);
+    const int col = 16 * (j >> 1) + 8 * (j & 1) + g;
+    const T2<T> v01 = AsPair<T>(b0), v89 = AsPair<T>(b1);
+    staged[warp][2 * t][col] = v01.x;
+    staged[warp][2 * t + 1][col] = v01.y;
+    staged[warp][2 * t + 8][col] = v89.x;
+    staged[warp][2 * t + 9][col] = v89.y;
+  }
+  __syncwarp();
+  T* out = static_cast<T*>(p.out) + static_cast<size_t>(kt) * kTileK * p.n + nt * kTileN;
+  for (int c = lane; c < kTileK * kTileN / 8; c += 32) {
+    const int r = c / (kTileN / 8), q = c % (kTileN / 8);
+    *reinterpret_cast<uint4*>(out + static_cast<size_t>(r) * p.n + q * 8) =
+        *reinterpret_cast<const uint4*>(&staged[warp][r][q * 8]);
+  }
+}
+
+template <typename T, MarlinType kType, int kMBlocks, int kTiles, bool kActOrder>
 cudaError_t Launch(const MarlinParams& p, int splits, cudaStream_t stream) {
-  auto kernel = MarlinGemmKernel<T, kType, kMBlocks, kActOrder>;
-  const int shared = kWarps * kMBlocks * 16 * kTileN * sizeof(float);
+  auto kernel = MarlinGemmKernel<T, kType, kMBlocks, kTiles, kActOrder>;
+  constexpr int kShared = Ring<kType, kMBlocks, kTiles, kActOrder>::kSharedBytes;
   static const cudaError_t configured =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared);
   if (configured != cudaSuccess) return configured;
   const int k_tiles = p.k / kTileK;
   const int per_split = (k_tiles + splits - 1) / splits;
-  const int64_t row_blocks = (p.m + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t row_blocks = (p.m + kMBlocks * 16 - 1) / (kMBlocks * 16);
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(row_blocks), p.n / kTileN, splits);
+  config.gridDim = dim3(static_cast<unsigned>(row_blocks), p.n / (kTiles * kTileN), splits);
   config.blockDim = dim3(kWarps * 32);
-  config.dynamicSmemBytes = shared;
+  config.dynamicSmemBytes = kShared;
   config.stream = stream;
   cudaLaunchAttribute cluster[1];
   cluster[0].id = cudaLaunchAttributeClusterDimension;
@@ -353,32 +504,74 @@ cudaError_t Launch(const MarlinParams& p, int splits, cudaStream_t stream) {
   return cudaLaunchKernelEx(&config, kernel, p, per_split);
 }
 
+// Rows per block and tiles per block: the accumulators (kMBlocks * kTiles * 32 floats per lane) stay at 128.
 template <typename T, MarlinType kType, bool kActOrder>
-cudaError_t DispatchRows(const MarlinParams& p, int splits, cudaStream_t stream) {
-  if (p.m <= 16) return Launch<T, kType, 1, kActOrder>(p, splits, stream);
-  if (p.m <= 32) return Launch<T, kType, 2, kActOrder>(p, splits, stream);
-  if (p.m <= 48) return Launch<T, kType, 3, kActOrder>(p, splits, stream);
-  return Launch<T, kType, 4, kActOrder>(p, splits, stream);
+cudaError_t DispatchShape(const MarlinParams& p, const MarlinPlan& plan, cudaStream_t stream) {
+  const int tiles = kActOrder ? 1 : plan.tiles_per_block;
+  if (p.m <= 16) {
+    if constexpr (!kActOrder) {
+      if (tiles == 4) return Launch<T, kType, 1, 4, false>(p, plan.splits, stream);
+      if (tiles == 2) return Launch<T, kType, 1, 2, false>(p, plan.splits, stream);
+    }
+    return Launch<T, kType, 1, 1, kActOrder>(p, plan.splits, stream);
+  }
+  if (p.m <= 32) {
+    if constexpr (!kActOrder) {
+      if (tiles >= 2) return Launch<T, kType, 2, 2, false>(p, plan.splits, stream);
+    }
+    return Launch<T, kType, 2, 1, kActOrder>(p, plan.splits, stream);
+  }
+  if (p.m <= 48) return Launch<T, kType, 3, 1, kActOrder>(p, plan.splits, stream);
+  return Launch<T, kType, 4, 1, kActOrder>(p, plan.splits, stream);
 }
 
 template <typename T, MarlinType kType>
-cudaError_t DispatchActOrder(const MarlinParams& p, int splits, cudaStream_t stream) {
+cudaError_t DispatchActOrder(const MarlinParams& p, const MarlinPlan& plan, cudaStream_t stream) {
   if constexpr (kType == MarlinType::kFp8E4M3) {
     if (p.g_idx != nullptr) return cudaErrorInvalidValue;  // vLLM has no act-order fp8 weights either
-    return DispatchRows<T, kType, false>(p, splits, stream);
+    return DispatchShape<T, kType, false>(p, plan, stream);
   } else {
-    if (p.g_idx != nullptr) return DispatchRows<T, kType, true>(p, splits, stream);
-    return DispatchRows<T, kType, false>(p, splits, stream);
+    if (p.g_idx != nullptr) return DispatchShape<T, kType, true>(p, plan, stream);
+    return DispatchShape<T, kType, false>(p, plan, stream);
   }
 }
 
 template <typename T>
-cudaError_t DispatchType(const MarlinParams& p, int splits, cudaStream_t stream) {
+cudaError_t DispatchType(const MarlinParams& p, const MarlinPlan& plan, cudaStream_t stream) {
   switch (p.weight) {
-    case MarlinType::kU4B8: return DispatchActOrder<T, MarlinType::kU4B8>(p, splits, stream);
-    case MarlinType::kU4: return DispatchActOrder<T, MarlinType::kU4>(p, splits, stream);
-    case MarlinType::kU8B128: return DispatchActOrder<T, MarlinType::kU8B128>(p, splits, stream);
-    case MarlinType::kFp8E4M3: return DispatchActOrder<T, MarlinType::kFp8E4M3>(p, splits, stream);
+    case MarlinType::kU4B8: return DispatchActOrder<T, MarlinType::kU4B8>(p, plan, stream);
+    case MarlinType::kU4: return DispatchActOrder<T, MarlinType::kU4>(p, plan, stream);
+    case MarlinType::kU8B128: return DispatchActOrder<T, MarlinType::kU8B128>(p, plan, stream);
+    case MarlinType::kFp8E4M3: return DispatchActOrder<T, MarlinType::kFp8E4M3>(p, plan, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, MarlinType kType, bool kActOrder>
+cudaError_t LaunchDequantize(const MarlinParams& p, cudaStream_t stream) {
+  const dim3 grid(p.n / kTileN, (p.k / kTileK + kWarps - 1) / kWarps);
+  MarlinDequantizeKernel<T, kType, kActOrder><<<grid, kWarps * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, MarlinType kType>
+cudaError_t DispatchDequantize(const MarlinParams& p, cudaStream_t stream) {
+  if constexpr (kType == MarlinType::kFp8E4M3) {
+    if (p.g_idx != nullptr) return cudaErrorInvalidValue;
+    return LaunchDequantize<T, kType, false>(p, stream);
+  } else {
+    if (p.g_idx != nullptr) return LaunchDequantize<T, kType, true>(p, stream);
+    return LaunchDequantize<T, kType, false>(p, stream);
+  }
+}
+
+template <typename T>
+cudaError_t DispatchDequantizeType(const MarlinParams& p, cudaStream_t stream) {
+  switch (p.weight) {
+    case MarlinType::kU4B8: return DispatchDequantize<T, MarlinType::kU4B8>(p, stream);
+    case MarlinType::kU4: return DispatchDequantize<T, MarlinType::kU4>(p, stream);
+    case MarlinType::kU8B128: return DispatchDequantize<T, MarlinType::kU8B128>(p, stream);
+    case MarlinType::kFp8E4M3: return DispatchDequantize<T, MarlinType::kFp8E4M3>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -387,28 +580,54 @@ cudaError_t DispatchType(const MarlinParams& p, int splits, cudaStream_t stream)
 
 int MarlinBits(MarlinType t) { return t == MarlinType::kU4B8 || t == MarlinType::kU4 ? 4 : 8; }
 
-int MarlinKSplits(int n, int k, int sm_count) {
-  // Enough blocks for two per SM, while each warp keeps at least 4 slabs of K (fewer and the cluster's
-  // reduction costs more than the parallelism gains).
+MarlinPlan PlanMarlin(int n, int k, int sm_count) {
+  // A block's work in 16 x 64 slabs of codes, plus a fixed cost (filling the ring, the reductions) worth
+  // about 24 slabs and 4 more per block of the cluster. The busiest SM sets the time; blocks are handed out
+  // evenly. Each warp keeps at least 2 slabs. Ties go to wider blocks (a's slab is read once per block).
   const int tiles = n / kTileN, k_tiles = k / kTileK;
-  int splits = 1;
-  while (splits < kMaxSplits && tiles * splits < 2 * sm_count && k_tiles / (2 * splits) >= 4 * kWarps) splits *= 2;
-  return splits;
+  MarlinPlan best;
+  int64_t best_cost = -1;
+  for (int per_block : {4, 2, 1}) {
+    if (tiles % per_block != 0) continue;
+    for (int splits = 1; splits <= kMaxSplits; ++splits) {
+      const int per_split = (k_tiles + splits - 1) / splits;
+      if (splits > 1 && per_split < 2 * kWarps) break;
+      const int64_t blocks = static_cast<int64_t>(tiles / per_block) * splits;
+      const int64_t cost = (blocks + sm_count - 1) / sm_count * (int64_t{per_split} * per_block + 24 + 4 * splits);
+      if (best_cost < 0 || cost < best_cost) {
+        best_cost = cost;
+        best = MarlinPlan{per_block, splits};
+      }
+    }
+  }
+  return best;
+}
+
+namespace {
+bool ValidShape(const MarlinParams& p) {
+  return p.k % kTileK == 0 && p.n % kTileN == 0 && p.groups >= 1 && (p.g_idx != nullptr || p.k % p.groups == 0) &&
+         (p.weight == MarlinType::kU4) == (p.zeros != nullptr);
+}
+}  // namespace
+
+cudaError_t LaunchMarlinDequantize(const MarlinParams& p, cudaStream_t stream) {
+  if (!ValidShape(p)) return cudaErrorInvalidValue;
+  if (p.type == FloatType::kF16) return DispatchDequantizeType<half>(p, stream);
+  if (p.type == FloatType::kBF16) return DispatchDequantizeType<__nv_bfloat16>(p, stream);
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t LaunchMarlinGemm(const MarlinParams& p, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
-  if (p.k % kTileK || p.n % kTileN || p.groups < 1 || (p.g_idx == nullptr && p.k % p.groups) ||
-      (p.weight == MarlinType::kU4) != (p.zeros != nullptr)) {
-    return cudaErrorInvalidValue;
-  }
+  if (!ValidShape(p)) return cudaErrorInvalidValue;
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  const int splits = major >= 9 ? MarlinKSplits(p.n, p.k, CachedSmCount(device)) : 1;
-  if (p.type == FloatType::kF16) return DispatchType<half>(p, splits, stream);
-  if (p.type == FloatType::kBF16) return DispatchType<__nv_bfloat16>(p, splits, stream);
+  MarlinPlan plan = PlanMarlin(p.n, p.k, CachedSmCount(device));
+  if (major < 9) plan.splits = 1;  // K splits meet in a cluster's shared memory
+  if (p.type == FloatType::kF16) return DispatchType<half>(p, plan, stream);
+  if (p.type == FloatType::kBF16) return DispatchType<__nv_bfloat16>(p, plan, stream);
   return cudaErrorInvalidValue;
 }
 

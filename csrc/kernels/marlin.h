@@ -26,9 +26,17 @@ struct MarlinParams {
 
 int MarlinBits(MarlinType t);
 
-// Blocks that share the K range of one 64-column tile: a function of n, k and the SM count only, so that a
-// row's result never depends on m.
-int MarlinKSplits(int n, int k, int sm_count);
+// How a launch cuts the output: 64-column tiles per block, and blocks that share a tile's K range (a
+// thread-block cluster). A function of n, k and the SM count only, so that a row's result never depends on m.
+struct MarlinPlan {
+  int tiles_per_block = 1;
+  int splits = 1;
+};
+MarlinPlan PlanMarlin(int n, int k, int sm_count);
+
+// out = W [k, n] (rows in the layout's order), dequantized exactly as LaunchMarlinGemm multiplies by it; a, m
+// and bias are not read.
+cudaError_t LaunchMarlinDequantize(const MarlinParams& p, cudaStream_t stream);
 
 // out = a @ W (+ bias), W dequantized in registers and rounded to the activations' type, float32 sums.
 // Needs sm_90 for K splits (their partial sums meet in a thread-block cluster's shared memory).

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq import formats
-from jaxq._op import Op, ShardingRule
+from jaxq._op import Op, ShardingRule, map_batching
 from jaxq.ops import _weight_only as wo
 
 TILE_K, TILE_N = 16, 64
@@ -312,53 +312,87 @@ def _unpack_operands(args, has_zeros, has_g_idx, has_bias):
     return a, b_q_weight, b_scales, zeros, g_idx, bias
 
 
-def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias):
-    a, b_q_weight, b_scales, zeros, g_idx, bias = _unpack_operands(args, has_zeros, has_g_idx, has_bias)
-    w = marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type, size_k=a.shape[1])
+def _product(a, w, bias):
     out = jnp.dot(a, w, preferred_element_type=jnp.float32)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
-    return (out.astype(a.dtype),)
+    return out.astype(a.dtype)
+
+
+def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias):
+    a, b_q_weight, b_scales, zeros, g_idx, bias = _unpack_operands(args, has_zeros, has_g_idx, has_bias)
+    return (_product(a, marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type, size_k=a.shape[1]),
+                     bias),)
 
 
 def _shapes(a, b_q_weight, b_scales, *rest, **params):
     return (jax.ShapeDtypeStruct((a.shape[0], b_scales.shape[1]), a.dtype),)
 
 
-def _sharding_rule(params, operand_shapes, result_shapes) -> ShardingRule:
-    """N splits in whole 64-column tiles (no communication); K in whole groups (partial sums, then psum); rows
-    freely. With act-order or one group, every shard of K needs all scales: they are not split."""
-    a_shape, q_shape, s_shape = operand_shapes[:3]
-    k, groups = a_shape[1], s_shape[0]
+def _weight_factors(params, k, groups):
+    """Factors of the weight operands (b_q_weight, b_scales, then b_zeros and g_idx when present), of K and N,
+    and the sizes of the minor ones: N splits in whole 64-column tiles, K in whole groups. With act-order or
+    one group, every shard of K needs all scales: they are not split."""
     bits = SCALAR_TYPES[params["b_q_type"]][0]
-    grouped = groups > 1 and not params["has_g_idx"]
     n_dims = ("nt", "c64")
-    if grouped:
+    if groups > 1 and not params["has_g_idx"]:
         k_dims, kt_dims, g_dims = ("kg", "gt", "r16"), ("kg", "gt"), ("kg",)
         sizes = {"gt": k // groups // TILE_K}
     else:
         k_dims, kt_dims, g_dims = ("kt", "r16"), ("kt",), ("sg",)
         sizes = {}
-    operands = [(("m",), k_dims), (kt_dims, ("nt", "tw")), (g_dims, n_dims)]
+    operands = [(kt_dims, ("nt", "tw")), (g_dims, n_dims)]
     if params["has_zeros"]:
         operands.append((g_dims, ("nt", "z8")))
     if params["has_g_idx"]:
         operands.append((k_dims,))
-    if params["has_bias"]:
-        operands.append((n_dims,))
-    return ShardingRule(
-        operands=tuple(operands),
-        results=((("m",), n_dims),),
-        factor_sizes={**sizes, "r16": TILE_K, "c64": TILE_N, "tw": TILE_K * TILE_N * bits // 32, "z8": 8},
-        reduction_factors=("kg", "kt"),
-        replicated_factors=("sg",),
-    )
+    sizes.update({"r16": TILE_K, "c64": TILE_N, "tw": TILE_K * TILE_N * bits // 32, "z8": 8})
+    return operands, k_dims, n_dims, sizes
+
+
+def _sharding_rule(params, operand_shapes, result_shapes) -> ShardingRule:
+    """The weight's factors (``_weight_factors``); K shards add partial sums (psum); rows split freely."""
+    a_shape, _, s_shape = operand_shapes[:3]
+    weight, k_dims, n_dims, sizes = _weight_factors(params, a_shape[1], s_shape[0])
+    operands = [(("m",), k_dims), *weight] + ([(n_dims,)] if params["has_bias"] else [])
+    return ShardingRule(operands=tuple(operands), results=((("m",), n_dims),), factor_sizes=sizes,
+                        reduction_factors=("kg", "kt"), replicated_factors=("sg",))
+
+
+def _dequantize_sharding_rule(params, operand_shapes, result_shapes) -> ShardingRule:
+    q_shape, s_shape = operand_shapes[:2]
+    weight, k_dims, n_dims, sizes = _weight_factors(params, q_shape[0] * TILE_K, s_shape[0])
+    return ShardingRule(operands=tuple(weight), results=((k_dims, n_dims),), factor_sizes=sizes,
+                        replicated_factors=("sg",))
+
+
+def _dequantize_reference(b_q_weight, b_scales, *rest, b_q_type, has_zeros, has_g_idx):
+    zeros = rest[0] if has_zeros else None
+    g_idx = rest[int(has_zeros)] if has_g_idx else None
+    return (marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type,
+                              size_k=b_q_weight.shape[0] * TILE_K),)
+
+
+# W [K, N] of a Marlin weight, as the GEMM kernel multiplies by it: marlin_gemm's path above the kernel's rows.
+_marlin_dequantize = Op(
+    "marlin_dequantize",
+    shapes=lambda b_q_weight, b_scales, *rest, **params: (
+        jax.ShapeDtypeStruct((b_q_weight.shape[0] * TILE_K, b_scales.shape[1]), b_scales.dtype),),
+    reference=_dequantize_reference,
+    sharding_rule=_dequantize_sharding_rule,
+    ffi_target="jaxq_marlin_dequantize",
+    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx: dict(
+        b_q_type=np.int32(_TYPE_IDS[b_q_type]), has_zeros=bool(has_zeros), has_g_idx=bool(has_g_idx)),
+    batching_rule=map_batching,
+    operand_names=("b_q_weight", "b_scales", "b_zeros", "g_idx"),
+)
 
 
 def _vjp(args, cotangents, *, b_q_type, has_zeros, has_g_idx, has_bias):
     a, b_q_weight, b_scales, zeros, g_idx, bias = _unpack_operands(args, has_zeros, has_g_idx, has_bias)
     (dy,) = cotangents
-    w = marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type, size_k=a.shape[1])
+    weight = [b_q_weight, b_scales] + [x for x in (zeros, g_idx) if x is not None]
+    w = _marlin_dequantize(*weight, b_q_type=b_q_type, has_zeros=has_zeros, has_g_idx=has_g_idx)[0]
     return (wo.dot_f32(dy.astype(a.dtype), w.T),) + (None,) * (len(args) - 1)
 
 
@@ -419,7 +453,8 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     Returns ``[..., N]`` in ``a``'s dtype. Up to ``MARLIN_KERNEL_MAX_M`` rows (all rows inside
     :func:`batch_invariant`) the CUDA kernel runs: deterministic, and a row's output is bit-identical in any
     batch, since every row is summed in the same order whatever M is (the K split depends on K, N and the GPU
-    only). Above that, dequantize + XLA's dot. Differentiable with respect to ``a`` only.
+    only). Above that, W is dequantized once (a CUDA kernel, bit-identical to the W the GEMM kernel uses) and
+    multiplied by XLA's dot. Differentiable with respect to ``a`` only.
     """
     fn = "marlin_gemm"
     if b_q_type not in SCALAR_TYPES:
@@ -483,7 +518,9 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     if use_kernel(rows.shape[0]):
         out = _marlin_gemm(*operands, **params)[0]
     else:
-        out = _reference(*operands, **params)[0]
+        w = _marlin_dequantize(*operands[1:3 + needs_zeros + act_order], b_q_type=b_q_type, has_zeros=needs_zeros,
+                               has_g_idx=act_order)[0]
+        out = _product(rows, w, b_bias)
     return out.reshape(*a.shape[:-1], n)
 
 
