@@ -427,6 +427,42 @@ def test_load_fp8_weight_only_written_from_the_format(tmp_path):
             np.testing.assert_array_equal(saved[key].view(np.uint8), value.view(np.uint8))
 
 
+def test_load_casts_float_scales_and_checks_g_idx(tmp_path):
+    """AutoGPTQ writes float16 scales, compressed-tensors bf16 ones for bf16 layers: a bfloat16 model loads them
+    (cast, as vLLM does); integer/float mix-ups and g_idx entries outside the groups stay errors naming the
+    tensor."""
+    rng = np.random.default_rng(6)
+    q = rng.integers(0, 16, (K, N))
+    scales = (rng.random((K // 128, N)) * 0.02 + 0.001).astype(np.float16)
+    g_idx = (np.arange(K) // 128).astype(np.int32)
+    tensors = {"proj.qweight": oracle.bitstream_pack(q, 4, 0),
+               "proj.qzeros": oracle.bitstream_pack(np.full((K // 128, N), 7), 4, 1), "proj.scales": scales,
+               "proj.g_idx": g_idx}
+    config = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
+    for backend in ("kernel", "marlin"):
+        layer = qnn.GPTQLinear(K, N, use_bias=False, backend=backend)  # bfloat16
+        qnn.load_quantized(_single_layer_model(layer), _write(tmp_path, tensors, config))
+        x = _x((2, K))
+        w = (q - 8) * scales.astype(ml_dtypes.bfloat16).astype(np.float32)[g_idx]
+        assert _rel(layer(x), np.asarray(x, np.float32) @ w) < 5e-3
+    for bad in (K // 128, -1):
+        corrupt = {**tensors, "proj.g_idx": g_idx.copy()}
+        corrupt["proj.g_idx"][5] = bad
+        with pytest.raises(ValueError, match=r"proj\.g_idx: entries must be groups in \[0, 2\); row 5"):
+            qnn.load_quantized(_single_layer_model(qnn.GPTQLinear(K, N, use_bias=False)), _write(tmp_path, corrupt, config))
+    with pytest.raises(TypeError, match=r"proj\.qzeros: expected dtype int32"):
+        qnn.load_quantized(_single_layer_model(qnn.GPTQLinear(K, N, use_bias=False)),
+                           _write(tmp_path, {**tensors, "proj.qzeros": np.zeros((K // 128, N // 8), np.float32)}, config))
+    codes = oracle.e4m3_encode(rng.standard_normal((N, K)) * 50).view(ml_dtypes.float8_e4m3fn)
+    ct = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}
+    bf16_scale = (rng.random((N, 1)) * 0.01 + 1e-3).astype(ml_dtypes.bfloat16)
+    layer = qnn.Fp8Linear(K, N, use_bias=False)
+    qnn.load_quantized(_single_layer_model(layer), _write(tmp_path, {"proj.weight": codes, "proj.weight_scale": bf16_scale}, ct))
+    np.testing.assert_array_equal(_np(layer.weight_scale), bf16_scale.astype(np.float32))
+
+
 def test_load_errors_name_the_tensor(tmp_path):
     rng = np.random.default_rng(0)
     config = {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}
@@ -436,7 +472,7 @@ def test_load_errors_name_the_tensor(tmp_path):
     cases = [
         ({k: v for k, v in good.items() if k != "proj.qzeros"}, config, KeyError, "proj.qzeros"),
         (good, {**config, "bits": 8}, ValueError, "bits"),
-        ({**good, "proj.scales": np.ones((2, N), np.float16)}, config, TypeError, "proj.scales.*bfloat16"),
+        ({**good, "proj.scales": np.ones((2, N), np.int32)}, config, TypeError, "proj.scales.*bfloat16"),
         ({**good, "proj.qweight": good["proj.qweight"][:128]}, config, ValueError, "proj.qweight.*shape"),
         (good, {**config, "group_size": 64}, ValueError, "group_size"),
         (good, {"quant_method": "gptq", "bits": 4}, ValueError, "quant_method"),

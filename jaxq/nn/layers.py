@@ -38,6 +38,7 @@ from jaxq.ops.group_quant import per_token_group_fp8_quant
 from jaxq.ops.scaled_mm import cutlass_azp_adj, cutlass_scaled_mm, cutlass_scaled_mm_azp
 
 COMPUTE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SCALE_DTYPES = COMPUTE_DTYPES + (jnp.dtype(jnp.float32),)  # float tensors a checkpoint may store in any of these
 FP8_MAX = 448.0
 BLOCK = 128  # fp8 block-wise weights: 128 x 128 blocks; activations: 1 x 128 groups
 _EPS = 1e-10  # floor of an amax, so all-zero rows and columns quantize to zeros instead of NaN
@@ -161,6 +162,10 @@ class QuantizedLinear(nnx.Module):
             raise ValueError(f"{label}: expected shape {spec.shape}; got {tuple(value.shape)}")
         if name == "bias":
             value = value.astype(self.dtype)
+        elif jnp.dtype(value.dtype) in SCALE_DTYPES and jnp.dtype(spec.dtype) in SCALE_DTYPES:
+            # Writers store scales in their own float type (AutoGPTQ/AutoAWQ float16, compressed-tensors the
+            # weight's dtype): cast, as vLLM does when it loads them.
+            value = value.astype(spec.dtype)
         elif jnp.dtype(value.dtype) != jnp.dtype(spec.dtype):
             raise TypeError(f"{label}: expected dtype {jnp.dtype(spec.dtype).name}; got {jnp.dtype(value.dtype).name}")
         return value, spec
@@ -414,6 +419,11 @@ class GPTQLinear(QuantizedLinear):
         specs = self.checkpoint_specs()
         g_idx = jnp.asarray(g_idx)
         self.assign("g_idx", g_idx, what=names.get("g_idx"))
+        groups = self.in_features // self.group_size
+        bad = np.flatnonzero((np.asarray(g_idx) < 0) | (np.asarray(g_idx) >= groups))
+        if bad.size:
+            raise ValueError(f"{names.get('g_idx', type(self).__name__ + '.g_idx')}: entries must be groups in "
+                             f"[0, {groups}); row {bad[0]} has {int(np.asarray(g_idx)[bad[0]])} ({bad.size} such rows)")
         perm = _argsort(g_idx).astype(jnp.int32) if self.act_order else jnp.zeros((0,), jnp.int32)
         self.assign("perm", perm)
         qweight, _ = self._checked("qweight", qweight, names.get("qweight"), specs["qweight"])  # before the repack
