@@ -123,12 +123,22 @@ def test_layer_matches_oracle_and_float_layer(name):
     assert _rel(y, linear(x)) < LAYERS[name][2]
 
 
-@pytest.mark.parametrize("name", ["awq", "gptq4", "fp8", "int8_azp"])
-def test_layer_keeps_the_input_dtype_and_takes_m1(name):
-    layer = _layer(name, bias=False)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_returns_the_dtype_of_the_linear_it_replaces_and_takes_m1(name):
+    """nnx.Linear's rule: its dtype whatever the input's; without one, the input promoted with param_dtype.
+    A layer built directly keeps the input's dtype."""
+    cls, options, _ = LAYERS[name]
+    typed = _linear(bias=False)  # dtype=bfloat16
+    untyped = nnx.Linear(K, N, use_bias=False, rngs=nnx.Rngs(0))  # dtype None, float32 parameters
+    layer, promoted = cls.from_linear(typed, **options), cls.from_linear(untyped, **options)
     for dtype in (jnp.float32, jnp.float16, jnp.bfloat16):
-        y = layer(_x((1, K), dtype=dtype))
-        assert y.dtype == dtype and y.shape == (1, N)
+        x = _x((1, K), dtype=dtype)
+        y = layer(x)
+        assert y.dtype == typed(x).dtype == jnp.bfloat16 and y.shape == (1, N)
+        assert promoted(x).dtype == untyped(x).dtype
+    direct = qnn.Int8Linear(K, N, use_bias=False)
+    assert direct(_x((1, K), dtype=jnp.float16)).dtype == jnp.float16
+    layer = _layer(name, bias=False)
     assert layer.bias is None
     x = _x((1, K))
     assert _rel(layer(x), oracle_output(layer, x)) < 5e-3

@@ -1,9 +1,11 @@
 """Quantized drop-in replacements for ``flax.nnx.Linear``.
 
 Each layer is called like ``nnx.Linear`` (``layer(x)`` with ``x [..., in_features]``, optional
-``out_sharding``) and returns ``[..., out_features]`` in x's dtype. The arithmetic runs in the layer's
+``out_sharding``) and returns ``[..., out_features]`` in the dtype ``nnx.Linear`` would: ``out_dtype`` when
+given (``from_linear`` passes the linear's ``dtype``), else x's (promoted with the linear's ``param_dtype``
+when it was made ``from_linear`` of a linear without a ``dtype``). The arithmetic runs in the layer's
 ``dtype`` (float16 or bfloat16, the dtype of its scales and of its bias): other input dtypes are cast to it
-on the way in and the result is cast back.
+on the way in and the result is cast to the output's.
 
 Quantized tensors are :class:`QuantizedWeight` variables, not ``nnx.Param``: ``nnx.grad`` and optimizers
 that follow ``nnx.Param`` leave them alone, while gradients reach the input and the float parameters next
@@ -117,7 +119,7 @@ class QuantizedLinear(nnx.Module):
     A layer class defines ``tensor_specs() -> {name: Tensor}`` (its quantized tensors) and
     ``_matmul(rows [M, in] in dtype, bias [out] or None) -> [M, out]``."""
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, kernel_axes):
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, kernel_axes, out_dtype=None):
         name = type(self).__name__
         _check_features(name, "in_features", in_features)
         _check_features(name, "out_features", out_features)
@@ -126,6 +128,10 @@ class QuantizedLinear(nnx.Module):
         self.in_features, self.out_features, self.use_bias = int(in_features), int(out_features), bool(use_bias)
         self.dtype = _compute_dtype(name, dtype)
         self.kernel_axes = None if kernel_axes is None else tuple(kernel_axes)
+        # The output's dtype: out_dtype, or the input's promoted with promote_dtype (None: the input's). from_linear
+        # copies nnx.Linear's rule: its dtype when set, else the input's promoted with its param_dtype.
+        self.out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
+        self.promote_dtype = None
         for tensor_name, spec in self.tensor_specs().items():
             setattr(self, tensor_name, annotated(QuantizedWeight, jnp.zeros(spec.shape, spec.dtype),
                                                  self._axes(spec.layout)))
@@ -178,7 +184,9 @@ class QuantizedLinear(nnx.Module):
             raise ValueError(f"{name}: inputs {tuple(inputs.shape)} must end in in_features={self.in_features}")
         rows = inputs.reshape(-1, self.in_features).astype(self.dtype)
         bias = self.bias[...] if self.bias is not None else None
-        out = self._matmul(rows, bias).reshape(*inputs.shape[:-1], self.out_features).astype(inputs.dtype)
+        out_dtype = self.out_dtype or (inputs.dtype if self.promote_dtype is None
+                                       else jnp.promote_types(inputs.dtype, self.promote_dtype))
+        out = self._matmul(rows, bias).reshape(*inputs.shape[:-1], self.out_features).astype(out_dtype)
         if out_sharding is not None:
             out = jax.lax.with_sharding_constraint(out, out_sharding)
         return out
@@ -193,7 +201,14 @@ class QuantizedLinear(nnx.Module):
         bias = linear.bias[...] if linear.bias is not None else None
         dtype = linear.dtype if linear.dtype is not None and jnp.dtype(linear.dtype) in COMPUTE_DTYPES else jnp.bfloat16
         return kernel, bias, dict(in_features=linear.in_features, out_features=linear.out_features,
-                                  use_bias=bias is not None, dtype=dtype, kernel_axes=sharding_axes(linear.kernel))
+                                  use_bias=bias is not None, dtype=dtype, kernel_axes=sharding_axes(linear.kernel),
+                                  out_dtype=linear.dtype)
+
+    def _follow_promotion(self, linear):
+        """After from_linear: an nnx.Linear without a dtype returns its input promoted with its param_dtype."""
+        if linear.dtype is None:
+            self.promote_dtype = jnp.dtype(linear.param_dtype)
+        return self
 
     def checkpoint_specs(self) -> dict[str, Tensor]:
         """The tensors a checkpoint of this layer holds (by default the ones it stores)."""
@@ -251,7 +266,7 @@ class AWQLinear(QuantizedLinear):
     """
 
     def __init__(self, in_features: int, out_features: int, *, group_size: int = 128, use_bias: bool = True,
-                 dtype=jnp.bfloat16, kernel_axes=None, backend: str = "kernel"):
+                 dtype=jnp.bfloat16, kernel_axes=None, backend: str = "kernel", out_dtype=None):
         name = type(self).__name__
         _check_backend(name, backend)
         _check_features(name, "out_features", out_features, 8)
@@ -259,7 +274,8 @@ class AWQLinear(QuantizedLinear):
         if backend == "marlin":
             _check_marlin_shape(name, in_features, out_features, self.group_size)
         self.backend = backend
-        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes,
+                         out_dtype=out_dtype)
 
     def checkpoint_specs(self):
         """AutoAWQ's tensors."""
@@ -315,7 +331,7 @@ class AWQLinear(QuantizedLinear):
         layer = cls(**args, group_size=group_size, backend=backend)
         qweight, scales, qzeros = _quantize_awq(kernel.astype(layer.dtype), layer.group_size)
         layer.set_checkpoint_tensors(qweight, qzeros, scales)
-        return layer._fill({}, bias)
+        return layer._fill({}, bias)._follow_promotion(linear)
 
 
 class GPTQLinear(QuantizedLinear):
@@ -341,7 +357,8 @@ class GPTQLinear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, *, bits: int = 4, group_size: int = 128,
                  act_order: bool = False, v2_format: bool = False, symmetric: bool = True, use_bias: bool = True,
-                 dtype=jnp.bfloat16, kernel_axes=None, checkpoint_format: str = "gptq", backend: str = "kernel"):
+                 dtype=jnp.bfloat16, kernel_axes=None, checkpoint_format: str = "gptq", backend: str = "kernel",
+                 out_dtype=None):
         name = type(self).__name__
         _check_backend(name, backend)
         if bits not in formats.GPTQ_BITS:
@@ -361,7 +378,8 @@ class GPTQLinear(QuantizedLinear):
         if backend == "marlin":
             _check_marlin_shape(name, in_features, out_features, self.group_size)
             self._check_marlin_weights(self.bits, self.symmetric)
-        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes,
+                         out_dtype=out_dtype)
 
     def _check_marlin_weights(self, bits: int, symmetric: bool):
         if bits not in (4, 8) or not symmetric:
@@ -480,7 +498,7 @@ class GPTQLinear(QuantizedLinear):
             kernel.astype(layer.dtype), bits, layer.group_size, symmetric=symmetric,
             act_order=None if act_order is None else jnp.asarray(act_order), v2_format=v2_format)
         layer.set_checkpoint_tensors(qweight, qzeros, scales, g_idx)
-        return layer._fill({}, bias)
+        return layer._fill({}, bias)._follow_promotion(linear)
 
 
 # ------------------------------------------------------------------------------------------------ W8A8
@@ -548,14 +566,15 @@ class Fp8Linear(QuantizedLinear):
     """
 
     def __init__(self, in_features: int, out_features: int, *, block: bool = False, weight_only: bool = False,
-                 use_bias: bool = True, dtype=jnp.bfloat16, kernel_axes=None):
+                 use_bias: bool = True, dtype=jnp.bfloat16, kernel_axes=None, out_dtype=None):
         name = type(self).__name__
         _check_features(name, "in_features", in_features, BLOCK if block else 16)
         _check_features(name, "out_features", out_features, 16)
         self.block, self.weight_only = bool(block), bool(weight_only)
         if self.weight_only:
             _check_marlin_shape(name, in_features, out_features, BLOCK if block else in_features)
-        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes,
+                         out_dtype=out_dtype)
 
     @property
     def _scale_name(self) -> str:
@@ -625,7 +644,7 @@ class Fp8Linear(QuantizedLinear):
         layer = cls(**args, block=block, weight_only=weight_only)
         weight, scale = (_fp8_blocks if block else _fp8_channels)(kernel)
         layer.set_checkpoint_tensors(**{"weight": weight, layer._scale_name: scale})
-        return layer._fill({}, bias)
+        return layer._fill({}, bias)._follow_promotion(linear)
 
 
 _marlin_fp8_repack = jax.jit(marlin.marlin_fp8_repack)
@@ -694,12 +713,13 @@ class Int8Linear(QuantizedLinear):
     """
 
     def __init__(self, in_features: int, out_features: int, *, azp: bool = False, use_bias: bool = True,
-                 dtype=jnp.bfloat16, kernel_axes=None):
+                 dtype=jnp.bfloat16, kernel_axes=None, out_dtype=None):
         name = type(self).__name__
         _check_features(name, "in_features", in_features, 16)
         _check_features(name, "out_features", out_features, 16)
         self.azp = bool(azp)
-        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes,
+                         out_dtype=out_dtype)
 
     def tensor_specs(self):
         k, n = self.in_features, self.out_features
@@ -735,4 +755,4 @@ class Int8Linear(QuantizedLinear):
         args["dtype"] = args["dtype"] if dtype is None else dtype
         layer = cls(**args, azp=azp)
         layer.set_weight(*_int8_channels(kernel))
-        return layer._fill({}, bias)
+        return layer._fill({}, bias)._follow_promotion(linear)
