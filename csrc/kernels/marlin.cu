@@ -16,6 +16,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/device_utils.cuh"
@@ -625,6 +627,15 @@ cudaError_t LaunchMarlinGemm(const MarlinParams& p, cudaStream_t stream) {
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   MarlinPlan plan = PlanMarlin(p.n, p.k, CachedSmCount(device));
+  // Tuning only (tools/marlin_plan_sweep.py times plans side by side): JAXQ_MARLIN_PLAN="tiles,splits"
+  // replaces the plan where it fits this weight.
+  if (const char* forced = std::getenv("JAXQ_MARLIN_PLAN")) {
+    int tiles = 0, splits = 0;
+    if (std::sscanf(forced, "%d,%d", &tiles, &splits) == 2 && (tiles == 1 || tiles == 2 || tiles == 4) &&
+        (p.n / kTileN) % tiles == 0 && splits >= 1 && splits <= kMaxSplits && splits <= p.k / kTileK) {
+      plan = MarlinPlan{tiles, splits};
+    }
+  }
   if (major < 9) plan.splits = 1;  // K splits meet in a cluster's shared memory
   if (p.type == FloatType::kF16) return DispatchType<half>(p, plan, stream);
   if (p.type == FloatType::kBF16) return DispatchType<__nv_bfloat16>(p, plan, stream);
