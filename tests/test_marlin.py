@@ -312,9 +312,10 @@ GPU_CASES = CASES + [("uint4", 128, False), ("float8_e4m3fn", 128, False)]
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_matches_reference_on_gpu(q_type, group_size, act_order, dtype):
     rng = np.random.default_rng()
-    # Small and tall weights (K split over a cluster), wide ones: on 132 SMs (the H200) 1 column tile per block
-    # with a 2-way split, 4 tiles per block in a 3-way split, 2 tiles in a 3-way split. Rows in every bucket
-    # (1-16, 17-32 with at most 2 tiles per block, 33-48, 49-64, then 64-row blocks) and tail.
+    # Small and tall weights (K split over a cluster) and wide ones: on 132 SMs (the H200) PlanMarlin gives them
+    # 1 or 2 column tiles per block and 2-, 3-, 7- and 8-way K splits (the 4-tile blocks run in the bench's
+    # shapes; JAXQ_MARLIN_PLAN forces any plan). Rows in every bucket (1-16, 17-32 with at most 2 tiles per
+    # block, 33-48, 49-64, then 64-row blocks) and tail.
     shapes = (((256, 192), (1, 33, 130)), ((4096, 128), (7, 64)), ((1024, 4096), (16, 65)), ((512, 8704), (1, 20)),
               ((512, 4352), (16, 40)))
     for (k, n), rows in shapes:

@@ -583,26 +583,26 @@ cudaError_t DispatchDequantizeType(const MarlinParams& p, cudaStream_t stream) {
 int MarlinBits(MarlinType t) { return t == MarlinType::kU4B8 || t == MarlinType::kU4 ? 4 : 8; }
 
 MarlinPlan PlanMarlin(int n, int k, int sm_count) {
-  // A block's work in 16 x 64 slabs of codes, plus a fixed cost (filling the ring, the reductions) worth
-  // about 24 slabs and 4 more per block of the cluster. The busiest SM sets the time; blocks are handed out
-  // evenly. Each warp keeps at least 2 slabs. Ties go to wider blocks (a's slab is read once per block).
+  // Measured on the H200 (tools/marlin_plan_sweep.py, benchmarks/RESULTS.md): the kernel wants about 1.5 blocks
+  // per SM or more, and then as few blocks per tile as get there: the widest blocks (a's slab read once for
+  // more columns), then the fewest K splits. A weight too small to give that many blocks takes the most it can.
   const int tiles = n / kTileN, k_tiles = k / kTileK;
-  MarlinPlan best;
-  int64_t best_cost = -1;
+  const int64_t wanted = (3 * int64_t{sm_count} + 1) / 2;
+  MarlinPlan most{1, 1};
+  int64_t most_blocks = tiles;
   for (int per_block : {4, 2, 1}) {
     if (tiles % per_block != 0) continue;
     for (int splits = 1; splits <= kMaxSplits; ++splits) {
-      const int per_split = (k_tiles + splits - 1) / splits;
-      if (splits > 1 && per_split < 2 * kWarps) break;
-      const int64_t blocks = static_cast<int64_t>(tiles / per_block) * splits;
-      const int64_t cost = (blocks + sm_count - 1) / sm_count * (int64_t{per_split} * per_block + 24 + 4 * splits);
-      if (best_cost < 0 || cost < best_cost) {
-        best_cost = cost;
-        best = MarlinPlan{per_block, splits};
+      if (splits > 1 && (k_tiles + splits - 1) / splits < 2 * kWarps) break;  // each warp keeps 2 slabs
+      const int64_t blocks = int64_t{tiles / per_block} * splits;
+      if (blocks >= wanted) return MarlinPlan{per_block, splits};
+      if (blocks > most_blocks) {
+        most_blocks = blocks;
+        most = MarlinPlan{per_block, splits};
       }
     }
   }
-  return best;
+  return most;
 }
 
 namespace {
