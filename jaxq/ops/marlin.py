@@ -51,10 +51,11 @@ SCALAR_TYPES = {  # name -> (bits, subtracted bias or None, has zero points)
 _TYPE_IDS = {"uint4b8": 0, "uint4": 1, "uint8b128": 2, "float8_e4m3fn": 3}
 FP8_EXPONENT_BIAS = {jnp.dtype(jnp.bfloat16): 120, jnp.dtype(jnp.float16): 8}
 
-# Rows of ``a`` up to which marlin_gemm runs its kernel; above, dequantize + XLA's dot. Measured on the H200
-# (benchmarks/RESULTS.md, 2026-12-03) the kernel was faster at every M up to 256 (1.3 ms against the jnp
-# dequantization's 6.5 ms at K8192 N28672) and grows about 5 µs per row there, so the crossover is near 1300 rows.
-# Inside the kernel's range a row's result never depends on the batch.
+# Rows of ``a`` up to which marlin_gemm runs its kernel; above, the dequantize kernel + XLA's dot. Inside the
+# kernel's range a row's result never depends on the batch. Measured on the H200 (benchmarks/RESULTS.md,
+# 2026-12-03): the kernel grows about 2.8 µs per row at K8192 N28672 (362 µs at M128, 710 µs at M256); the
+# dequantize kernel's path was not timed yet, so the crossover is still to place (its floor is writing and
+# reading the 470 MB bf16 weight, ~0.2 ms, plus the dot).
 MARLIN_KERNEL_MAX_M = 1024
 
 _batch_invariant = contextvars.ContextVar("jaxq_batch_invariant", default=False)
