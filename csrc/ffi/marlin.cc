@@ -15,10 +15,15 @@ namespace jaxq {
 namespace {
 
 // Fills p's weight fields from b_q [k / 16, n * 16 * bits / 32], scales [groups, n] (of `type`) and the
-// optional zero points and g_idx at the front of `optional`; `next` moves past them.
-ffi::Error BindWeight(MarlinParams& p, int32_t b_q_type, ffi::DataType type, ffi::AnyBuffer b_q,
+// optional zero points and g_idx at the front of `optional` (followed by `more` operands of op `op`); `next`
+// moves past them.
+ffi::Error BindWeight(MarlinParams& p, const char* op, int32_t b_q_type, ffi::DataType type, ffi::AnyBuffer b_q,
                       ffi::AnyBuffer scales, ffi::RemainingArgs& optional, size_t& next, bool has_zeros,
-                      bool has_g_idx) {
+                      bool has_g_idx, int more) {
+  if (optional.size() != static_cast<size_t>(has_zeros + has_g_idx + more)) {
+    return ffi::Error::InvalidArgument(std::string("jaxq: ") + op + " got " + std::to_string(optional.size()) +
+                                       " optional operands; its attributes name another number");
+  }
   if (b_q_type < 0 || b_q_type > 3) return ffi::Error::InvalidArgument("jaxq: unknown Marlin weight type");
   p.weight = static_cast<MarlinType>(b_q_type);
   const auto float_type = ToFloatType(type);
@@ -65,12 +70,9 @@ ffi::Error MarlinGemm(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b_q,
                       ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> out, int32_t b_q_type,
                       bool has_zeros, bool has_g_idx, bool has_bias) {
   MarlinParams p;
-  if (optional.size() != static_cast<size_t>(has_zeros + has_g_idx + has_bias)) {
-    return ffi::Error::InvalidArgument("jaxq: marlin_gemm got " + std::to_string(optional.size()) +
-                                       " optional operands; its attributes name another number");
-  }
   size_t next = 0;
-  if (auto err = BindWeight(p, b_q_type, a.element_type(), b_q, scales, optional, next, has_zeros, has_g_idx);
+  if (auto err = BindWeight(p, "marlin_gemm", b_q_type, a.element_type(), b_q, scales, optional, next, has_zeros,
+                            has_g_idx, has_bias);
       err.failure()) {
     return err;
   }
@@ -96,12 +98,9 @@ ffi::Error MarlinDequantize(cudaStream_t stream, ffi::AnyBuffer b_q, ffi::AnyBuf
                             ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> out, int32_t b_q_type,
                             bool has_zeros, bool has_g_idx) {
   MarlinParams p;
-  if (optional.size() != static_cast<size_t>(has_zeros + has_g_idx)) {
-    return ffi::Error::InvalidArgument("jaxq: marlin_dequantize got " + std::to_string(optional.size()) +
-                                       " optional operands; its attributes name another number");
-  }
   size_t next = 0;
-  if (auto err = BindWeight(p, b_q_type, scales.element_type(), b_q, scales, optional, next, has_zeros, has_g_idx);
+  if (auto err = BindWeight(p, "marlin_dequantize", b_q_type, scales.element_type(), b_q, scales, optional, next,
+                            has_zeros, has_g_idx, 0);
       err.failure()) {
     return err;
   }
