@@ -338,11 +338,11 @@ def _marlin_weight(q_type: str, k: int, n: int, i: int, group_size: int = 128, d
     return q.view(jnp.int32), scales, zeros
 
 
-def run_marlin(peer_times: dict, copy: float) -> list[dict]:
+def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list[dict]:
     """marlin_gemm per type and shape: its kernel's time and share of the copy bandwidth (weight bytes over
     time), against XLA's bf16 dot on a [N, K] weight, the original Marlin kernel (float16; `peer_times` from
     jaxq.bench_torch) and, for 4-bit, jaxq's gptq_gemm; at M >= 128 also its dequantize + dot path, to place
-    the crossover."""
+    the crossover; up to 8 rows also the kernel under batch_invariant(), what that mode costs."""
     from jaxq.ops import marlin
 
     out = []
@@ -357,12 +357,16 @@ def run_marlin(peer_times: dict, copy: float) -> list[dict]:
         def ours(x, q, s, z, q_type=q_type):
             return jaxq.marlin_gemm(x, q, s, b_q_type=q_type, b_zeros=z)
 
-        def kernel(*args):
+        def kernel(*args):  # the kernel at every M: above its default rows only batch_invariant() runs it
+            with marlin.batch_invariant(args[0].shape[0] > marlin.MARLIN_KERNEL_MAX_M):
+                return ours(*args)
+
+        def invariant(*args):
             with marlin.batch_invariant():
                 return ours(*args)
 
         gptq = WeightCase("gptq", 4, k, n)
-        for m in MARLIN_ROWS:
+        for m in rows:
             def make_input(i, m=m, k=k, dtype=dtype):
                 x = jax.random.normal(jax.random.key(i), (m, k), jnp.float32).astype(dtype)
                 return (x, *make_weight(i))
@@ -370,6 +374,8 @@ def run_marlin(peer_times: dict, copy: float) -> list[dict]:
             row = dict(op="marlin_gemm", variant=f"{q_type} G128 {dtype_name}", shape=f"M{m} K{k} N{n}")
             t = _time_per_call(kernel, make_input, moved)
             row.update(us=t * 1e6, pct_copy=100 * moved / t / copy, tflops=2 * m * k * n / t / 1e12)
+            if m <= 8:
+                row["invariant_us"] = _time_per_call(invariant, make_input, moved) * 1e6
             peer = peer_times.get(f"marlin-ist {m} {k} {n}") if q_type == "uint4b8" else None
             if peer:
                 row.update(peer_us=peer * 1e6, vs_peer=peer / t)
@@ -393,7 +399,8 @@ def run_marlin(peer_times: dict, copy: float) -> list[dict]:
                        ("TFLOP/s", "tflops", "{:.0f}"), ("bf16 dot µs", "bf16_dot_us", "{:.1f}"),
                        ("speed-up vs bf16 dot", "vs_bf16", "{:.2f}x"), ("gptq_gemm µs", "gptq_us", "{:.1f}"),
                        ("vs gptq_gemm", "vs_gptq", "{:.2f}x"), ("Marlin (IST, fp16) µs", "peer_us", "{:.1f}"),
-                       ("vs Marlin", "vs_peer", "{:.2f}x"), ("dequant+dot µs", "dequant_dot_us", "{:.1f}")])
+                       ("vs Marlin", "vs_peer", "{:.2f}x"), ("dequant+dot µs", "dequant_dot_us", "{:.1f}"),
+                       ("batch_invariant µs", "invariant_us", "{:.1f}")])
     return out
 
 
@@ -592,6 +599,7 @@ def main(argv=None):
     parser.add_argument("--gemm-rows", default="1,16,4096", help="comma-separated M values (weight-only GEMMs)")
     parser.add_argument("--sweep", default="16,32,48,64,128", help="M values to time kernel vs dequantize + dot")
     parser.add_argument("--splits", default="", help="K splits to time awq_gemm's kernel with (tuning)")
+    parser.add_argument("--marlin-rows", default=",".join(map(str, MARLIN_ROWS)), help="M values (marlin_gemm)")
     parser.add_argument("--quick", action="store_true", help="one small shape per op (smoke run)")
     args = parser.parse_args(argv)
     ops = {o.strip() for o in args.ops.split(",") if o.strip()} or None
@@ -599,7 +607,9 @@ def main(argv=None):
     gemm_ops = WEIGHT_ONLY_OPS | SCALED_MM_OPS | DECODER_LAYER_OPS | {"marlin_gemm"}
     # torch's times first: its child process must find the GPU's memory before JAX takes it.
     peer_cases = list(SCALED_MM_CASES) if ops is None or ops & SCALED_MM_OPS else []
-    peer_cases += MARLIN_PEER_CASES if ops is None or "marlin_gemm" in ops else []
+    marlin_rows = tuple(int(m) for m in args.marlin_rows.split(","))
+    if ops is None or "marlin_gemm" in ops:
+        peer_cases += [case for case in MARLIN_PEER_CASES if case[1] in marlin_rows]
     torch_times = _torch_peer(peer_cases) if not args.quick and peer_cases else {}
     if ops is None or ops - gemm_ops:
         run(ops - gemm_ops if ops else None, token_counts, hidden, args.quick)
@@ -611,7 +621,7 @@ def main(argv=None):
         run_weight_only(ops & WEIGHT_ONLY_OPS if ops else WEIGHT_ONLY_OPS, [int(m) for m in args.gemm_rows.split(",")],
                         [int(m) for m in args.sweep.split(",")], copy, [int(v) for v in args.splits.split(",") if v])
     if not args.quick and (ops is None or "marlin_gemm" in ops):
-        run_marlin(torch_times, copy)
+        run_marlin(torch_times, copy, marlin_rows)
     if not args.quick and (ops is None or ops & SCALED_MM_OPS):
         run_scaled_mm(torch_times, copy)
     if not args.quick and (ops is None or ops & DECODER_LAYER_OPS):

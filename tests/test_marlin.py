@@ -314,23 +314,26 @@ def test_kernel_matches_reference_on_gpu(q_type, group_size, act_order, dtype):
     rng = np.random.default_rng()
     # Small and tall weights (K split over a cluster) and wide ones: on 132 SMs (the H200) PlanMarlin gives them
     # 1 or 2 column tiles per block and 2-, 3-, 7- and 8-way K splits (the 4-tile blocks run in the bench's
-    # shapes; JAXQ_MARLIN_PLAN forces any plan). Rows in every bucket (1-16, 17-32 with at most 2 tiles per
-    # block, 33-48, 49-64, then 64-row blocks) and tail.
+    # shapes; JAXQ_MARLIN_PLAN forces any plan). Rows in every bucket (1-8 with the group scales folded in float32,
+    # and as batch_invariant() runs them; 9-16, 17-32 with at most 2 tiles per block, 33-48, then 64-row blocks)
+    # and tail.
     shapes = (((256, 192), (1, 33, 130)), ((4096, 128), (7, 64)), ((1024, 4096), (16, 65)), ((512, 8704), (1, 20)),
-              ((512, 4352), (16, 40)))
+              ((512, 4352), (16, 40)), ((1024, 512), (9, 8)))
     for (k, n), rows in shapes:
         w = Weight(rng, q_type, k, n, group_size, dtype, act_order)
         for m in rows:
             a = random_a(rng, (m, k), dtype)
             bias = random_a(rng, (n,), dtype) if m % 2 else None
-            with jaxq.batch_invariant():
-                got = jax.jit(lambda a, b: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_bias=b, **w.kwargs()))(
-                    a, bias)
             want = marlin._reference(*_operands(w, a, bias), **_params(w, bias))[0]
-            err = rel_l2(got, want)
-            assert np.isfinite(np.asarray(got, np.float32)).all(), (k, n, m)
-            assert err < GEMM_TOLERANCE[dtype], (k, n, m, err)
-            assert rel_l2(got, w.oracle_gemm(np.asarray(a, np.float64), bias)) < GEMM_TOLERANCE[dtype]
+            oracle = w.oracle_gemm(np.asarray(a, np.float64), bias)
+            for invariant in (False, True) if m <= 8 else (True,):
+                with jaxq.batch_invariant(invariant):
+                    got = jax.jit(lambda a, b: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_bias=b,
+                                                                  **w.kwargs()))(a, bias)
+                err = rel_l2(got, want)
+                assert np.isfinite(np.asarray(got, np.float32)).all(), (k, n, m, invariant)
+                assert err < GEMM_TOLERANCE[dtype], (k, n, m, invariant, err)
+                assert rel_l2(got, oracle) < GEMM_TOLERANCE[dtype], (k, n, m, invariant)
 
 
 @pytest.mark.gpu
@@ -341,7 +344,7 @@ def test_dequantize_kernel_is_the_reference_bit_for_bit_on_gpu(q_type, group_siz
     rng = np.random.default_rng()
     w = Weight(rng, q_type, 512, 192, group_size, dtype, act_order)
     weight = _operands(w, jnp.zeros((1, 512), dtype), None)[1:]
-    params = {key: value for key, value in _params(w, None).items() if key != "has_bias"}
+    params = {key: value for key, value in _params(w, None).items() if key not in ("has_bias", "batch_invariant")}
     got = jax.jit(lambda *o: marlin._marlin_dequantize(*o, **params)[0])(*weight)
     cpu = jax.devices("cpu")[0]
     want = jax.jit(lambda *o: marlin._dequantize_reference(*o, **params)[0])(*[jax.device_put(x, cpu) for x in weight])
@@ -360,7 +363,7 @@ def _operands(w, a, bias):
 
 def _params(w, bias):
     return dict(b_q_type=w.q_type, has_zeros=w.b_zeros is not None, has_g_idx=w.g_idx is not None,
-                has_bias=bias is not None)
+                has_bias=bias is not None, batch_invariant=False)
 
 
 @pytest.mark.gpu
@@ -369,12 +372,22 @@ def test_kernel_rows_are_batch_invariant_on_gpu(q_type):
     rng = np.random.default_rng()
     w = Weight(rng, q_type, 4096, 1024, 128, jnp.bfloat16)
     a = random_a(rng, (200, 4096), jnp.bfloat16)
+    # The mode is read at trace time: each mode its own jitted function (jit's cache does not know the mode).
     f = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))
     with jaxq.batch_invariant():
         full = np.asarray(f(a)).view(np.uint16)
         for m in (1, 3, 16, 64, 65, 128):
             np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
         np.testing.assert_array_equal(np.asarray(f(a[5:6])).view(np.uint16), full[5:6])
+    # By default rows 1-8 share one kernel (scales folded in float32) and 9-1024 another.
+    f = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))
+    small = np.asarray(f(a[:8])).view(np.uint16)
+    for m in (1, 3):
+        np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), small[:m])
+    np.testing.assert_array_equal(np.asarray(f(a[5:6])).view(np.uint16), small[5:6])
+    np.testing.assert_array_equal(np.asarray(f(a)).view(np.uint16), full)
+    for m in (9, 16, 64, 65, 128):
+        np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
 
 
 @pytest.mark.gpu
@@ -388,5 +401,5 @@ def test_kernel_clamps_corrupt_act_order_indices_on_gpu():
                                                    perm=kw["perm"]))(a, g_idx)
     clamped = jnp.clip(g_idx, 0, w.b_scales.shape[0] - 1)
     want = marlin._reference(jnp.take(a, kw["perm"], axis=1), w.b_q_weight, w.b_scales, clamped, b_q_type="uint4b8",
-                             has_zeros=False, has_g_idx=True, has_bias=False)[0]
+                             has_zeros=False, has_g_idx=True, has_bias=False, batch_invariant=False)[0]
     assert rel_l2(got, want) < GEMM_TOLERANCE[jnp.float16]

@@ -4,9 +4,9 @@ compute-sanitizer.
 * ``weight_only``: AWQ GEMM and dequantization; GPTQ 2/3/4/8-bit GEMM (plain and exllama, M=1 and M=9,
   split K, and 4-bit with more column tiles than SMs, which deals out narrower blocks) and dequantization
   (with and without act-order g_idx).
-* ``marlin``: marlin_gemm for every weight type, dtype, row bucket (M 1, 20, 40, 64, 130), grouped and
-  per-channel scales, act-order (with corrupt g_idx entries, which the kernel must clamp), bias, K split
-  over a cluster (N = 64) and not (N = 4096).
+* ``marlin``: marlin_gemm for every weight type, dtype, row bucket (M 1 in both kernel forms, 12, 20, 40,
+  64, 130), grouped and per-channel scales, act-order (with corrupt g_idx entries, which the kernel must
+  clamp), bias, K split over a cluster (N = 64) and not (N = 4096).
 * ``scaled_mm``: int8 and fp8 W8A8 GEMMs in every M-bucket tile configuration, both output dtypes, scalar
   and vector scales, bias, both zero-point forms, fp8 fast accumulation; fp8 with block-wise scales in both
   of its tiles.
@@ -78,10 +78,11 @@ def marlin():
                         g_idx = np.sort(rng.integers(0, groups, k)).astype(np.int32)
                         g_idx[::97] = 1 << 20  # corrupt entries: clamped, never read past the scales
                         kw = dict(g_idx=jnp.asarray(g_idx), perm=jnp.asarray(rng.permutation(k), jnp.int32))
-                    for m in (1, 20, 40, 64, 130):
+                    for m, invariant in ((1, False), (1, True), (12, True), (20, True), (40, True), (64, True),
+                                         (130, True)):
                         a = jnp.asarray(rng.standard_normal((m, k)), dtype)
                         bias = jnp.asarray(rng.standard_normal((n,)), dtype) if m % 2 == 0 else None
-                        with ops.batch_invariant():
+                        with ops.batch_invariant(invariant):
                             jax.block_until_ready(jax.jit(lambda a, q, s, z, bias: jaxq.marlin_gemm(
                                 a, q, s, b_q_type=q_type, b_zeros=z, b_bias=bias, **kw))(a, q, s, z, bias))
                     # Past the kernel's rows: the dequantize kernel, then XLA's dot.

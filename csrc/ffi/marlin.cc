@@ -68,8 +68,9 @@ ffi::Error BindWeight(MarlinParams& p, const char* op, int32_t b_q_type, ffi::Da
 
 ffi::Error MarlinGemm(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b_q, ffi::AnyBuffer scales,
                       ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> out, int32_t b_q_type,
-                      bool has_zeros, bool has_g_idx, bool has_bias) {
+                      bool has_zeros, bool has_g_idx, bool has_bias, bool batch_invariant) {
   MarlinParams p;
+  p.batch_invariant = batch_invariant;
   size_t next = 0;
   if (auto err = BindWeight(p, "marlin_gemm", b_q_type, a.element_type(), b_q, scales, optional, next, has_zeros,
                             has_g_idx, has_bias);
@@ -124,7 +125,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqMarlinGemm, jaxq::MarlinGemm,
                                   .Attr<int32_t>("b_q_type")
                                   .Attr<bool>("has_zeros")
                                   .Attr<bool>("has_g_idx")
-                                  .Attr<bool>("has_bias"),
+                                  .Attr<bool>("has_bias")
+                                  .Attr<bool>("batch_invariant"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqMarlinDequantize, jaxq::MarlinDequantize,

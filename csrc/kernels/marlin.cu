@@ -1,14 +1,16 @@
 // Weight-only GEMM on the Marlin layout. A block (4 warps) owns kTiles 64-column tiles of the output for up to
-// 16 * kMBlocks rows of a and one K range; the 4 warps take every 4th 16-row slab of that range. A lane's
-// 16-byte vector of a slab holds exactly its B fragments of mma.m16n8k16 for a tile's 64 columns (that is what
-// the layout is for). Each warp streams its slabs (codes, the group's scales and zero points, the slab of a)
-// through its own ring of shared memory with cp.async, kStages - 1 slabs ahead, so the loads never wait on the
-// math and need no registers nor block barriers. Codes are turned into a's type in registers, scaled there,
-// and multiplied on the tensor cores with float32 sums. The warps' sums meet in shared memory in warp order;
-// when K is split over several blocks, those blocks form a thread-block cluster and the first adds the others'
-// sums from their shared memory, in rank order. No atomics and no workspace: deterministic, and each row is
-// summed the same way whatever m is (the split depends on n, k and the GPU only; kTiles and kMBlocks do not
-// change which slabs a warp adds, nor in what order).
+// 16 * kMBlocks rows of a and one K range; each warp takes a contiguous quarter of that range, in 16-row slabs.
+// A lane's 16-byte vector of a slab holds exactly its fragments of mma.m16n8k16 for a tile's 64 columns (that
+// is what the layout is for); the kernel multiplies out^T = W^T a^T, so that 8 rows of a fill an mma. Each warp
+// streams its slabs (codes, the group's scales and zero points, the slab of a) through its own ring of shared
+// memory with cp.async, kStages - 1 slabs ahead, so the loads never wait on the math and need no registers nor
+// block barriers. Up to 8 rows (without act-order) the codes are multiplied as they are and each group's
+// float32 sums are scaled when the group ends; otherwise codes are turned into W in a's type in registers,
+// scaled there, and multiplied with float32 sums. The warps' sums meet in shared memory in warp order; when K
+// is split over several blocks, those blocks form a thread-block cluster and the first adds the others' sums
+// from their shared memory, in rank order. No atomics and no workspace: deterministic, and within each of the
+// two forms each row is summed the same way whatever m is (the split depends on n, k and the GPU only; kTiles,
+// kMBlocks and kHalves do not change which slabs a warp adds, nor in what order).
 #include "kernels/marlin.h"
 
 #include <cooperative_groups.h>
@@ -39,13 +41,13 @@ struct Pair;
 template <>
 struct Pair<half> {
   using Type = half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half: 1024 + 16 * a 4-bit code is exact
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half: 1024 + an 8-bit code is exact
   static constexpr float kMagicValue = 1024.0f;
 };
 template <>
 struct Pair<__nv_bfloat16> {
   using Type = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each half: 128 + 16 * a 4-bit code is exact
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each half: 128 + a 4-bit code is exact
   static constexpr float kMagicValue = 128.0f;
 };
 
@@ -92,23 +94,27 @@ __device__ __forceinline__ T FromFloat(float v) {
 template <MarlinType kType>
 constexpr int kBitsOf = kType == MarlinType::kU4B8 || kType == MarlinType::kU4 ? 4 : 8;
 
-// The two fragments b0 (rows 2t, 2t + 1) and b1 (rows 2t + 8, 2t + 9) of column j = 2w + h of a tile, exact
-// in T before the scale: integer codes minus their bias or zero point, fp8 as its value times 2**-bias (the
-// scales carry 2**bias, as in vLLM). `neg01` / `neg89` are minus the offsets each pair subtracts, as the
-// 4-bit path reads them: magic + code, except float16's high nibbles, read in place as magic + 16 * code and
-// taken down by an exact fma with 1/16 (one shift fewer).
+// (a & kMask) | kOr in one LOP3: written as C++, ptxas emits two, both constants being immediates.
+template <uint32_t kMask, uint32_t kOr>
+__device__ __forceinline__ uint32_t MaskOr(uint32_t a) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "n"(kMask), "n"(kOr));
+  return r;
+}
+
+// Whether a code's raw fragment is its value (fp8 times 2**-bias; bfloat16's 8-bit codes minus 128) rather than
+// magic + code, whose offset (magic + bias or zero point) is still to be taken off.
 template <typename T, MarlinType kType>
-__device__ __forceinline__ void Dequantize(const uint4* codes, int w, int h, T2<T> neg01, T2<T> neg89,
-                                           T2<T> scale01, T2<T> scale89, uint32_t& b0, uint32_t& b1) {
-  T2<T> v01, v89;
+constexpr bool kRawIsValue = kType == MarlinType::kFp8E4M3 || (kBitsOf<kType> == 8 && std::is_same_v<T, __nv_bfloat16>);
+
+// The two fragments b0 (rows 2t, 2t + 1) and b1 (rows 2t + 8, 2t + 9) of column j = 2w + h of a tile as the codes
+// give them, exact in T: magic + code (4-bit codes, float16's 8-bit codes), or the value (kRawIsValue).
+template <typename T, MarlinType kType>
+__device__ __forceinline__ void RawFragments(const uint4* codes, int w, int h, uint32_t& b0, uint32_t& b1) {
   if constexpr (kBitsOf<kType> == 4) {
     const uint32_t word = (w == 0 ? codes[0].x : w == 1 ? codes[0].y : w == 2 ? codes[0].z : codes[0].w) >> (8 * h);
-    v01 = __hadd2(AsPair<T>((word & 0x000f000fu) | Pair<T>::kMagic), neg01);
-    if constexpr (std::is_same_v<T, half>) {
-      v89 = __hfma2(AsPair<T>((word & 0x00f000f0u) | Pair<T>::kMagic), MakePair<T>(0.0625f, 0.0625f), neg89);
-    } else {  // bfloat16's 7 mantissa bits cannot hold 16 * code
-      v89 = __hadd2(AsPair<T>(((word >> 4) & 0x000f000fu) | Pair<T>::kMagic), neg89);
-    }
+    b0 = MaskOr<0x000f000fu, Pair<T>::kMagic>(word);
+    b1 = MaskOr<0x000f000fu, Pair<T>::kMagic>(word >> 4);
   } else {
     const uint4& v = codes[w >> 1];
     const int e = 2 * (w & 1) + h;
@@ -117,33 +123,46 @@ __device__ __forceinline__ void Dequantize(const uint4* codes, int w, int h, T2<
     const uint32_t hi = __byte_perm(word, 0u, 0x4341);  // bytes 1 and 3: rows 2t+8 and 2t+9
     if constexpr (kType == MarlinType::kFp8E4M3) {
       constexpr int kShift = std::is_same_v<T, half> ? 7 : 4;  // e4m3's exponent and mantissa under T's
-      v01 = AsPair<T>(((lo & 0x007f007fu) << kShift) | ((lo & 0x00800080u) << 8));
-      v89 = AsPair<T>(((hi & 0x007f007fu) << kShift) | ((hi & 0x00800080u) << 8));
+      b0 = ((lo & 0x007f007fu) << kShift) | ((lo & 0x00800080u) << 8);
+      b1 = ((hi & 0x007f007fu) << kShift) | ((hi & 0x00800080u) << 8);
     } else if constexpr (std::is_same_v<T, half>) {
-      v01 = __hadd2(AsPair<T>(lo | 0x64006400u), neg01);
-      v89 = __hadd2(AsPair<T>(hi | 0x64006400u), neg89);
+      b0 = lo | 0x64006400u;  // 1024 + code
+      b1 = hi | 0x64006400u;
     } else {
       // bfloat16 has 8 significant bits: go through float32 (exact for 0..255 - 128).
-      v01 = MakePair<T>(static_cast<float>(lo & 0xffu) - 128.0f, static_cast<float>(lo >> 16) - 128.0f);
-      v89 = MakePair<T>(static_cast<float>(hi & 0xffu) - 128.0f, static_cast<float>(hi >> 16) - 128.0f);
+      b0 = Bits<T>(MakePair<T>(static_cast<float>(lo & 0xffu) - 128.0f, static_cast<float>(lo >> 16) - 128.0f));
+      b1 = Bits<T>(MakePair<T>(static_cast<float>(hi & 0xffu) - 128.0f, static_cast<float>(hi >> 16) - 128.0f));
     }
+  }
+}
+
+// The fragments of W itself: the raw fragments minus their offsets (`neg01` / `neg89`, exact), times the scales,
+// rounded to T once, as the reference dequantizes.
+template <typename T, MarlinType kType>
+__device__ __forceinline__ void Dequantize(const uint4* codes, int w, int h, T2<T> neg01, T2<T> neg89,
+                                           T2<T> scale01, T2<T> scale89, uint32_t& b0, uint32_t& b1) {
+  uint32_t r0, r1;
+  RawFragments<T, kType>(codes, w, h, r0, r1);
+  T2<T> v01 = AsPair<T>(r0), v89 = AsPair<T>(r1);
+  if constexpr (!kRawIsValue<T, kType>) {
+    v01 = __hadd2(v01, neg01);
+    v89 = __hadd2(v89, neg89);
   }
   b0 = Bits<T>(__hmul2(v01, scale01));
   b1 = Bits<T>(__hmul2(v89, scale89));
 }
 
+// The offset a raw fragment carries for a zero point (or bias) z: magic + z.
+template <typename T, MarlinType kType>
+__device__ __forceinline__ float RawOffset(float z) {
+  return (kBitsOf<kType> == 4 ? Pair<T>::kMagicValue : 1024.0f) + z;  // 8-bit: float16 codes only
+}
+
 // Minus the offsets Dequantize subtracts, for a zero point (or bias) `z` of rows (2t, 2t + 1) and (2t + 8, 2t + 9).
 template <typename T, MarlinType kType>
 __device__ __forceinline__ void Offsets(float z01a, float z01b, float z89a, float z89b, T2<T>& neg01, T2<T>& neg89) {
-  if constexpr (kBitsOf<kType> == 4) {
-    const float m = Pair<T>::kMagicValue;
-    neg01 = MakePair<T>(-(m + z01a), -(m + z01b));
-    const float m89 = std::is_same_v<T, half> ? m / 16 : m;
-    neg89 = MakePair<T>(-(m89 + z89a), -(m89 + z89b));
-  } else {
-    neg01 = MakePair<T>(-(1024.0f + z01a), -(1024.0f + z01b));  // float16 8-bit codes only
-    neg89 = MakePair<T>(-(1024.0f + z89a), -(1024.0f + z89b));
-  }
+  neg01 = MakePair<T>(-RawOffset<T, kType>(z01a), -RawOffset<T, kType>(z01b));
+  neg89 = MakePair<T>(-RawOffset<T, kType>(z89a), -RawOffset<T, kType>(z89b));
 }
 
 // The 8 scales (or zero points) one lane needs for its columns 16 * w + 8 * h + lane / 4 of the tile, in order
@@ -250,9 +269,15 @@ struct Ring {
       std::max(kWarps * kStages * kStageBytes, kWarps * kPartialFloats * static_cast<int>(sizeof(float)));
 };
 
-template <typename T, MarlinType kType, int kMBlocks, int kTiles, bool kActOrder>
+// Rows of a per block: 16 * kMBlocks; with kHalves == 1 (at most 8 rows) the second 8 are not multiplied.
+// kFold (no act-order): the codes are multiplied as they are (RawFragments) and each group's sums are scaled in
+// float32 when the group ends, magic + offset times the group's sum of a's row taken off there too; fewer
+// instructions per weight than rounding W to T first (Dequantize), which the other kernels do.
+template <typename T, MarlinType kType, int kMBlocks, int kHalves, int kTiles, bool kActOrder, bool kFold>
 __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, int k_tiles_per_split) {
+  static_assert(!(kFold && kActOrder), "act-order groups change within a slab");
   using R = Ring<kType, kMBlocks, kTiles, kActOrder>;
+  constexpr bool kSumA = kFold && !kRawIsValue<T, kType>;
   const T* a = static_cast<const T*>(p.a);
   const T* scales = static_cast<const T*>(p.scales);
 
@@ -261,48 +286,53 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
   const int nt0 = blockIdx.y * kTiles;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kMBlocks * 16;
   const int rows = static_cast<int>(p.m - m0 < kMBlocks * 16 ? p.m - m0 : kMBlocks * 16);
-  const int kt_begin = blockIdx.z * k_tiles_per_split;
-  const int kt_end = min(kt_begin + k_tiles_per_split, p.k / kTileK);
-  const int slabs = kt_end > kt_begin + warp ? (kt_end - kt_begin - warp + kWarps - 1) / kWarps : 0;
+  // Each warp takes a contiguous quarter of the block's K range, so that a group's slabs meet in one warp.
+  const int split_begin = blockIdx.z * k_tiles_per_split;
+  const int split_tiles = max(0, min(k_tiles_per_split, p.k / kTileK - split_begin));
+  const int chunk = (split_tiles + kWarps - 1) / kWarps;
+  const int kt_begin = split_begin + warp * chunk;
+  const int slabs = max(0, min(chunk, split_tiles - warp * chunk));
   const bool single = p.groups == 1;
-  const int group_rows = p.k / p.groups;  // rows per group without act-order
+  // Group sizes are powers of two (ValidShape): a slab's group is a shift of its index; one group: shift it all out.
+  const int group_shift = single ? 30 : __ffs(p.k / p.groups / kTileK) - 1;
 
   extern __shared__ float4 shared_raw[];
   char* ring = reinterpret_cast<char*>(shared_raw) + warp * R::kStages * R::kStageBytes;
   const uint32_t ring_at = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
 
-  // What this lane copies of each slab: its own code vectors, one 16-byte half row of a per 16-row block
-  // (rows past m are filled with zeros), and a share of the group's scales and zero points.
+  // What this lane copies of each slab: the lane-th 16-byte vector of every 512 bytes of the tiles' codes (so
+  // that one copy instruction reads 512 contiguous bytes; a lane reads its own vectors back from where others
+  // put them), one 16-byte half row of a per 16-row block (rows past m are filled with zeros), and a share of
+  // the group's scales and zero points.
   const int words_per_tile = kTileK * kTileN * R::kBits / 32;
-  const uint4* codes_src = reinterpret_cast<const uint4*>(p.b_q + static_cast<size_t>(nt0) * words_per_tile) +
-                           lane * R::kVectors;
   const size_t codes_stride = static_cast<size_t>(p.n / kTileN) * words_per_tile / 4;  // uint4s per slab
+  const uint4* codes_src = reinterpret_cast<const uint4*>(p.b_q) + static_cast<size_t>(nt0) * (words_per_tile / 4) +
+                           kt_begin * codes_stride + lane;
   const int a_row = lane >> 1, a_half = lane & 1;
   const T* a_src[kMBlocks];
   int a_bytes[kMBlocks];
 #pragma unroll
   for (int mb = 0; mb < kMBlocks; ++mb) {
     const bool valid = mb * 16 + a_row < rows;
-    a_src[mb] = a + (valid ? m0 + mb * 16 + a_row : 0) * p.k + 8 * a_half;
+    a_src[mb] = a + (valid ? m0 + mb * 16 + a_row : 0) * p.k + kt_begin * kTileK + 8 * a_half;
     a_bytes[mb] = valid ? 16 : 0;
   }
   const uint32_t a_slot = R::kA + ASlot(a_row, a_half);
 
   auto issue = [&](int i) {
     if (i < slabs) {
-      const int kt = kt_begin + warp + kWarps * i;
       const uint32_t stage = ring_at + (i % R::kStages) * R::kStageBytes;
+      const uint4* src = codes_src + static_cast<size_t>(i) * codes_stride;
 #pragma unroll
-      for (int tile = 0; tile < kTiles; ++tile)
+      for (int v = 0; v < kTiles * R::kVectors; ++v) {
+        CopyAsync<16, true>(stage + R::kCodes + (v * 32 + lane) * 16, src + v * 32, 16);
+      }
 #pragma unroll
-        for (int v = 0; v < R::kVectors; ++v) {
-          CopyAsync<16, true>(stage + R::kCodes + ((tile * R::kVectors + v) * 32 + lane) * 16,
-                              codes_src + kt * codes_stride + tile * (words_per_tile / 4) + v, 16);
-        }
-#pragma unroll
-      for (int mb = 0; mb < kMBlocks; ++mb) CopyAsync<16, false>(stage + a_slot + mb * 512, a_src[mb] + kt * kTileK, a_bytes[mb]);
+      for (int mb = 0; mb < kMBlocks; ++mb) {
+        CopyAsync<16, false>(stage + a_slot + mb * 512, a_src[mb] + kTileK * i, a_bytes[mb]);
+      }
       if constexpr (!kActOrder) {
-        const size_t group = single ? 0 : kt * kTileK / group_rows;
+        const size_t group = (kt_begin + i) >> group_shift;
         if (lane < kTiles * 8) {
           CopyAsync<16, false>(stage + R::kScales + lane * 16, scales + group * p.n + nt0 * kTileN + 8 * lane, 16);
         }
@@ -316,17 +346,26 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
     CommitAsync();  // empty groups too, so that every wait below counts the same slabs
   };
 
-  float acc[kMBlocks][kTiles][8][4];
+  // out^T = W^T a^T: W^T is mma's A operand (a lane's fragments of columns 16w + g and 16w + 8 + g, as the
+  // layout holds them, are A's rows g and g + 8), a^T its B operand, 8 rows of a per mma (half h of a 16-row
+  // block). acc holds the scaled sums; with kFold, group_acc the current group's unscaled ones and sum_a
+  // (columns 2t, 2t + 1 of ones^T a^T) the group's sums of a's rows.
+  float acc[kMBlocks][kTiles][4][kHalves][4];
+  float group_acc[kMBlocks][kTiles][4][kHalves][4];  // not kFold: never read, and compiled away
+  float sum_a[kMBlocks][kHalves][4];
+  auto clear = [](auto& array) {
+    float* f = reinterpret_cast<float*>(&array);
 #pragma unroll
-  for (int mb = 0; mb < kMBlocks; ++mb)
-#pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[mb][tile][j][c] = 0.0f;
+    for (int e = 0; e < static_cast<int>(sizeof(array) / sizeof(float)); ++e) f[e] = 0.0f;
+  };
+  clear(acc);
+  clear(group_acc);
+  clear(sum_a);
+  const uint32_t ones = Bits<T>(MakePair<T>(1.0f, 1.0f));
+  const uint32_t ones_a[4] = {ones, ones, ones, ones};
 
-  // ldmatrix.x4 reads the four 8 x 8 quarters of a 16 x 16 block in the order of mma's A fragment.
+  // ldmatrix.x4 reads a 16 x 16 block as four 8 x 8 quarters: rows 0-7 and 8-15 of k 0-7, then of k 8-15,
+  // which are the B fragments (k 0-7, k 8-15) of rows 0-7 and of rows 8-15.
   const int ld_row = (lane & 7) + 8 * ((lane >> 3) & 1);
   const uint32_t ld_slot = R::kA + ASlot(ld_row, lane >> 4);
 
@@ -336,7 +375,7 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
     WaitAsync<R::kStages - 2>();
     __syncwarp();  // every lane's copies of slab i have landed, and every lane is done with slab i - 1's slot
     issue(i + R::kStages - 1);
-    const int kt = kt_begin + warp + kWarps * i;
+    const int kt = kt_begin + i;
     const uint32_t stage_at = ring_at + (i % R::kStages) * R::kStageBytes;
     const char* stage = ring + (i % R::kStages) * R::kStageBytes;
 
@@ -344,8 +383,8 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
 #pragma unroll
     for (int mb = 0; mb < kMBlocks; ++mb) LoadMatrixX4(frag_a[mb], stage_at + ld_slot + mb * 512);
 
-    // Act-order: each of the lane's 4 rows has its own group (entries clamped to the groups); else the ring's
-    // stage holds the slab's group.
+    // W rounded to T (not kFold): act-order gives each of the lane's 4 rows its own group (entries clamped to
+    // the groups); else the ring's stage holds the slab's group.
     int row_group[4] = {0, 0, 0, 0};
     if constexpr (kActOrder) {
 #pragma unroll
@@ -353,29 +392,82 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
         row_group[r] = min(max(__ldg(p.g_idx + kt * kTileK + 2 * t + (r & 1) + 8 * (r >> 1)), 0), p.groups - 1);
       }
     }
-
+    if constexpr (kSumA) {
+#pragma unroll
+      for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+        for (int h = 0; h < kHalves; ++h) Mma<T>(sum_a[mb][h], ones_a, frag_a[mb][h], frag_a[mb][h + 2]);
+    }
 #pragma unroll
     for (int tile = 0; tile < kTiles; ++tile) {
       uint4 codes[R::kVectors];
 #pragma unroll
       for (int v = 0; v < R::kVectors; ++v) {
-        codes[v] = *reinterpret_cast<const uint4*>(stage + R::kCodes + ((tile * R::kVectors + v) * 32 + lane) * 16);
+        codes[v] = *reinterpret_cast<const uint4*>(stage + R::kCodes + ((tile * 32 + lane) * R::kVectors + v) * 16);
       }
-      Factors<T> f;
-      if constexpr (kActOrder) {
-        TileFactors<T, kType, true>(scales + static_cast<size_t>(nt0 + tile) * kTileN, p.n,
-                                    p.zeros + (nt0 + tile) * 8, p.n / 8, row_group, g, single, f);
+      uint32_t b[8][2];  // all of the tile's fragments first: eight independent chains to interleave
+      if constexpr (kFold) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) RawFragments<T, kType>(codes, j >> 1, j & 1, b[j][0], b[j][1]);
       } else {
-        TileFactors<T, kType, false>(reinterpret_cast<const T*>(stage + R::kScales) + tile * kTileN, 0,
-                                     reinterpret_cast<const uint32_t*>(stage + R::kZeros) + tile * 8, 0, row_group,
-                                     g, single, f);
+        Factors<T> f;
+        if constexpr (kActOrder) {
+          TileFactors<T, kType, true>(scales + static_cast<size_t>(nt0 + tile) * kTileN, p.n,
+                                      p.zeros + (nt0 + tile) * 8, p.n / 8, row_group, g, single, f);
+        } else {
+          TileFactors<T, kType, false>(reinterpret_cast<const T*>(stage + R::kScales) + tile * kTileN, 0,
+                                       reinterpret_cast<const uint32_t*>(stage + R::kZeros) + tile * 8, 0, row_group,
+                                       g, single, f);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          Dequantize<T, kType>(codes, j >> 1, j & 1, f.neg01[j], f.neg89[j], f.scale01[j], f.scale89[j], b[j][0],
+                               b[j][1]);
+        }
       }
+      auto& sums = kFold ? group_acc : acc;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        uint32_t b0, b1;
-        Dequantize<T, kType>(codes, j >> 1, j & 1, f.neg01[j], f.neg89[j], f.scale01[j], f.scale89[j], b0, b1);
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t w_t[4] = {b[2 * w][0], b[2 * w + 1][0], b[2 * w][1], b[2 * w + 1][1]};
 #pragma unroll
-        for (int mb = 0; mb < kMBlocks; ++mb) Mma<T>(acc[mb][tile][j], frag_a[mb], b0, b1);
+        for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+          for (int h = 0; h < kHalves; ++h) Mma<T>(sums[mb][tile][w][h], w_t, frag_a[mb][h], frag_a[mb][h + 2]);
+      }
+    }
+    // kFold: the group ends with this slab (or the warp's range does); scale its sums into acc.
+    if constexpr (kFold) {
+      if (i == slabs - 1 || ((kt + 1) >> group_shift) != (kt >> group_shift)) {
+#pragma unroll
+        for (int tile = 0; tile < kTiles; ++tile) {
+          T scale[8];
+          LoadScales(reinterpret_cast<const T*>(stage + R::kScales) + tile * kTileN, g, single, scale);
+          const uint32_t* zeros = reinterpret_cast<const uint32_t*>(stage + R::kZeros) + tile * 8;
+          float offset[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if constexpr (R::kHasZeros) {
+              offset[j] = RawOffset<T, kType>(ZeroNibble(zeros[g], j));
+            } else {
+              offset[j] = RawOffset<T, kType>(kType == MarlinType::kU4B8 ? 8.0f : 128.0f);
+            }
+          }
+#pragma unroll
+          for (int w = 0; w < 4; ++w)
+#pragma unroll
+            for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+              for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                  const int j = 2 * w + (c >> 1);  // D's row g (c < 2) or g + 8: column 16w + g or 16w + 8 + g
+                  float& sum = group_acc[mb][tile][w][h][c];
+                  if constexpr (kSumA) sum = fmaf(-offset[j], sum_a[mb][h][c & 1], sum);
+                  acc[mb][tile][w][h][c] = fmaf(ToFloat(scale[j]), sum, acc[mb][tile][w][h][c]);
+                  sum = 0.0f;
+                }
+        }
+        clear(sum_a);
       }
     }
   }
@@ -390,13 +482,15 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
 #pragma unroll
     for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int w = 0; w < 4; ++w)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = mb * 16 + g + 8 * r, col = tile * kTileN + 16 * (j >> 1) + 8 * (j & 1) + 2 * t;
-          *reinterpret_cast<float2*>(partial + warp * R::kPartialFloats + row * kCols + col) =
-              make_float2(acc[mb][tile][j][2 * r], acc[mb][tile][j][2 * r + 1]);
-        }
+        for (int h = 0; h < kHalves; ++h)  // with one half, rows 8-15 are past m
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            // mma's D: row (a column of the output) g or g + 8, column (a row of a) 2t or 2t + 1.
+            const int row = mb * 16 + 8 * h + 2 * t + (c & 1), col = tile * kTileN + 16 * w + 8 * (c >> 1) + g;
+            partial[warp * R::kPartialFloats + row * kCols + col] = acc[mb][tile][w][h][c];
+          }
   __syncthreads();
   const int live = rows * kCols;  // rows past m are neither added nor written
   for (int i = threadIdx.x; i < live; i += kWarps * 32) {
@@ -481,9 +575,9 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinDequantizeKernel(MarlinPara
   }
 }
 
-template <typename T, MarlinType kType, int kMBlocks, int kTiles, bool kActOrder>
+template <typename T, MarlinType kType, int kMBlocks, int kHalves, int kTiles, bool kActOrder, bool kFold>
 cudaError_t Launch(const MarlinParams& p, int splits, cudaStream_t stream) {
-  auto kernel = MarlinGemmKernel<T, kType, kMBlocks, kTiles, kActOrder>;
+  auto kernel = MarlinGemmKernel<T, kType, kMBlocks, kHalves, kTiles, kActOrder, kFold>;
   constexpr int kShared = Ring<kType, kMBlocks, kTiles, kActOrder>::kSharedBytes;
   static const cudaError_t configured =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared);
@@ -506,25 +600,35 @@ cudaError_t Launch(const MarlinParams& p, int splits, cudaStream_t stream) {
   return cudaLaunchKernelEx(&config, kernel, p, per_split);
 }
 
-// Rows per block and tiles per block: the accumulators (kMBlocks * kTiles * 32 floats per lane) stay at 128.
+// Rows per block and tiles per block, as many as the accumulators allow (128 floats per lane: the scaled sums
+// and, when folding, the group's unscaled ones). Up to 8 rows without act-order (and not batch_invariant) fold
+// the group scales in float32; every other row count rounds W to T: within each of the two, every row is summed
+// the same way whatever m is.
 template <typename T, MarlinType kType, bool kActOrder>
 cudaError_t DispatchShape(const MarlinParams& p, const MarlinPlan& plan, cudaStream_t stream) {
   const int tiles = kActOrder ? 1 : plan.tiles_per_block;
+  if constexpr (!kActOrder) {
+    if (p.m <= 8 && !p.batch_invariant) {
+      if (tiles == 4) return Launch<T, kType, 1, 1, 4, false, true>(p, plan.splits, stream);
+      if (tiles == 2) return Launch<T, kType, 1, 1, 2, false, true>(p, plan.splits, stream);
+      return Launch<T, kType, 1, 1, 1, false, true>(p, plan.splits, stream);
+    }
+  }
   if (p.m <= 16) {
     if constexpr (!kActOrder) {
-      if (tiles == 4) return Launch<T, kType, 1, 4, false>(p, plan.splits, stream);
-      if (tiles == 2) return Launch<T, kType, 1, 2, false>(p, plan.splits, stream);
+      if (tiles == 4) return Launch<T, kType, 1, 2, 4, false, false>(p, plan.splits, stream);
+      if (tiles == 2) return Launch<T, kType, 1, 2, 2, false, false>(p, plan.splits, stream);
     }
-    return Launch<T, kType, 1, 1, kActOrder>(p, plan.splits, stream);
+    return Launch<T, kType, 1, 2, 1, kActOrder, false>(p, plan.splits, stream);
   }
   if (p.m <= 32) {
     if constexpr (!kActOrder) {
-      if (tiles >= 2) return Launch<T, kType, 2, 2, false>(p, plan.splits, stream);
+      if (tiles >= 2) return Launch<T, kType, 2, 2, 2, false, false>(p, plan.splits, stream);
     }
-    return Launch<T, kType, 2, 1, kActOrder>(p, plan.splits, stream);
+    return Launch<T, kType, 2, 2, 1, kActOrder, false>(p, plan.splits, stream);
   }
-  if (p.m <= 48) return Launch<T, kType, 3, 1, kActOrder>(p, plan.splits, stream);
-  return Launch<T, kType, 4, 1, kActOrder>(p, plan.splits, stream);
+  if (p.m <= 48) return Launch<T, kType, 3, 2, 1, kActOrder, false>(p, plan.splits, stream);
+  return Launch<T, kType, 4, 2, 1, kActOrder, false>(p, plan.splits, stream);
 }
 
 template <typename T, MarlinType kType>
@@ -607,8 +711,12 @@ MarlinPlan PlanMarlin(int n, int k, int sm_count) {
 
 namespace {
 bool ValidShape(const MarlinParams& p) {
-  return p.k % kTileK == 0 && p.n % kTileN == 0 && p.groups >= 1 && (p.g_idx != nullptr || p.k % p.groups == 0) &&
-         (p.weight == MarlinType::kU4) == (p.zeros != nullptr);
+  if (p.k % kTileK != 0 || p.n % kTileN != 0 || p.groups < 1 || (p.weight == MarlinType::kU4) != (p.zeros != nullptr)) {
+    return false;
+  }
+  if (p.g_idx != nullptr || p.groups == 1) return true;
+  const int group_tiles = p.k % p.groups == 0 && (p.k / p.groups) % kTileK == 0 ? p.k / p.groups / kTileK : 0;
+  return group_tiles > 0 && (group_tiles & (group_tiles - 1)) == 0;  // the kernels shift, not divide
 }
 }  // namespace
 

@@ -22,6 +22,9 @@ struct MarlinParams {
   void* out = nullptr;                // [m, n]
   int64_t m = 0;
   int k = 0, n = 0, groups = 1;
+  // One kernel configuration for every m (vLLM's batch-invariant mode): up to 8 rows no longer fold the scales in
+  // float32 (faster, but a row's result then differs between at most 8 and more rows).
+  bool batch_invariant = false;
 };
 
 int MarlinBits(MarlinType t);
@@ -38,7 +41,9 @@ MarlinPlan PlanMarlin(int n, int k, int sm_count);
 // and bias are not read.
 cudaError_t LaunchMarlinDequantize(const MarlinParams& p, cudaStream_t stream);
 
-// out = a @ W (+ bias), W dequantized in registers and rounded to the activations' type, float32 sums.
+// out = a @ W (+ bias) with float32 sums. Up to 8 rows (without act-order or batch_invariant) the codes are
+// multiplied unscaled and each group's sums scaled in float32; otherwise W is dequantized in registers and
+// rounded to the activations' type, exactly as LaunchMarlinDequantize writes it.
 // Needs sm_90 for K splits (their partial sums meet in a thread-block cluster's shared memory).
 cudaError_t LaunchMarlinGemm(const MarlinParams& p, cudaStream_t stream);
 

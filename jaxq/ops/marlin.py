@@ -63,9 +63,11 @@ _batch_invariant = contextvars.ContextVar("jaxq_batch_invariant", default=False)
 
 @contextlib.contextmanager
 def batch_invariant(enabled: bool = True):
-    """Within this context (at trace time), ``marlin_gemm`` runs its kernel for every M, so that a row's
-    result is bit-identical whatever batch it is computed in (vLLM's batch-invariant mode). Above
-    ``MARLIN_KERNEL_MAX_M`` rows this costs speed: the kernel reads the weight once per 64 rows."""
+    """Within this context (at trace time), ``marlin_gemm`` runs one kernel form for every M, so that a row's
+    result is bit-identical whatever batch it is computed in (vLLM's batch-invariant mode). It costs speed at
+    both ends: up to 8 rows the faster form (group scales folded in float32) is not used, and above
+    ``MARLIN_KERNEL_MAX_M`` rows the kernel reads the weight once per 64 rows (benchmarks/RESULTS.md has the
+    figures)."""
     token = _batch_invariant.set(bool(enabled))
     try:
         yield
@@ -320,7 +322,7 @@ def _product(a, w, bias):
     return out.astype(a.dtype)
 
 
-def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias):
+def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias, batch_invariant):
     a, b_q_weight, b_scales, zeros, g_idx, bias = _unpack_operands(args, has_zeros, has_g_idx, has_bias)
     return (_product(a, marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type, size_k=a.shape[1]),
                      bias),)
@@ -374,7 +376,8 @@ def _dequantize_reference(b_q_weight, b_scales, *rest, b_q_type, has_zeros, has_
                               size_k=b_q_weight.shape[0] * TILE_K),)
 
 
-# W [K, N] of a Marlin weight, as the GEMM kernel multiplies by it: marlin_gemm's path above the kernel's rows.
+# W [K, N] of a Marlin weight, as the GEMM kernel multiplies by it from 9 rows: marlin_gemm's path above the
+# kernel's rows.
 _marlin_dequantize = Op(
     "marlin_dequantize",
     shapes=lambda b_q_weight, b_scales, *rest, **params: (
@@ -389,7 +392,7 @@ _marlin_dequantize = Op(
 )
 
 
-def _vjp(args, cotangents, *, b_q_type, has_zeros, has_g_idx, has_bias):
+def _vjp(args, cotangents, *, b_q_type, has_zeros, has_g_idx, has_bias, batch_invariant):
     a, b_q_weight, b_scales, zeros, g_idx, bias = _unpack_operands(args, has_zeros, has_g_idx, has_bias)
     (dy,) = cotangents
     weight = [b_q_weight, b_scales] + [x for x in (zeros, g_idx) if x is not None]
@@ -403,9 +406,9 @@ _marlin_gemm = Op(
     reference=_reference,
     sharding_rule=_sharding_rule,
     ffi_target="jaxq_marlin_gemm",
-    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx, has_bias: dict(
+    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx, has_bias, batch_invariant: dict(
         b_q_type=np.int32(_TYPE_IDS[b_q_type]), has_zeros=bool(has_zeros), has_g_idx=bool(has_g_idx),
-        has_bias=bool(has_bias)),
+        has_bias=bool(has_bias), batch_invariant=bool(batch_invariant)),
     batching_rule=wo.gemm_batching,
     vjp=_vjp,
     operand_names=("a", "b_q_weight", "b_scales", "b_zeros", "g_idx", "b_bias"),
@@ -452,9 +455,13 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
       global_scale, is_zp_float: FP4 and float zero points are not supported yet (a ValueError says so).
 
     Returns ``[..., N]`` in ``a``'s dtype. Up to ``MARLIN_KERNEL_MAX_M`` rows (all rows inside
-    :func:`batch_invariant`) the CUDA kernel runs: deterministic, and a row's output is bit-identical in any
-    batch, since every row is summed in the same order whatever M is (the K split depends on K, N and the GPU
-    only). Above that, W is dequantized once (a CUDA kernel, bit-identical to the W the GEMM kernel uses) and
+    :func:`batch_invariant`) the CUDA kernel runs, deterministic, in two numerical forms: up to 8 rows without
+    act-order it multiplies the integer codes (fp8 values) unscaled and applies each group's scales and zero
+    points to the float32 sums; from 9 rows (and always with act-order or inside :func:`batch_invariant`) it
+    multiplies W rounded to ``a``'s dtype, as the reference does. Within each form a row's output is
+    bit-identical in any batch (rows 1-8 share one, 9-``MARLIN_KERNEL_MAX_M`` the other): every row is summed in
+    the same order whatever M is (the K split depends on K, N and the GPU only). Above ``MARLIN_KERNEL_MAX_M``
+    rows, W is dequantized once (a CUDA kernel, bit-identical to the W the second form multiplies by) and
     multiplied by XLA's dot. Differentiable with respect to ``a`` only.
     """
     fn = "marlin_gemm"
@@ -517,7 +524,7 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     operands += [b_bias] if b_bias is not None else []
     params = dict(b_q_type=b_q_type, has_zeros=needs_zeros, has_g_idx=act_order, has_bias=b_bias is not None)
     if use_kernel(rows.shape[0]):
-        out = _marlin_gemm(*operands, **params)[0]
+        out = _marlin_gemm(*operands, **params, batch_invariant=_batch_invariant.get())[0]
     else:
         w = _marlin_dequantize(*operands[1:3 + needs_zeros + act_order], b_q_type=b_q_type, has_zeros=needs_zeros,
                                has_g_idx=act_order)[0]

@@ -2,7 +2,7 @@
 // path picking the file): each binary runs LaunchWeightOnlyGemm on the same fixed inputs for the cases below,
 // writes each output to TAG_CASE.bin (compare.py compares two tags) and prints its time (CUDA events, best of 5 x
 // 30 calls on three rotated weight copies, so that no call finds the last one's weights in L2) and its share of
-// the copy bandwidth measured in the same process. Results: benchmarks/RESULTS.md, session 12.
+// the copy bandwidth measured in the same process. Results: benchmarks/RESULTS.md (2026-11-30, "what limits the M16 weight-only kernel").
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cmath>

@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
-# A/B of kernels/weight_only.cu: the version at git revision BASE (default HEAD) against the working tree's, built
-# into two standalone binaries (seconds of device time, no package build), timed on the same cases, and their
-# outputs compared. Build on this machine, run on the device:
-#   bash tools/weight_only_ab/run.sh build [BASE]     # here: compiles ab_base and ab_new into tools/weight_only_ab/bin
-#   bash tools/weight_only_ab/run.sh run              # on the device, with carry=["tools/weight_only_ab/bin"]
+# A/B of one weight-only kernel file: the version at git revision BASE (default HEAD) against the working tree's,
+# built into two standalone binaries (seconds of device time, no package build), timed on the same cases, and
+# their outputs compared. KERNEL is weight_only (ab.cu: gptq_gemm / awq_gemm) or marlin (marlin_ab.cu). Build on
+# this machine, run on the device:
+#   bash tools/weight_only_ab/run.sh build KERNEL [BASE]  # here: KERNEL_base and KERNEL_new into tools/weight_only_ab/bin
+#   bash tools/weight_only_ab/run.sh run KERNEL           # on the device, with carry=["tools/weight_only_ab/bin"]
+# Any other binary in bin/ named KERNEL_* (a timing-only variant built by hand) runs after them.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 BIN=$HERE/bin
+kernel=${2:-}
+case $kernel in
+weight_only) driver=$HERE/ab.cu ;;
+marlin) driver=$HERE/marlin_ab.cu ;;
+*) echo "usage: $0 build KERNEL [BASE] | run KERNEL   (KERNEL: weight_only or marlin)" >&2; exit 2 ;;
+esac
 case ${1:-} in
 build)
-  mkdir -p "$BIN/base/kernels"
-  git -C "$REPO" show "${2:-HEAD}:csrc/kernels/weight_only.cu" > "$BIN/base/kernels/weight_only.cu"
-  cp "$REPO"/csrc/kernels/{weight_only.h,sm_count.h,types.h} "$BIN/base/kernels/"
-  flags=(-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a)
-  nvcc "${flags[@]}" -I"$BIN/base" "$HERE/ab.cu" "$REPO/csrc/kernels/sm_count.cu" -o "$BIN/ab_base" &
+  base=$BIN/base_$kernel
+  mkdir -p "$base/kernels"
+  git -C "$REPO" show "${3:-HEAD}:csrc/kernels/$kernel.cu" > "$base/kernels/$kernel.cu"
+  cp "$REPO"/csrc/kernels/{$kernel.h,sm_count.h,types.h,device_utils.cuh} "$base/kernels/"
+  flags=(-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr)
+  nvcc "${flags[@]}" -I"$base" "$driver" "$REPO/csrc/kernels/sm_count.cu" -o "$BIN/${kernel}_base" &
   base_build=$!
-  nvcc "${flags[@]}" -I"$REPO/csrc" "$HERE/ab.cu" "$REPO/csrc/kernels/sm_count.cu" -o "$BIN/ab_new"
+  nvcc "${flags[@]}" -I"$REPO/csrc" "$driver" "$REPO/csrc/kernels/sm_count.cu" -o "$BIN/${kernel}_new"
   wait "$base_build" ;;  # a bare `wait` would not report the background build's failure
 run)
   cd "$BIN"
-  ./ab_base base > base.txt
-  ./ab_new new > new.txt
+  ./"${kernel}_base" base > base.txt
+  ./"${kernel}_new" new > new.txt
   paste base.txt new.txt
   python3 "$HERE/compare.py" base new
+  for extra in "${kernel}"_*; do
+    case $extra in "${kernel}_base"|"${kernel}_new") continue ;; esac
+    [ -x "$extra" ] && ./"$extra" "${extra#"${kernel}"_}"
+  done
   rm -f ./*.bin ;;
 *)
-  echo "usage: $0 build [BASE] | run" >&2
+  echo "usage: $0 build KERNEL [BASE] | run KERNEL" >&2
   exit 2 ;;
 esac

@@ -6,7 +6,7 @@
 // strip, 16 at a time; lane t: row t, so each copy instruction touches 16 lines in 4 rows); map 1 takes the step's
 // 2 KB in order, each copy instruction one contiguous 512 bytes. Desync starts each block's K range at a
 // block-dependent step, as blocks drift apart when they compute; spin adds dependent integer work per step.
-// Results: benchmarks/RESULTS.md, session 12.
+// Results: benchmarks/RESULTS.md (2026-11-30, "what limits the M16 weight-only kernel").
 #include <cstdint>
 #include <cstdio>
 

@@ -1,0 +1,155 @@
+// A/B timing of two versions of kernels/marlin.cu outside JAX, as ab.cu does for weight_only.cu (run.sh builds one
+// binary per version): LaunchMarlinGemm on the same fixed inputs for the cases below, each output written to
+// TAG_CASE.bin for compare.py, its time (CUDA events, best of 5 x 30 calls on three rotated weight copies) and its
+// share of the copy bandwidth measured in the same process (codes, scales and zero points read once).
+// JAXQ_MARLIN_PLAN="tiles,splits" forces a launch plan, as in the package; MARLIN_AB_CASE="u4b8 M1" runs that case
+// only (e.g. under ncu).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kernels/marlin.cu"
+#include "timing.cuh"
+
+namespace {
+
+uint16_t HalfBits(float f, bool bf16) {
+  uint16_t bits;
+  if (bf16) {
+    const __nv_bfloat16 b = __float2bfloat16(f);
+    std::memcpy(&bits, &b, 2);
+  } else {
+    const __half h = __float2half(f);
+    std::memcpy(&bits, &h, 2);
+  }
+  return bits;
+}
+
+struct Case {
+  const char* name;
+  jaxq::MarlinType type;
+  bool bf16;
+  int m, k, n, group;  // group -1: one group
+};
+
+void Run(const char* tag, const Case& c, double bandwidth) {
+  std::mt19937 rng(7);
+  const int bits = jaxq::MarlinBits(c.type);
+  const int groups = c.group < 0 ? 1 : c.k / c.group;
+  const size_t code_words = static_cast<size_t>(c.k) * c.n * bits / 32;
+  const size_t zero_words = c.type == jaxq::MarlinType::kU4 ? static_cast<size_t>(groups) * c.n / 8 : 0;
+  std::vector<uint32_t> h_codes(code_words), h_zeros(zero_words);
+  for (auto& v : h_codes) v = rng();
+  if (c.type == jaxq::MarlinType::kFp8E4M3) {
+    for (auto& v : h_codes) v &= 0xf7f7f7f7u;  // no NaN codes
+  }
+  for (auto& v : h_zeros) v = rng();
+  std::uniform_real_distribution<float> scale(0.5f, 1.5f), value(-2.f, 2.f);
+  std::vector<uint16_t> h_scales(static_cast<size_t>(groups) * c.n), h_a(static_cast<size_t>(c.m) * c.k);
+  for (auto& v : h_scales) v = HalfBits(scale(rng) * 1e-2f, c.bf16);
+  for (auto& v : h_a) v = HalfBits(value(rng), c.bf16);
+
+  uint32_t* codes[tool_timing::kCopies];
+  for (auto& p : codes) {
+    CHECK(cudaMalloc(&p, code_words * 4));
+    CHECK(cudaMemcpy(p, h_codes.data(), code_words * 4, cudaMemcpyHostToDevice));
+  }
+  uint32_t* zeros = nullptr;
+  if (zero_words) {
+    CHECK(cudaMalloc(&zeros, zero_words * 4));
+    CHECK(cudaMemcpy(zeros, h_zeros.data(), zero_words * 4, cudaMemcpyHostToDevice));
+  }
+  void *scales, *a, *out;
+  CHECK(cudaMalloc(&scales, h_scales.size() * 2));
+  CHECK(cudaMemcpy(scales, h_scales.data(), h_scales.size() * 2, cudaMemcpyHostToDevice));
+  CHECK(cudaMalloc(&a, h_a.size() * 2));
+  CHECK(cudaMemcpy(a, h_a.data(), h_a.size() * 2, cudaMemcpyHostToDevice));
+  const size_t out_elems = static_cast<size_t>(c.m) * c.n;
+  CHECK(cudaMalloc(&out, out_elems * 2));
+  CHECK(cudaMemset(out, 0xff, out_elems * 2));  // poisoned: a value never written shows as NaN
+
+  jaxq::MarlinParams p;
+  p.type = c.bf16 ? jaxq::FloatType::kBF16 : jaxq::FloatType::kF16;
+  p.weight = c.type;
+  p.a = a;
+  p.scales = scales;
+  p.zeros = zeros;
+  p.out = out;
+  p.m = c.m;
+  p.k = c.k;
+  p.n = c.n;
+  p.groups = groups;
+  auto run = [&](int i) {
+    p.b_q = codes[i];
+    CHECK(jaxq::LaunchMarlinGemm(p, nullptr));
+  };
+  run(0);
+  CHECK(cudaDeviceSynchronize());
+  std::vector<uint16_t> h_out(out_elems);
+  CHECK(cudaMemcpy(h_out.data(), out, out_elems * 2, cudaMemcpyDeviceToHost));
+  char file[256];
+  std::snprintf(file, sizeof file, "%s_%s.bin", tag, c.name);
+  for (char* ch = file; *ch; ++ch) {
+    if (*ch == ' ') *ch = '_';
+  }
+  FILE* f = std::fopen(file, "wb");
+  std::fwrite(h_out.data(), 2, h_out.size(), f);
+  std::fclose(f);
+
+  const float us = tool_timing::BestMicroseconds(run);
+  const double bytes = code_words * 4.0 + zero_words * 4.0 + h_scales.size() * 2.0;
+  int device = 0;
+  CHECK(cudaGetDevice(&device));
+  const jaxq::MarlinPlan plan = jaxq::PlanMarlin(c.n, c.k, jaxq::CachedSmCount(device));
+  std::printf("[%s] %-34s %7.1f us  %5.1f%% of copy  (plan %d,%d)\n", tag, c.name, us,
+              100 * bytes / (us * 1e-6) / bandwidth, plan.tiles_per_block, plan.splits);
+  for (auto* q : codes) CHECK(cudaFree(q));
+  if (zeros) CHECK(cudaFree(zeros));
+  CHECK(cudaFree(scales));
+  CHECK(cudaFree(a));
+  CHECK(cudaFree(out));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using jaxq::MarlinType;
+  const char* tag = argc > 1 ? argv[1] : "ab";
+  const Case cases[] = {
+      {"u4b8 M1", MarlinType::kU4B8, true, 1, 8192, 28672, 128},
+      {"u4b8 M16", MarlinType::kU4B8, true, 16, 8192, 28672, 128},
+      {"u4b8 M32", MarlinType::kU4B8, true, 32, 8192, 28672, 128},
+      {"u4b8 M64", MarlinType::kU4B8, true, 64, 8192, 28672, 128},
+      {"u4b8 M128", MarlinType::kU4B8, true, 128, 8192, 28672, 128},
+      {"u4b8 M9 g32", MarlinType::kU4B8, true, 9, 8192, 28672, 32},
+      {"u4b8 M1 channel", MarlinType::kU4B8, true, 1, 8192, 28672, -1},
+      {"u4b8 M7 fp16", MarlinType::kU4B8, false, 7, 8192, 28672, 128},
+      {"u4 M1", MarlinType::kU4, true, 1, 8192, 28672, 128},
+      {"u4 M16", MarlinType::kU4, true, 16, 8192, 28672, 128},
+      {"u8b128 M1", MarlinType::kU8B128, true, 1, 8192, 28672, 128},
+      {"u8b128 M16 fp16", MarlinType::kU8B128, false, 16, 8192, 28672, 128},
+      {"u4 M40 fp16 g64", MarlinType::kU4, false, 40, 8192, 28672, 64},
+      {"fp8 M1 channel", MarlinType::kFp8E4M3, true, 1, 8192, 28672, -1},
+      {"fp8 M16 channel", MarlinType::kFp8E4M3, true, 16, 8192, 28672, -1},
+      {"u4b8 M1 K28672 N8192", MarlinType::kU4B8, true, 1, 28672, 8192, 128},
+      {"u4b8 M16 K28672 N8192", MarlinType::kU4B8, true, 16, 28672, 8192, 128},
+      {"u4b8 M1 K4096 N14336", MarlinType::kU4B8, true, 1, 4096, 14336, 128},
+      {"u4b8 M16 K4096 N14336", MarlinType::kU4B8, true, 16, 4096, 14336, 128},
+      {"u4b8 M1 K4096 N4096", MarlinType::kU4B8, true, 1, 4096, 4096, 128},
+      {"u4b8 M16 K4096 N4096", MarlinType::kU4B8, true, 16, 4096, 4096, 128},
+      {"u4b8 M1 K4096 N1024", MarlinType::kU4B8, true, 1, 4096, 1024, 128},
+      {"u4b8 M16 K4096 N1024", MarlinType::kU4B8, true, 16, 4096, 1024, 128},
+  };
+  const double bandwidth = tool_timing::CopyBandwidth();
+  std::printf("[%s] copy %.0f GB/s\n", tag, bandwidth / 1e9);
+  const char* only = std::getenv("MARLIN_AB_CASE");
+  for (const Case& c : cases) {
+    if (only == nullptr || std::strcmp(only, c.name) == 0) Run(tag, c, bandwidth);
+  }
+  return 0;
+}
