@@ -3,14 +3,17 @@
 // TAG_CASE.bin for compare.py, its time (CUDA events, best of 5 x 30 calls on three rotated weight copies) and its
 // share of the copy bandwidth measured in the same process (codes, scales and zero points read once).
 // JAXQ_MARLIN_PLAN="tiles,splits" forces a launch plan, as in the package; MARLIN_AB_CASE="u4b8 M1" runs that case
-// only (e.g. under ncu).
+// only (e.g. under ncu); MARLIN_AB_SANITIZE=1 runs every kernel variant once instead (Sanitize, below).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels/marlin.cu"
@@ -115,10 +118,93 @@ void Run(const char* tag, const Case& c, double bandwidth) {
   CHECK(cudaFree(out));
 }
 
+// Every kernel variant once on small weights, for compute-sanitizer (no timing): each type and activation dtype,
+// grouped and per-channel scales, act-order with corrupt group indices (the kernel clamps them), bias on every
+// other row count, rows in every bucket and both forms of up to 8 rows, K split over a cluster (N = 64) and
+// not, and the dequantize kernel. Exact placements (cudaMalloc each buffer) so that memcheck sees overruns.
+void Sanitize() {
+  using jaxq::MarlinType;
+  std::mt19937 rng(11);
+  for (bool bf16 : {true, false}) {
+    for (MarlinType type : {MarlinType::kU4B8, MarlinType::kU4, MarlinType::kU8B128, MarlinType::kFp8E4M3}) {
+      for (auto [k, n, groups] : {std::tuple{1024, 64, 8}, std::tuple{256, 4096, 1}, std::tuple{512, 8704, 4}}) {
+        for (bool act_order : {false, true}) {
+          if (act_order && (type == MarlinType::kFp8E4M3 || groups == 1)) continue;
+          const int bits = jaxq::MarlinBits(type);
+          auto upload = [&](size_t words) {
+            std::vector<uint32_t> host(words);
+            for (auto& v : host) v = rng() & (type == MarlinType::kFp8E4M3 ? 0xf7f7f7f7u : 0xffffffffu);
+            void* device;
+            CHECK(cudaMalloc(&device, words * 4));
+            CHECK(cudaMemcpy(device, host.data(), words * 4, cudaMemcpyHostToDevice));
+            return device;
+          };
+          // Random 16-bit patterns with the exponent kept small: finite scales and activations.
+          auto halves = [&](size_t count) {
+            std::vector<uint16_t> host(count);
+            for (auto& v : host) v = HalfBits(std::ldexp(static_cast<float>(rng() % 2001) - 1000.f, -10), bf16);
+            void* device;
+            CHECK(cudaMalloc(&device, count * 2));
+            CHECK(cudaMemcpy(device, host.data(), count * 2, cudaMemcpyHostToDevice));
+            return device;
+          };
+          jaxq::MarlinParams p;
+          p.type = bf16 ? jaxq::FloatType::kBF16 : jaxq::FloatType::kF16;
+          p.weight = type;
+          p.k = k;
+          p.n = n;
+          p.groups = groups;
+          p.b_q = static_cast<const uint32_t*>(upload(static_cast<size_t>(k) * n * bits / 32));
+          p.scales = halves(static_cast<size_t>(groups) * n);
+          const size_t zero_words = static_cast<size_t>(groups) * n / 8;
+          p.zeros = type == MarlinType::kU4 ? static_cast<const uint32_t*>(upload(zero_words)) : nullptr;
+          int32_t* g_idx = nullptr;
+          if (act_order) {
+            std::vector<int32_t> host(k);
+            for (int r = 0; r < k; ++r) {
+              host[r] = r % 97 == 0 ? (r % 2 ? 1 << 20 : -(1 << 20)) : static_cast<int>(rng() % groups);
+            }
+            CHECK(cudaMalloc(&g_idx, k * 4));
+            CHECK(cudaMemcpy(g_idx, host.data(), k * 4, cudaMemcpyHostToDevice));
+          }
+          p.g_idx = g_idx;
+          for (auto [m, invariant] : {std::pair{1, false}, std::pair{1, true}, std::pair{7, false}, std::pair{12, false},
+                                      std::pair{20, false}, std::pair{40, false}, std::pair{64, false},
+                                      std::pair{130, false}}) {
+            p.m = m;
+            p.batch_invariant = invariant;
+            p.a = halves(static_cast<size_t>(m) * k);
+            p.bias = m % 2 == 0 ? halves(n) : nullptr;
+            CHECK(cudaMalloc(&p.out, static_cast<size_t>(m) * n * 2));
+            CHECK(jaxq::LaunchMarlinGemm(p, nullptr));
+            CHECK(cudaDeviceSynchronize());
+            CHECK(cudaFree(const_cast<void*>(p.a)));
+            if (p.bias) CHECK(cudaFree(const_cast<void*>(p.bias)));
+            CHECK(cudaFree(p.out));
+          }
+          CHECK(cudaMalloc(&p.out, static_cast<size_t>(k) * n * 2));
+          CHECK(jaxq::LaunchMarlinDequantize(p, nullptr));
+          CHECK(cudaDeviceSynchronize());
+          CHECK(cudaFree(p.out));
+          CHECK(cudaFree(const_cast<uint32_t*>(p.b_q)));
+          CHECK(cudaFree(const_cast<void*>(p.scales)));
+          if (p.zeros) CHECK(cudaFree(const_cast<uint32_t*>(p.zeros)));
+          if (g_idx) CHECK(cudaFree(g_idx));
+        }
+      }
+    }
+  }
+  std::printf("ran every marlin kernel variant\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   using jaxq::MarlinType;
+  if (std::getenv("MARLIN_AB_SANITIZE") != nullptr) {
+    Sanitize();
+    return 0;
+  }
   const char* tag = argc > 1 ? argv[1] : "ab";
   const Case cases[] = {
       {"u4b8 M1", MarlinType::kU4B8, true, 1, 8192, 28672, 128},
