@@ -41,12 +41,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import safetensors
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -64,23 +64,67 @@ CHECKPOINT_FILE = "model.safetensors"
 # --------------------------------------------------------------------------------------------- files
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of a ``.safetensors`` file, or of all such files in a directory, as NumPy arrays
-    (bfloat16 and float8_e4m3fn as ml_dtypes)."""
-    files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
-             if os.path.isdir(path) else [path])
-    if not files:
-        raise FileNotFoundError(f"load_quantized: no .safetensors files in {path}")
-    tensors = {}
-    for file in files:
-        with open(file, "rb") as f:
-            for name, entry in safetensors.deserialize(f.read()):
+class SafetensorsFiles(Mapping):
+    """The tensors of a ``.safetensors`` file, or of a directory's (the files its
+    ``model.safetensors.index.json`` lists, else every ``.safetensors`` file in it), read lazily: each file is
+    memory-mapped and only its header parsed up front; ``files[name]`` is a read-only NumPy view of that
+    tensor's bytes (bfloat16 and float8_e4m3fn as ml_dtypes), so memory holds what is being read, never a
+    whole file. ``file_of(name)`` names the file a tensor comes from."""
+
+    def __init__(self, path: str):
+        if os.path.isdir(path):
+            index = os.path.join(path, "model.safetensors.index.json")
+            if os.path.exists(index):
+                with open(index) as f:
+                    names = sorted(set(json.load(f)["weight_map"].values()))
+            else:
+                names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            files = [os.path.join(path, name) for name in names]
+        else:
+            files = [path]
+        if not files:
+            raise FileNotFoundError(f"no .safetensors files in {path}")
+        self._entries: dict[str, tuple] = {}
+        self._maps: dict[str, np.memmap] = {}
+        for file in files:
+            with open(file, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
                 if entry["dtype"] not in _DTYPES:
-                    raise TypeError(f"load_quantized: tensor {name!r} in {file} has unsupported dtype {entry['dtype']}")
-                if name in tensors:
-                    raise ValueError(f"load_quantized: tensor {name!r} appears in two files")
-                tensors[name] = np.frombuffer(entry["data"], _DTYPES[entry["dtype"]]).reshape(entry["shape"])
-    return tensors
+                    raise TypeError(f"tensor {name!r} in {file} has unsupported dtype {entry['dtype']}")
+                if name in self._entries:
+                    raise ValueError(f"tensor {name!r} appears in {self._entries[name][0]} and {file}")
+                begin, end = entry["data_offsets"]
+                self._entries[name] = (file, _DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + size + begin,
+                                       8 + size + end)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        file, dtype, shape, begin, end = self._entries[name]
+        if file not in self._maps:
+            self._maps[file] = np.memmap(file, np.uint8, mode="r")
+        return self._maps[file][begin:end].view(dtype).reshape(shape)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def file_of(self, name: str) -> str:
+        return self._entries[name][0]
+
+    def nbytes(self, name: str) -> int:
+        _, _, _, begin, end = self._entries[name]
+        return end - begin
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a ``.safetensors`` file, or of a directory's (as :class:`SafetensorsFiles` finds
+    them), as NumPy arrays in memory (bfloat16 and float8_e4m3fn as ml_dtypes)."""
+    files = SafetensorsFiles(path)
+    return {name: np.array(files[name]) for name in files}
 
 
 def read_quantization_config(path: str) -> dict | None:
@@ -288,53 +332,78 @@ def _join(prefix, name):
 # ------------------------------------------------------------------------------------------------ API
 
 
+def fill_model(model: nnx.Module, files: SafetensorsFiles, layer_config: Callable[[str], dict | None], *,
+               strict: bool = True, place: Callable[[nnx.Module], None] | None = None, progress=None,
+               who: str = "load_quantized") -> nnx.Module:
+    """Fills every quantized layer and float module of ``model`` from ``files``, one tensor at a time (only
+    it in host memory). ``layer_config(path)`` is the quantization config a quantized layer is checked
+    against (None: none); ``place(module)`` runs on each module once it is filled (e.g. to shard it);
+    ``progress(bytes)`` is told how many checkpoint bytes each module read. Errors name the tensor and the
+    file; with ``strict``, tensors no module reads are an error too."""
+    used = set()
+    for prefix, module in _modules(model):
+        read = []
+
+        def take(name):
+            if name not in files:
+                raise KeyError(f"{who}: the checkpoint has no tensor {name!r}")
+            used.add(name)
+            read.append(name)
+            return jnp.asarray(files[name])
+
+        try:
+            if isinstance(module, QuantizedLinear):
+                config = layer_config(prefix)
+                if config is not None:
+                    _configure(module, config, prefix)
+                _load_quantized_layer(module, prefix, take)
+                if module.use_bias:
+                    module.assign("bias", take(_join(prefix, "bias")), what=_join(prefix, "bias"))
+            for name, (attribute, transposed) in _float_entries(module).items():
+                variable = getattr(module, attribute, None)
+                if variable is None:
+                    continue
+                full = _join(prefix, name)
+                value = take(full)
+                current = variable.get_value()
+                if tuple(reversed(value.shape) if transposed else value.shape) != tuple(current.shape):
+                    want = tuple(reversed(current.shape)) if transposed else tuple(current.shape)
+                    raise ValueError(f"{who}: {full}: expected shape {want}; got {tuple(value.shape)}")
+                variable.set_value((value.T if transposed else value).astype(current.dtype))
+        except (KeyError, ValueError, TypeError) as error:
+            sources = sorted({os.path.basename(files.file_of(name)) for name in read})
+            if not sources:
+                raise
+            message = error.args[0] if error.args else str(error)
+            raise type(error)(f"{message} (reading {', '.join(sources)})") from error
+        if read:
+            if place is not None:
+                place(module)
+            if progress is not None:
+                progress(sum(files.nbytes(name) for name in read))
+    unused = sorted(set(files) - used)
+    if strict and unused:
+        raise ValueError(f"{who}: {len(unused)} tensor(s) in the checkpoint match no module of the model, "
+                         f"e.g. {unused[:5]} (strict=False ignores them)")
+    return model
+
+
 def load_quantized(model: nnx.Module, path_or_dir: str, *, strict: bool = True) -> nnx.Module:
     """Fills ``model`` (already built or quantized with the checkpoint's scheme) from safetensors files.
 
     Args:
       model: an NNX model whose quantized layers (:mod:`jaxq.nn.layers`) and float ``Linear``/``Embed``/
         norm modules name the tensors to read (see the module docstring for names, shapes and dtypes).
-      path_or_dir: a ``.safetensors`` file or a directory of them (with ``config.json``).
+      path_or_dir: a ``.safetensors`` file or a directory of them (with ``config.json``; a sharded
+        checkpoint's ``model.safetensors.index.json`` names its files). Files are memory-mapped and read one
+        tensor at a time.
       strict: also fail when the files hold tensors that no module of ``model`` reads.
 
     Raises ``KeyError`` for a missing tensor, ``ValueError``/``TypeError`` for a wrong shape or dtype or a
-    config the layer cannot take, each naming the tensor or config key. Returns ``model``.
+    config the layer cannot take, each naming the tensor (and the file) or config key. Returns ``model``.
     """
-    tensors = read_safetensors(path_or_dir)
     config = read_quantization_config(path_or_dir)
-    used = set()
-
-    def take(name):
-        if name not in tensors:
-            raise KeyError(f"load_quantized: the checkpoint has no tensor {name!r}")
-        used.add(name)
-        return jnp.asarray(tensors[name])
-
-    for prefix, module in _modules(model):
-        if isinstance(module, QuantizedLinear):
-            if config is not None:
-                _configure(module, config, prefix)
-            _load_quantized_layer(module, prefix, take)
-            if module.use_bias:
-                module.assign("bias", take(_join(prefix, "bias")), what=_join(prefix, "bias"))
-            continue
-        for name, (attribute, transposed) in _float_entries(module).items():
-            variable = getattr(module, attribute, None)
-            if variable is None:
-                continue
-            full = _join(prefix, name)
-            value = take(full)
-            value = value.T if transposed else value
-            if tuple(value.shape) != tuple(variable.shape):
-                raise ValueError(f"load_quantized: {full}: expected shape "
-                                 f"{tuple(reversed(variable.shape)) if transposed else tuple(variable.shape)}; "
-                                 f"got {tuple(tensors[full].shape)}")
-            variable[...] = value.astype(variable.dtype)
-    unused = sorted(set(tensors) - used)
-    if strict and unused:
-        raise ValueError(f"load_quantized: {len(unused)} tensor(s) in the checkpoint match no module of the model, "
-                         f"e.g. {unused[:5]} (strict=False ignores them)")
-    return model
+    return fill_model(model, SafetensorsFiles(path_or_dir), lambda prefix: config, strict=strict)
 
 
 def save_quantized(model: nnx.Module, path: str) -> str:
