@@ -1,8 +1,10 @@
 """Flax NNX layers on jaxq's ops: quantized drop-ins for ``nnx.Linear``, ``quantize`` for whole models,
-and checkpoints in the formats vLLM loads (AutoAWQ, AutoGPTQ, compressed-tensors, FP8 block-wise).
+checkpoints in the formats vLLM loads (AutoAWQ, AutoGPTQ, compressed-tensors, FP8 block-wise),
+``from_pretrained`` for Hugging Face Llama/Mistral/Qwen2 directories and ``generate`` with a KV cache.
 """
 
 from jaxq.nn.checkpoint import load_quantized, quantization_config, save_quantized
+from jaxq.nn.llama import LlamaConfig, LlamaForCausalLM, generate
 from jaxq.nn.layers import (
     AWQLinear,
     Fp8Linear,
@@ -12,6 +14,7 @@ from jaxq.nn.layers import (
     QuantizedWeight,
     quantize_int8_per_token,
 )
+from jaxq.nn.pretrained import from_pretrained
 from jaxq.nn.quantize import SCHEMES, add_lora, quantize, shard_model
 
 __all__ = [
@@ -19,10 +22,14 @@ __all__ = [
     "Fp8Linear",
     "GPTQLinear",
     "Int8Linear",
+    "LlamaConfig",
+    "LlamaForCausalLM",
     "QuantizedLinear",
     "QuantizedWeight",
     "SCHEMES",
     "add_lora",
+    "from_pretrained",
+    "generate",
     "load_quantized",
     "quantization_config",
     "quantize",

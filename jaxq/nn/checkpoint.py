@@ -333,13 +333,13 @@ def _join(prefix, name):
 
 
 def fill_model(model: nnx.Module, files: SafetensorsFiles, layer_config: Callable[[str], dict | None], *,
-               strict: bool = True, place: Callable[[nnx.Module], None] | None = None, progress=None,
-               who: str = "load_quantized") -> nnx.Module:
+               strict: bool = True, allowed_unused=(), place: Callable[[nnx.Module], None] | None = None,
+               progress=None, who: str = "load_quantized") -> nnx.Module:
     """Fills every quantized layer and float module of ``model`` from ``files``, one tensor at a time (only
     it in host memory). ``layer_config(path)`` is the quantization config a quantized layer is checked
     against (None: none); ``place(module)`` runs on each module once it is filled (e.g. to shard it);
     ``progress(bytes)`` is told how many checkpoint bytes each module read. Errors name the tensor and the
-    file; with ``strict``, tensors no module reads are an error too."""
+    file; with ``strict``, tensors no module reads (other than ``allowed_unused``) are an error too."""
     used = set()
     for prefix, module in _modules(model):
         read = []
@@ -381,7 +381,7 @@ def fill_model(model: nnx.Module, files: SafetensorsFiles, layer_config: Callabl
                 place(module)
             if progress is not None:
                 progress(sum(files.nbytes(name) for name in read))
-    unused = sorted(set(files) - used)
+    unused = sorted(set(files) - used - set(allowed_unused))
     if strict and unused:
         raise ValueError(f"{who}: {len(unused)} tensor(s) in the checkpoint match no module of the model, "
                          f"e.g. {unused[:5]} (strict=False ignores them)")
