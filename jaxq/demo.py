@@ -3,9 +3,10 @@
     python -m jaxq.demo [--qlora] [--new-tokens N]
 
 Initialises the embedded model (random weights, no download), quantizes every linear layer with each of
-``jaxq.nn.SCHEMES``, runs a jit-compiled forward and a greedy decode, and prints per scheme which jaxq
-kernels ran (CUDA, or the jnp reference lowering), the relative error of the logits against the bf16
-model, top-1 agreement and decode tokens/s. With several devices it also runs the tensor-parallel layout
+``jaxq.nn.SCHEMES``, runs a jit-compiled forward and a greedy ``jaxq.nn.generate`` (KV cache: one prefill
+over the prompt, then one decode step per token), and prints per scheme which jaxq kernels each phase ran
+(CUDA, or the jnp reference lowering), the relative error of the logits against the bf16 model, top-1
+agreement and the tokens/s of each phase. With several devices it also runs the tensor-parallel layout
 (q/k/v/gate/up column-parallel, o/down row-parallel over a ``model`` mesh axis) and compares it with the
 single-device result; on a CPU-only machine it makes 8 virtual CPU devices for that. ``--qlora`` trains
 LoRA adapters on the AWQ-quantized model for a few steps.
@@ -29,7 +30,7 @@ from flax import nnx  # noqa: E402
 
 import jaxq  # noqa: E402
 import jaxq.nn as qnn  # noqa: E402
-from jaxq.nn.llama import MODEL_AXIS, LlamaConfig, LlamaForCausalLM, greedy_decode  # noqa: E402
+from jaxq.nn.llama import MODEL_AXIS, LlamaConfig, LlamaForCausalLM, generate, generation_hlo  # noqa: E402
 
 PROMPT, BATCH = 16, 4
 
@@ -44,23 +45,24 @@ def _rel_err(approx, exact) -> float:
     return float(np.linalg.norm(approx - exact) / np.linalg.norm(exact))
 
 
-def _programs(model, new_tokens):
-    """Jitted forward and decode of ``model`` (functional: graph and state split, so calls carry no NNX
-    bookkeeping), and the forward's lowered text."""
+def _forward(model):
+    """The jitted forward of ``model`` (functional: graph and state split, so calls carry no NNX
+    bookkeeping) and its state."""
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
-    decode = jax.jit(lambda state, prompt: greedy_decode(nnx.merge(graphdef, state), prompt, new_tokens))
-    return state, forward, decode
+    return state, jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
 
 
 def _run(model, tokens, new_tokens):
-    """(prompt logits, generated tokens, decode tokens/s, kernels that ran) of one jitted greedy decode."""
-    state, _, decode = _programs(model, new_tokens)
-    jax.block_until_ready(decode(state, tokens))  # compile
-    start = time.perf_counter()
-    generated, logits = jax.block_until_ready(decode(state, tokens))
-    seconds = time.perf_counter() - start
-    return logits, generated, BATCH * new_tokens / seconds, _kernels(decode.lower(state, tokens).as_text())
+    """(prompt logits, generated tokens, prefill and decode tokens/s, kernels each phase ran) of a greedy
+    generate, timed after a first call that compiles."""
+    state, forward = _forward(model)
+    logits = forward(state, tokens)
+    generate(model, tokens, new_tokens)  # compile
+    timings = {}
+    generated = generate(model, tokens, new_tokens, timings=timings)
+    hlo = generation_hlo(model, tokens, new_tokens)
+    rates = (tokens.size / timings["prefill_s"], BATCH * max(new_tokens - 1, 1) / max(timings["decode_s"], 1e-9))
+    return logits, generated, rates, (_kernels(hlo["prefill"]), _kernels(hlo["decode"]))
 
 
 def tensor_parallel(config, tokens, scheme, mesh):
@@ -70,7 +72,7 @@ def tensor_parallel(config, tokens, scheme, mesh):
     model = LlamaForCausalLM(config, tensor_parallel=True, rngs=nnx.Rngs(0))
     qnn.quantize(model, scheme)
     qnn.shard_model(model, mesh)
-    state, forward, _ = _programs(model, 1)
+    state, forward = _forward(model)
     sharded_tokens = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
     return forward(state, sharded_tokens), state["model"]["layers"][0]["mlp"]["down_proj"]
 
@@ -101,7 +103,7 @@ def qlora(config, tokens, steps=20):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens to decode (default 16)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens to generate (default 16)")
     parser.add_argument("--qlora", action="store_true", help="also train LoRA adapters on the AWQ model")
     args = parser.parse_args(argv)
     if args.new_tokens < 1:
@@ -117,19 +119,20 @@ def main(argv=None):
     tokens = jax.random.randint(jax.random.key(1), (BATCH, PROMPT), 0, config.vocab_size, jnp.int32)
 
     start = time.perf_counter()
-    reference, ref_tokens, ref_rate, _ = _run(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), tokens, args.new_tokens)
+    reference, ref_tokens, ref_rates, _ = _run(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), tokens, args.new_tokens)
     ref_top1 = np.asarray(jnp.argmax(reference, -1))
-    print("| scheme | layers | kernels | logits rel. error vs bf16 | top-1 agreement | "
-          "decode tokens/s |\n|---|---|---|---|---|---|")
-    print(f"| bf16 (nnx.Linear) | 15 | XLA dot | 0 | 1.000 | {ref_rate:.0f} |")
+    print(f"| scheme | layers | prefill kernels (M = {BATCH * PROMPT}) | decode kernels (M = {BATCH}) | logits rel. "
+          "error vs bf16 | top-1 agreement | prefill tokens/s | decode tokens/s |\n|---|---|---|---|---|---|---|---|")
+    print(f"| bf16 (nnx.Linear) | 15 | XLA dot | XLA dot | 0 | 1.000 | {ref_rates[0]:.0f} | {ref_rates[1]:.0f} |")
     single = {}
     for scheme in qnn.SCHEMES:
         model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
         replaced = qnn.quantize(model, scheme)
-        logits, generated, rate, kernels = _run(model, tokens, args.new_tokens)
+        logits, generated, rates, kernels = _run(model, tokens, args.new_tokens)
         single[scheme] = logits
         agree = float(np.mean(np.asarray(jnp.argmax(logits, -1)) == ref_top1))
-        print(f"| {scheme} | {len(replaced)} | {kernels} | {_rel_err(logits, reference):.4f} | {agree:.3f} | {rate:.0f} |")
+        print(f"| {scheme} | {len(replaced)} | {kernels[0]} | {kernels[1]} | {_rel_err(logits, reference):.4f} | "
+              f"{agree:.3f} | {rates[0]:.0f} | {rates[1]:.0f} |")
 
     if len(devices) >= 2 and len(devices) % 2 == 0:
         # Two-way tensor parallelism: k/v_proj's 256 outputs hold two 128-row fp8 blocks.
