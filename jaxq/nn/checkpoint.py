@@ -66,10 +66,11 @@ CHECKPOINT_FILE = "model.safetensors"
 
 class SafetensorsFiles(Mapping):
     """The tensors of a ``.safetensors`` file, or of a directory's (the files its
-    ``model.safetensors.index.json`` lists, else every ``.safetensors`` file in it), read lazily: each file is
-    memory-mapped and only its header parsed up front; ``files[name]`` is a read-only NumPy view of that
-    tensor's bytes (bfloat16 and float8_e4m3fn as ml_dtypes), so memory holds what is being read, never a
-    whole file. ``file_of(name)`` names the file a tensor comes from."""
+    ``model.safetensors.index.json`` lists, else every ``.safetensors`` file in it), read lazily: only the
+    files' headers are parsed up front; ``files[name]`` reads that tensor's bytes alone from its file into a NumPy array
+    (bfloat16 and float8_e4m3fn as ml_dtypes), so memory holds what is being read, never a whole file (nor a
+    mapping of it, whose touched pages would stay resident). ``file_of(name)`` names the file a tensor comes
+    from."""
 
     def __init__(self, path: str):
         if os.path.isdir(path):
@@ -85,7 +86,6 @@ class SafetensorsFiles(Mapping):
         if not files:
             raise FileNotFoundError(f"no .safetensors files in {path}")
         self._entries: dict[str, tuple] = {}
-        self._maps: dict[str, np.memmap] = {}
         for file in files:
             with open(file, "rb") as f:
                 (size,) = struct.unpack("<Q", f.read(8))
@@ -102,9 +102,10 @@ class SafetensorsFiles(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         file, dtype, shape, begin, end = self._entries[name]
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, np.uint8, mode="r")
-        return self._maps[file][begin:end].view(dtype).reshape(shape)
+        data = np.fromfile(file, np.uint8, count=end - begin, offset=begin)
+        if data.size != end - begin:
+            raise ValueError(f"tensor {name!r}: {file} ends before its data does (truncated file?)")
+        return data.view(dtype).reshape(shape)
 
     def __iter__(self):
         return iter(self._entries)
