@@ -406,7 +406,7 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list
 
 # ------------------------------------------------------------------------------- W8A8 scaled GEMMs
 
-# (operand, M, K, N): issue 4's shapes. Weights are stored [N, K] and passed as w.T, as checkpoints keep them.
+# (operand, M, K, N): the W8A8 targets' shapes. Weights are stored [N, K] and passed as w.T, as checkpoints keep them.
 SCALED_MM_CASES = [("fp8", m, 8192, 28672) for m in (16, 128, 4096)]
 # use_fast_accum (the tensor core's accumulator over all of K) changes the kernel above M = 64 only.
 SCALED_MM_CASES += [("fp8-fast", m, 8192, 28672) for m in (128, 4096)]

@@ -12,7 +12,7 @@
 // x is copied once per block into shared memory and read by every warp; blocks of 2-4 K parts of 4 warps give
 // 12-16 warps per SM instead of 7. Lane t holds word row t of each 32-k block (k 8t..8t+7) of its four columns,
 // and x of those k, so no two lanes read the same shared memory. Per-group sums of x come from a small kernel
-// first. Results and what limits it: benchmarks/RESULTS.md, sessions 11 and 12 (this version, with copy and
+// first. Results and what limits it: benchmarks/history/2026-11-30-h200.md (this version, with copy and
 // shared-memory addresses precomputed as in the main kernel, ties jaxq's kernel on the H200, before the x sums).
 #include <cuda_bf16.h>
 

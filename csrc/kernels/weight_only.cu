@@ -481,7 +481,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Format, Bits, MTiles>)
   // Ends a group: folds its sums and loads the next one's scales and zeros. AWQ does this at the top of the next
   // step, once that step's copies are on their way: at the end of the group's last step it held them back, which
   // cost AWQ 9-10% at M16 and 4% at M1; GPTQ lost up to 2.5% at M1 and M16 with this order (on the H200;
-  // benchmarks/RESULTS.md, session 12).
+  // benchmarks/history/2026-11-30-h200.md, "what limits the M16 weight-only kernel").
   constexpr bool kFoldAfterCopies = Format == WeightFormat::kAwq;
   auto end_group = [&]() {
     fold_group();
@@ -695,9 +695,9 @@ cudaError_t LaunchGemmKernel(const WeightOnlyParams& p, int split_k, ColumnBlock
 // tiles and the rest 96 columns, so that the SMs holding two blocks read 224 columns of weights, not 256 (at
 // N=28672 on the H100 all but nine SMs then hold two blocks; with whole tiles 92 hold two and 40 one). A narrow
 // block issues as many instructions as a whole one (its idle lanes run along), so this evens out bytes only:
-// 2-5% for GPTQ at K8192 N20480-28672, M1 and M16 (benchmarks/RESULTS.md, session 10). 96 GPTQ columns are
-// 384-byte row segments, whole 128-byte lines; AWQ's would be 48-byte segments, which lost 1-3% at M16, so AWQ
-// keeps whole tiles.
+// 2-5% for GPTQ at K8192 N20480-28672, M1 and M16 (H100, benchmarks/history/2026-11-24-h100.md). 96 GPTQ
+// columns are 384-byte row segments, whole 128-byte lines; AWQ's would be 48-byte segments, which lost 1-3% at
+// M16, so AWQ keeps whole tiles.
 template <WeightFormat Format>
 ColumnBlocks ColumnBlocksFor(const WeightOnlyParams& p, int split_k) {
   constexpr int kTailColumns = 96;

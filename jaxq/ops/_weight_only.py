@@ -41,11 +41,11 @@ def _sm_count() -> int:
 def split_k(m: int, n: int, k: int, slab_k: int, hint: int | None = None, *, sm_count: int | None = None) -> int:
     """Blocks that share the K range of one column tile.
 
-    Measured on the H100 (benchmarks/RESULTS.md, session 5): splitting costs more than waves suggest (the
-    partial sums' round trip, the arrival counters' memset, the last block's reduction, and blocks of one
-    tile reading distant rows of the weight instead of sweeping K together), so K is split only when the
-    column tiles alone leave SMs idle: not at all from 0.8 tiles per SM, else into the fewest splits that
-    give 1.5 blocks per SM; never so many that a warp gets fewer than a few steps. ``hint`` (e.g.
+    Measured on the H100 (benchmarks/history/2026-11-24-h100.md, "K split, measured"): splitting costs more
+    than waves suggest (the partial sums' round trip, the arrival counters' memset, the last block's
+    reduction, and blocks of one tile reading distant rows of the weight instead of sweeping K together), so
+    K is split only when the column tiles alone leave SMs idle: not at all from 0.8 tiles per SM, else into
+    the fewest splits that give 1.5 blocks per SM; never so many that a warp gets fewer than a few steps. ``hint`` (e.g.
     awq_gemm's ``split_k_iters``) overrides the choice (still capped at one step per warp)."""
     tiles = -(-n // _WARP_COLUMNS) * -(-m // KERNEL_ROWS_PER_PASS)
     steps = max(1, k // (slab_k * _WARPS_PER_BLOCK))
