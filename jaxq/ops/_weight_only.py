@@ -45,8 +45,8 @@ def split_k(m: int, n: int, k: int, slab_k: int, hint: int | None = None, *, sm_
     than waves suggest (the partial sums' round trip, the arrival counters' memset, the last block's
     reduction, and blocks of one tile reading distant rows of the weight instead of sweeping K together), so
     K is split only when the column tiles alone leave SMs idle: not at all from 0.8 tiles per SM, else into
-    the fewest splits that give 1.5 blocks per SM; never so many that a warp gets fewer than a few steps. ``hint`` (e.g.
-    awq_gemm's ``split_k_iters``) overrides the choice (still capped at one step per warp)."""
+    the fewest splits that give 1.5 blocks per SM; never so many that a warp gets fewer than a few steps.
+    ``hint`` (e.g. awq_gemm's ``split_k_iters``) overrides the choice (still capped at one step per warp)."""
     tiles = -(-n // _WARP_COLUMNS) * -(-m // KERNEL_ROWS_PER_PASS)
     steps = max(1, k // (slab_k * _WARPS_PER_BLOCK))
     if hint:
