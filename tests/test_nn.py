@@ -361,8 +361,10 @@ def test_load_symmetric_autogptq_into_marlin_layer(tmp_path, bits, desc_act):
         np.testing.assert_array_equal(read_safetensors(saved)[name], value)
 
 
-@pytest.mark.parametrize("symmetric,strategy", [(True, "group"), (False, "group"), (True, "channel")])
-def test_load_compressed_tensors_pack_quantized_written_from_the_format(tmp_path, symmetric, strategy):
+@pytest.mark.parametrize("symmetric,strategy,actorder", [(True, "group", None), (False, "group", "weight"),
+                                                         (True, "channel", "static")])
+def test_load_compressed_tensors_pack_quantized_written_from_the_format(tmp_path, symmetric, strategy, actorder):
+    """actorder "weight" / "static" (compressed-tensors 0.20's only kind) store no g_idx: read as none."""
     rng = np.random.default_rng(11)
     g = K if strategy == "channel" else 64
     signed = rng.integers(-8, 8, (N, K))
@@ -373,7 +375,8 @@ def test_load_compressed_tensors_pack_quantized_written_from_the_format(tmp_path
     if not symmetric:
         tensors["proj.weight_zero_point"] = oracle.bitstream_pack(zero + 8, 4, axis=0)
     weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": strategy,
-               "group_size": g if strategy == "group" else None}
+               "group_size": g if strategy == "group" else None, "actorder": actorder}
+    assert not qnn.checkpoint.stores_group_index(weights) and qnn.checkpoint.stores_group_index({"actorder": "dynamic"})
     config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
               "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}}}
     layer = qnn.GPTQLinear(K, N, group_size=g, v2_format=True, use_bias=False, checkpoint_format="compressed-tensors")

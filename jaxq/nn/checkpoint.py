@@ -11,10 +11,15 @@ naming: ``model.layers.0.self_attn.q_proj.qweight``). Per layer class:
   the config's ``bits``/``group_size`` must match the layer, ``desc_act`` and ``checkpoint_format``
   (``gptq`` = v1 zeros minus one, ``gptq_v2``) set it.
 * :class:`GPTQLinear` with ``checkpoint_format="compressed-tensors"`` - compressed-tensors ``pack-quantized``
-  (W4A16/W8A16 and other widths, ``group`` or ``channel`` strategy, symmetric or with zero points, ``actorder``
-  ``group``): ``weight_packed`` int32 ``[out, in*bits/32]`` (values plus ``2**(bits-1)``, little-endian bit
-  stream along ``in``), ``weight_scale`` ``[out, in/G]``, ``weight_shape`` ``[2]``, and when used
-  ``weight_zero_point`` int32 ``[out*bits/32, in/G]`` and ``weight_g_idx`` int32 ``[in]``.
+  (W4A16/W8A16 and other widths, ``group`` or ``channel`` strategy, symmetric or with zero points):
+  ``weight_packed`` int32 ``[out, in*bits/32]`` (values plus ``2**(bits-1)``, little-endian bit stream along
+  ``in``), ``weight_scale`` ``[out, in/G]``, ``weight_shape`` ``[2]``, and when used ``weight_zero_point`` int32
+  ``[out*bits/32, in/G]`` and ``weight_g_idx`` int32 ``[in]``. ``actorder`` ``"weight"`` / ``"static"`` (an order
+  used in calibration only) and ``null`` store no ``weight_g_idx`` and read as no act-order; ``"group"`` /
+  ``"dynamic"`` store it. An act-order layer's groups follow ``weight_g_idx`` and have no other form, so
+  :func:`save_quantized` writes ``actorder: "group"``: vLLM reads such files, as do compressed-tensors releases
+  before 0.20; compressed-tensors 0.20 refuses that config (it removed ``"group"``), which is no loss for
+  vLLM users, whose loader does not go through it.
 * :class:`Fp8Linear` ``block=True`` - FP8 block-wise (``quant_method: fp8``, ``weight_block_size
   [128, 128]``, dynamic activations): ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale_inv`` float32
   ``[ceil(out/128), in/128]``.
@@ -207,7 +212,7 @@ def _configure(layer: QuantizedLinear, config: dict, prefix: str):
         group = layer.in_features if weights.get("strategy") == "channel" else weights.get("group_size")
         if group != layer.group_size:
             raise _mismatch(prefix, "weights.group_size", layer.group_size, group)
-        layer.configure_storage(act_order=weights.get("actorder") == "group", v2_format=True,
+        layer.configure_storage(act_order=stores_group_index(weights), v2_format=True,
                                 symmetric=bool(weights.get("symmetric", True)))
         return
     if isinstance(layer, GPTQLinear):
@@ -239,6 +244,12 @@ def _configure(layer: QuantizedLinear, config: dict, prefix: str):
             got = str(got).lower()
         if got != value and not (key == "weight_block_size" and list(got) == value):
             raise _mismatch(prefix, key, value, got)
+
+
+def stores_group_index(weights: dict) -> bool:
+    """Whether a compressed-tensors weights config stores ``weight_g_idx`` (``actorder`` ``group`` or its alias
+    ``dynamic``; ``weight`` / ``static`` only changed the calibration order)."""
+    return str(weights.get("actorder")).lower() in ("group", "dynamic")
 
 
 def _ct_group(config: dict, prefix: str, fmt: str) -> dict:

@@ -31,7 +31,7 @@ import sys
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxq.nn.checkpoint import SafetensorsFiles, fill_model, read_quantization_config
+from jaxq.nn.checkpoint import SafetensorsFiles, fill_model, read_quantization_config, stores_group_index
 from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, sharding_axes
 from jaxq.nn.llama import LlamaConfig, LlamaForCausalLM
 from jaxq.nn.quantize import _replace, iter_modules, module_path, shard_model
@@ -61,7 +61,7 @@ def _compressed_tensors_layer(config: dict, prefix: str, in_features: int, backe
     layer_config = {"quant_method": "compressed-tensors", "format": fmt, "config_groups": {"group_0": group}}
     if fmt == "pack-quantized" and activations is None and weights.get("type") == "int":
         group_size = in_features if weights.get("strategy") == "channel" else weights.get("group_size")
-        options = dict(bits=weights.get("num_bits"), group_size=group_size, act_order=weights.get("actorder") == "group",
+        options = dict(bits=weights.get("num_bits"), group_size=group_size, act_order=stores_group_index(weights),
                        symmetric=bool(weights.get("symmetric", True)), checkpoint_format="compressed-tensors",
                        v2_format=True)
         return GPTQLinear, {**options, "backend": backend or "kernel"}, layer_config
