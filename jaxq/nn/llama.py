@@ -62,14 +62,19 @@ class LlamaConfig:
         if arch not in ARCHITECTURES:
             raise ValueError(f"from_pretrained: architecture {arch!r} is not supported "
                              f"(one of {sorted(ARCHITECTURES)})")
-        scaling = config.get("rope_scaling")
+        # transformers 5 writes rope_parameters (theta included); 4.x rope_theta and rope_scaling.
+        rope_config = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        theta = config.get("rope_theta", rope_config.get("rope_theta", 10000.0))
+        kind = rope_config.get("rope_type", rope_config.get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise ValueError(f"from_pretrained: rope scaling type {kind!r} is not supported (llama3 or none)")
         rope = None
-        if scaling:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind != "llama3":
-                raise ValueError(f"from_pretrained: rope_scaling type {kind!r} is not supported (llama3 or none)")
-            rope = RopeScaling(float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                               float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+        if kind == "llama3":
+            rope = RopeScaling(float(rope_config["factor"]), float(rope_config["low_freq_factor"]),
+                               float(rope_config["high_freq_factor"]),
+                               int(rope_config["original_max_position_embeddings"]))
+        if config.get("mlp_bias", False):
+            raise ValueError("from_pretrained: mlp_bias=True is not supported")
         if config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"from_pretrained: hidden_act {config['hidden_act']!r} is not supported (silu)")
         windowed = config.get("use_sliding_window", arch == "MistralForCausalLM")
@@ -78,7 +83,7 @@ class LlamaConfig:
         return cls(vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
                    intermediate_size=int(config["intermediate_size"]), num_layers=int(config["num_hidden_layers"]),
                    num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
-                   rope_theta=float(config.get("rope_theta", 10000.0)),
+                   rope_theta=float(theta),
                    rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), head_dim=int(config.get("head_dim") or 0),
                    attention_bias=bool(config.get("attention_bias", arch == "Qwen2ForCausalLM")),
                    tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), rope_scaling=rope,
