@@ -1,14 +1,21 @@
-"""jaxq's models against Hugging Face transformers on the same checkpoint (needs torch and transformers; shared
-by tests/test_transformers.py and tools/transformers_check.py).
+"""jaxq's models against Hugging Face transformers on the same checkpoint (needs torch and transformers, and
+compressed-tensors for the quantized checkpoints; shared by tests/test_transformers.py and
+tools/transformers_check.py).
 
 A small random transformers model is saved with ``save_pretrained`` and loaded by ``jaxq.nn.from_pretrained``;
 both run in bfloat16 on the same tokens. Prefill: logits of the prompt. Decode: jaxq's KV-cache steps fed the
 tokens transformers' greedy ``generate`` chose, against transformers' logits of the whole sequence at those
 positions (teacher forcing, so that one near-tie cannot send the two down different paths).
+
+Quantized checkpoints come from the compressed-tensors library itself: its ``apply_quantization_config``, scales
+and zero points from its ``calculate_qparams`` over each group's min and max, its ``ModelCompressor`` packing
+and ``update_config``; transformers then runs on the library's own decompression of those weights (its
+activation quantization included, for the W8A8 schemes) as the reference.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import jax.numpy as jnp
@@ -32,6 +39,7 @@ class Errors:
     prefill: float  # relative L2 of the prompt's logits
     decode: float  # relative L2 of the decode steps' logits
     greedy_agreement: float  # share of jaxq's greedy tokens equal to transformers'
+    scheme_error: float | None = None  # the reference's own relative L2 from the unquantized model (prefill)
 
 
 def _rel(a, b) -> float:
@@ -59,8 +67,10 @@ def save_random_model(case: str, directory: str, seed: int = 0):
     return model
 
 
-def compare(hf_model, directory: str, batch: int = 2, prompt: int = 7, steps: int = 8, seed: int = 1) -> Errors:
-    """Loads ``directory`` with jaxq and compares it with ``hf_model`` (module docstring)."""
+def compare(hf_model, directory: str, batch: int = 2, prompt: int = 7, steps: int = 8, seed: int = 1,
+            float_model=None) -> Errors:
+    """Loads ``directory`` with jaxq and compares it with ``hf_model`` (module docstring); with the unquantized
+    ``float_model``, also how far ``hf_model`` itself is from it."""
     import torch
 
     import jaxq.nn as qnn
@@ -82,4 +92,61 @@ def compare(hf_model, directory: str, batch: int = 2, prompt: int = 7, steps: in
     decode = _rel(np.stack(step_logits, 1), reference[:, prompt:prompt + steps - 1])
     tokens = np.asarray(qnn.generate(ours, jnp.asarray(ids, jnp.int32), steps))
     agreement = float(np.mean(tokens[:, prompt:] == generated[:, prompt:]))
-    return Errors(prefill, decode, agreement)
+    scheme_error = None
+    if float_model is not None:
+        with torch.no_grad():
+            unquantized = float_model(torch.tensor(ids)).logits.float().numpy()
+        scheme_error = _rel(reference[:, :prompt], unquantized)
+    return Errors(prefill, decode, agreement, scheme_error)
+
+
+# scheme -> (format, weights args, input activation args or None), compressed-tensors' QuantizationArgs fields
+COMPRESSED_SCHEMES = {
+    "w4a16": ("pack-quantized", dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128), None),
+    "w4a16-asym": ("pack-quantized", dict(num_bits=4, type="int", symmetric=False, strategy="group", group_size=128),
+                   None),
+    "w8a16": ("pack-quantized", dict(num_bits=8, type="int", symmetric=True, strategy="channel"), None),
+    "fp8-dynamic": ("float-quantized", dict(num_bits=8, type="float", symmetric=True, strategy="channel"),
+                    dict(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)),
+    "w8a8-int": ("int-quantized", dict(num_bits=8, type="int", symmetric=True, strategy="channel"),
+                 dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)),
+}
+# Wider than SHAPE: group-128 weights need K a multiple of 128.
+COMPRESSED_SHAPE = dict(SHAPE, hidden_size=256, intermediate_size=512)
+
+
+def save_compressed_model(scheme: str, directory: str, seed: int = 0):
+    """A random transformers Llama quantized by compressed-tensors with ``scheme`` (``lm_head`` ignored), its
+    compressed checkpoint written to ``directory``; returns the model with the library's decompressed weights
+    and the model before quantization."""
+    import torch
+    import transformers
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    fmt, weights, activations = COMPRESSED_SCHEMES[scheme]
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMPRESSED_SHAPE)).to(torch.bfloat16).eval()
+    unquantized = copy.deepcopy(model)
+    weight_args = QuantizationArgs(**weights)
+    group = QuantizationScheme(targets=["Linear"], weights=weight_args,
+                               input_activations=QuantizationArgs(**activations) if activations else None)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": group}, ignore=["lm_head"]))
+    for module in model.modules():
+        if not hasattr(module, "weight_scale"):
+            continue
+        w = module.weight.detach().float()
+        w = w.reshape(w.shape[0], -1, weight_args.group_size) if weight_args.group_size else w[:, None, :]
+        scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), weight_args)
+        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype))
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape)
+                                                .to(module.weight_zero_point.dtype))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(directory)
+    compressor.update_config(directory)
+    compressor.decompress_model(model)
+    return model, unquantized

@@ -1,5 +1,5 @@
-"""Prints jaxq's errors against Hugging Face transformers per architecture (tests/hf_equivalence.py says what is
-compared; tests/test_transformers.py asserts the same).
+"""Prints jaxq's errors against Hugging Face transformers per architecture and per compressed-tensors scheme
+(tests/hf_equivalence.py says what is compared; tests/test_transformers.py asserts the same).
 
     python tools/transformers_check.py        # needs torch and transformers: pip install -r tests/writers.txt
 """
@@ -25,6 +25,14 @@ def main():
         with tempfile.TemporaryDirectory() as directory:
             errors = hf_equivalence.compare(hf_equivalence.save_random_model(case, directory), directory)
         print(f"| {case} | {errors.prefill:.2e} | {errors.decode:.2e} | {errors.greedy_agreement:.3f} |")
+    print("\n| compressed-tensors scheme | prefill logits rel. L2 | cached decode rel. L2 | greedy tokens equal | "
+          "the reference's own error vs the unquantized model |\n|---|---|---|---|---|")
+    for scheme in hf_equivalence.COMPRESSED_SCHEMES:
+        with tempfile.TemporaryDirectory() as directory:
+            model, unquantized = hf_equivalence.save_compressed_model(scheme, directory)
+            errors = hf_equivalence.compare(model, directory, float_model=unquantized)
+        print(f"| {scheme} | {errors.prefill:.2e} | {errors.decode:.2e} | {errors.greedy_agreement:.3f} | "
+              f"{errors.scheme_error:.2e} |")
 
 
 if __name__ == "__main__":
