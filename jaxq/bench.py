@@ -392,7 +392,7 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list
                 row["dequant_dot_us"] = _time_per_call(
                     lambda x, q, s, z, q_type=q_type: marlin._product(x, marlin._marlin_dequantize(
                         q, s, *([z] if z is not None else []), b_q_type=q_type, has_zeros=z is not None,
-                        has_g_idx=False)[0], None), make_input, moved) * 1e6
+                        has_g_idx=False, per_channel=False)[0], None), make_input, moved) * 1e6
             out.append(row)
             print(row, flush=True)
     _print_table(out, [("kernel µs", "us", "{:.1f}"), ("% of copy BW", "pct_copy", "{:.1f}%"),

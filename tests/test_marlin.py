@@ -363,7 +363,7 @@ def _operands(w, a, bias):
 
 def _params(w, bias):
     return dict(b_q_type=w.q_type, has_zeros=w.b_zeros is not None, has_g_idx=w.g_idx is not None,
-                has_bias=bias is not None, batch_invariant=False)
+                has_bias=bias is not None, per_channel=w.b_scales.shape[0] == 1, batch_invariant=False)
 
 
 @pytest.mark.gpu
@@ -401,5 +401,24 @@ def test_kernel_clamps_corrupt_act_order_indices_on_gpu():
                                                    perm=kw["perm"]))(a, g_idx)
     clamped = jnp.clip(g_idx, 0, w.b_scales.shape[0] - 1)
     want = marlin._reference(jnp.take(a, kw["perm"], axis=1), w.b_q_weight, w.b_scales, clamped, b_q_type="uint4b8",
-                             has_zeros=False, has_g_idx=True, has_bias=False, batch_invariant=False)[0]
+                             has_zeros=False, has_g_idx=True, has_bias=False, per_channel=False,
+                             batch_invariant=False)[0]
     assert rel_l2(got, want) < GEMM_TOLERANCE[jnp.float16]
+
+
+@pytest.mark.parametrize("q_type", ["uint4b8", "uint4"])
+def test_row_parallel_shard_holding_one_group(q_type):
+    """A row-parallel shard with one group of scales keeps the grouped scale order (not per-channel's)."""
+    rng = np.random.default_rng(12)
+    k, n, m = 1024, 256, 4
+    w = Weight(rng, q_type, k, n, 128, jnp.bfloat16)
+    a = random_a(rng, (m, k), jnp.bfloat16)
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def f(a, q, s, z):
+        return marlin.marlin_gemm(a, q, s, b_q_type=q_type, b_zeros=z)
+
+    put = lambda x, spec: None if x is None else jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    sharded = jax.jit(f)(put(a, P(None, "x")), put(w.b_q_weight, P("x", None)), put(w.b_scales, P("x", None)),
+                         put(w.b_zeros, P("x", None)))
+    assert rel_l2(sharded, w.oracle_gemm(a)) < 1e-2

@@ -41,6 +41,9 @@ ffi::Error BindWeight(MarlinParams& p, const char* op, int32_t b_q_type, ffi::Da
   p.k = static_cast<int>(qd[0] * 16);
   p.n = static_cast<int>(sd[1]);
   p.groups = static_cast<int>(sd[0]);
+  if (p.per_channel && p.groups != 1) {
+    return ffi::Error::InvalidArgument("jaxq: per-channel b_scales must hold one group");
+  }
   if (has_zeros) {
     auto zeros = optional.get<ffi::AnyBuffer>(next++);
     if (zeros.has_error()) return zeros.error();
@@ -68,8 +71,9 @@ ffi::Error BindWeight(MarlinParams& p, const char* op, int32_t b_q_type, ffi::Da
 
 ffi::Error MarlinGemm(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b_q, ffi::AnyBuffer scales,
                       ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> out, int32_t b_q_type,
-                      bool has_zeros, bool has_g_idx, bool has_bias, bool batch_invariant) {
+                      bool has_zeros, bool has_g_idx, bool has_bias, bool per_channel, bool batch_invariant) {
   MarlinParams p;
+  p.per_channel = per_channel;
   p.batch_invariant = batch_invariant;
   size_t next = 0;
   if (auto err = BindWeight(p, "marlin_gemm", b_q_type, a.element_type(), b_q, scales, optional, next, has_zeros,
@@ -97,8 +101,9 @@ ffi::Error MarlinGemm(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b_q,
 
 ffi::Error MarlinDequantize(cudaStream_t stream, ffi::AnyBuffer b_q, ffi::AnyBuffer scales,
                             ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> out, int32_t b_q_type,
-                            bool has_zeros, bool has_g_idx) {
+                            bool has_zeros, bool has_g_idx, bool per_channel) {
   MarlinParams p;
+  p.per_channel = per_channel;
   size_t next = 0;
   if (auto err = BindWeight(p, "marlin_dequantize", b_q_type, scales.element_type(), b_q, scales, optional, next,
                             has_zeros, has_g_idx, 0);
@@ -126,6 +131,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqMarlinGemm, jaxq::MarlinGemm,
                                   .Attr<bool>("has_zeros")
                                   .Attr<bool>("has_g_idx")
                                   .Attr<bool>("has_bias")
+                                  .Attr<bool>("per_channel")
                                   .Attr<bool>("batch_invariant"),
                               {ffi::Traits::kCmdBufferCompatible});
 
@@ -138,5 +144,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqMarlinDequantize, jaxq::MarlinDequantize,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("b_q_type")
                                   .Attr<bool>("has_zeros")
-                                  .Attr<bool>("has_g_idx"),
+                                  .Attr<bool>("has_g_idx")
+                                  .Attr<bool>("per_channel"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -292,9 +292,9 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
   const int chunk = (split_tiles + kWarps - 1) / kWarps;
   const int kt_begin = split_begin + warp * chunk;
   const int slabs = max(0, min(chunk, split_tiles - warp * chunk));
-  const bool single = p.groups == 1;
+  const bool single = p.per_channel;
   // Group sizes are powers of two (ValidShape): a slab's group is a shift of its index; one group: shift it all out.
-  const int group_shift = single ? 30 : __ffs(p.k / p.groups / kTileK) - 1;
+  const int group_shift = p.groups == 1 ? 30 : __ffs(p.k / p.groups / kTileK) - 1;
 
   extern __shared__ float4 shared_raw[];
   char* ring = reinterpret_cast<char*>(shared_raw) + warp * R::kStages * R::kStageBytes;
@@ -554,7 +554,7 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinDequantizeKernel(MarlinPara
   }
   Factors<T> f;
   TileFactors<T, kType, kActOrder>(static_cast<const T*>(p.scales) + static_cast<size_t>(nt) * kTileN, p.n,
-                                   p.zeros + nt * 8, p.n / 8, group, g, p.groups == 1, f);
+                                   p.zeros + nt * 8, p.n / 8, group, g, p.per_channel, f);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     uint32_t b0, b1;

@@ -22,6 +22,9 @@ struct MarlinParams {
   void* out = nullptr;                // [m, n]
   int64_t m = 0;
   int k = 0, n = 0, groups = 1;
+  // The scales are in the one-group (per-channel) column order. A row-parallel shard of a grouped weight can
+  // hold one group and keeps the grouped order, so this is the layout's, not groups == 1.
+  bool per_channel = false;
   // One kernel configuration for every m (vLLM's batch-invariant mode): up to 8 rows no longer fold the scales in
   // float32 (faster, but a row's result then differs between at most 8 and more rows).
   bool batch_invariant = false;

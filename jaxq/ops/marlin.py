@@ -284,13 +284,17 @@ def marlin_fp8_scales(scales, *, size_k: int, group_size: int) -> jax.Array:
 # ---------------------------------------------------------------------------------------- reference
 
 
-def marlin_dequantize(b_q_weight, b_scales, b_zeros=None, g_idx=None, *, b_q_type: str, size_k: int):
+def marlin_dequantize(b_q_weight, b_scales, b_zeros=None, g_idx=None, *, b_q_type: str, size_k: int,
+                      per_channel: bool | None = None):
     """``W [K, N]`` from Marlin tensors, rows in the kernel's (``perm``) order, in the scales' dtype: the
-    reference ``marlin_gemm`` multiplies by. ``g_idx`` (act-order) is clamped to the scales' groups."""
+    reference ``marlin_gemm`` multiplies by. ``g_idx`` (act-order) is clamped to the scales' groups.
+    ``per_channel``: whether the scales are in the one-group (per-channel) column order; None: when they hold
+    one group. A row-parallel shard of a grouped weight may hold one group and keeps the grouped order."""
     bits, bias, _ = SCALAR_TYPES[b_q_type]
     q = marlin_unpack(b_q_weight, bits)
     groups = b_scales.shape[0]
-    scales = _permute_columns(b_scales, single=groups == 1, inverse=True).astype(jnp.float32)
+    per_channel = groups == 1 if per_channel is None else per_channel
+    scales = _permute_columns(b_scales, single=per_channel, inverse=True).astype(jnp.float32)
     if g_idx is not None:
         rows = jnp.clip(g_idx, 0, groups - 1)
     else:
@@ -322,10 +326,11 @@ def _product(a, w, bias):
     return out.astype(a.dtype)
 
 
-def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias, batch_invariant):
+def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant):
     a, b_q_weight, b_scales, zeros, g_idx, bias = _unpack_operands(args, has_zeros, has_g_idx, has_bias)
-    return (_product(a, marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type, size_k=a.shape[1]),
-                     bias),)
+    w = marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type, size_k=a.shape[1],
+                          per_channel=per_channel)
+    return (_product(a, w, bias),)
 
 
 def _shapes(a, b_q_weight, b_scales, *rest, **params):
@@ -369,11 +374,11 @@ def _dequantize_sharding_rule(params, operand_shapes, result_shapes) -> Sharding
                         replicated_factors=("sg",))
 
 
-def _dequantize_reference(b_q_weight, b_scales, *rest, b_q_type, has_zeros, has_g_idx):
+def _dequantize_reference(b_q_weight, b_scales, *rest, b_q_type, has_zeros, has_g_idx, per_channel):
     zeros = rest[0] if has_zeros else None
     g_idx = rest[int(has_zeros)] if has_g_idx else None
     return (marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type,
-                              size_k=b_q_weight.shape[0] * TILE_K),)
+                              size_k=b_q_weight.shape[0] * TILE_K, per_channel=per_channel),)
 
 
 # W [K, N] of a Marlin weight, as the GEMM kernel multiplies by it from 9 rows: marlin_gemm's path above the
@@ -385,18 +390,20 @@ _marlin_dequantize = Op(
     reference=_dequantize_reference,
     sharding_rule=_dequantize_sharding_rule,
     ffi_target="jaxq_marlin_dequantize",
-    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx: dict(
-        b_q_type=np.int32(_TYPE_IDS[b_q_type]), has_zeros=bool(has_zeros), has_g_idx=bool(has_g_idx)),
+    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx, per_channel: dict(
+        b_q_type=np.int32(_TYPE_IDS[b_q_type]), has_zeros=bool(has_zeros), has_g_idx=bool(has_g_idx),
+        per_channel=bool(per_channel)),
     batching_rule=map_batching,
     operand_names=("b_q_weight", "b_scales", "b_zeros", "g_idx"),
 )
 
 
-def _vjp(args, cotangents, *, b_q_type, has_zeros, has_g_idx, has_bias, batch_invariant):
+def _vjp(args, cotangents, *, b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant):
     a, b_q_weight, b_scales, zeros, g_idx, bias = _unpack_operands(args, has_zeros, has_g_idx, has_bias)
     (dy,) = cotangents
     weight = [b_q_weight, b_scales] + [x for x in (zeros, g_idx) if x is not None]
-    w = _marlin_dequantize(*weight, b_q_type=b_q_type, has_zeros=has_zeros, has_g_idx=has_g_idx)[0]
+    w = _marlin_dequantize(*weight, b_q_type=b_q_type, has_zeros=has_zeros, has_g_idx=has_g_idx,
+                           per_channel=per_channel)[0]
     return (wo.dot_f32(dy.astype(a.dtype), w.T),) + (None,) * (len(args) - 1)
 
 
@@ -406,9 +413,9 @@ _marlin_gemm = Op(
     reference=_reference,
     sharding_rule=_sharding_rule,
     ffi_target="jaxq_marlin_gemm",
-    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx, has_bias, batch_invariant: dict(
+    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant: dict(
         b_q_type=np.int32(_TYPE_IDS[b_q_type]), has_zeros=bool(has_zeros), has_g_idx=bool(has_g_idx),
-        has_bias=bool(has_bias), batch_invariant=bool(batch_invariant)),
+        has_bias=bool(has_bias), per_channel=bool(per_channel), batch_invariant=bool(batch_invariant)),
     batching_rule=wo.gemm_batching,
     vjp=_vjp,
     operand_names=("a", "b_q_weight", "b_scales", "b_zeros", "g_idx", "b_bias"),
@@ -522,12 +529,14 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
         rows = jax.lax.optimization_barrier(jnp.take(rows, perm, axis=1, mode="clip"))
     operands = [rows, b_q_weight, b_scales] + ([b_zeros] if needs_zeros else []) + ([g_idx] if act_order else [])
     operands += [b_bias] if b_bias is not None else []
+    # Which scale order the layout uses is fixed here, on the whole weight: a shard may hold one group.
+    per_channel = groups == 1
     params = dict(b_q_type=b_q_type, has_zeros=needs_zeros, has_g_idx=act_order, has_bias=b_bias is not None)
     if use_kernel(rows.shape[0]):
-        out = _marlin_gemm(*operands, **params, batch_invariant=_batch_invariant.get())[0]
+        out = _marlin_gemm(*operands, **params, per_channel=per_channel, batch_invariant=_batch_invariant.get())[0]
     else:
         w = _marlin_dequantize(*operands[1:3 + needs_zeros + act_order], b_q_type=b_q_type, has_zeros=needs_zeros,
-                               has_g_idx=act_order)[0]
+                               has_g_idx=act_order, per_channel=per_channel)[0]
         out = _product(rows, w, b_bias)
     return out.reshape(*a.shape[:-1], n)
 

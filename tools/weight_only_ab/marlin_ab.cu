@@ -87,6 +87,7 @@ void Run(const char* tag, const Case& c, double bandwidth) {
   p.k = c.k;
   p.n = c.n;
   p.groups = groups;
+  p.per_channel = groups == 1;
   auto run = [&](int i) {
     p.b_q = codes[i];
     CHECK(jaxq::LaunchMarlinGemm(p, nullptr));
@@ -154,6 +155,7 @@ void Sanitize() {
           p.k = k;
           p.n = n;
           p.groups = groups;
+          p.per_channel = groups == 1;
           p.b_q = static_cast<const uint32_t*>(upload(static_cast<size_t>(k) * n * bits / 32));
           p.scales = halves(static_cast<size_t>(groups) * n);
           const size_t zero_words = static_cast<size_t>(groups) * n / 8;
