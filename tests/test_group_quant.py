@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jaxq
 import oracle
 from helpers import assert_bits_equal, random_activations
+from jaxq.ops.group_quant import per_token_fp8_quant_xla
 
 FLOATS = [jnp.float16, jnp.bfloat16, jnp.float32]
 
@@ -262,3 +263,13 @@ def test_packed_sharded_unaligned_rows_and_groups():
     q0, s0 = f(x)
     assert_bits_equal(q, q0)
     assert_bits_equal(s, s0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_per_token_fp8_quant_xla_is_the_op_with_one_group_per_row(dtype):
+    """Fp8Linear quantizes row-parallel inputs with it: the same bits as the op (its kernel on a GPU)."""
+    x = (jax.random.normal(jax.random.key(4), (5, 384), jnp.float32) * 3).astype(dtype)
+    q, s = per_token_fp8_quant_xla(x)
+    want_q, want_s = jaxq.per_token_group_fp8_quant(x, 384)
+    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), np.asarray(want_q).view(np.uint8))
+    np.testing.assert_array_equal(s, want_s)

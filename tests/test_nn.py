@@ -3,6 +3,7 @@ checkpoints (round trip and files written here from the formats' definitions), t
 virtual devices, gradients (LoRA, activations, frozen weights) and jax.export."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -549,8 +550,15 @@ def test_tensor_parallel_layers_equal_unsharded(scheme, options):
     hidden = jax.jit(lambda s, x: jax.nn.silu(nnx.merge(graphdef, s).up(x)))(state, xs)
     assert MODEL_AXIS in tuple(hidden.sharding.spec)
     np.testing.assert_array_equal(hidden, jax.nn.silu(single.up(x)))
-    got = jax.jit(lambda s, h: nnx.merge(graphdef, s).down(h))(state, hidden)
+    down = jax.jit(lambda s, h: nnx.merge(graphdef, s).down(h))
+    got = down(state, hidden)
     assert _rel(got, single.down(hidden)) < 6e-3  # 2^-9 per rounding, three roundings
+    # The row-parallel layer adds partial sums (all-reduce) and gathers nothing over the model axis (axis_1 of
+    # the mesh): neither its weight nor, for dynamic activation quantization, its K-sharded input (per-token
+    # maxima are all-reduced instead).
+    compiled = down.lower(state, hidden).compile().as_text()
+    gathered_axes = re.findall(r" all-gather\(.*?replica_groups=mesh\[[^\]]*\] \{([^}]*)\}", compiled)
+    assert "all-reduce" in compiled and not [axes for axes in gathered_axes if "axis_1" in axes], gathered_axes
 
 
 def test_tensor_parallel_model_equals_unsharded():

@@ -36,7 +36,7 @@ from jaxq._op import NotDifferentiableError
 from jaxq.ops.awq import awq_gemm
 from jaxq.ops.gptq import gptq_gemm, gptq_shuffle
 from jaxq.ops import marlin
-from jaxq.ops.group_quant import per_token_group_fp8_quant
+from jaxq.ops.group_quant import per_token_fp8_quant_xla, per_token_group_fp8_quant
 from jaxq.ops.scaled_mm import cutlass_azp_adj, cutlass_scaled_mm, cutlass_scaled_mm_azp
 
 COMPUTE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -627,10 +627,15 @@ class Fp8Linear(QuantizedLinear):
         if self.weight_only:
             out = marlin.marlin_gemm(rows, self.weight[...], self.marlin_scales[...], b_q_type="float8_e4m3fn")
             return out if bias is None else out + bias
-        group = BLOCK if self.block else self.in_features
+        # A row-parallel layer's input is sharded along K: quantized by XLA's ops, its per-token maxima are
+        # added across shards; the kernel, whose group is the whole row, would have each row gathered first.
+        row_parallel = not self.block and self.kernel_axes is not None and self.kernel_axes[0] is not None
 
         def forward(rows, bias, weight, scale):
-            q, s = per_token_group_fp8_quant(rows, group)
+            if row_parallel:
+                q, s = per_token_fp8_quant_xla(rows)
+            else:
+                q, s = per_token_group_fp8_quant(rows, BLOCK if self.block else self.in_features)
             return cutlass_scaled_mm(q, weight.T, s, scale.T, rows.dtype, bias)
 
         return _frozen_weight_matmul(forward, self._dequantized)(rows, bias, self.weight[...], self._scale())

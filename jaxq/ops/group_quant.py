@@ -184,6 +184,16 @@ def per_token_group_fp8_quant(
     )
 
 
+def per_token_fp8_quant_xla(x, *, eps: float = 1e-10):
+    """``per_token_group_fp8_quant(x, K)`` (one group per row, row-major scales) as XLA's own ops: the same
+    bits, no kernel. Its row maximum is an XLA reduction, so with ``x`` sharded along K (the input of a
+    row-parallel layer) XLA adds the shards' maxima with an all-reduce of one float per row; the op, whose
+    group is the whole row, would have the whole row gathered first."""
+    _check_common(x, x.shape[-1], eps, _INPUT_DTYPES, "per_token_fp8_quant_xla")
+    return _reference(x, group_size=x.shape[-1], eps=float(eps), scale_layout=ROW_MAJOR, ue8m0=False,
+                      out_dtype=jnp.dtype(jnp.float8_e4m3fn), row_alignment=1)
+
+
 def per_token_group_fp8_quant_packed(x, group_size: int, *, eps: float = 1e-10):
     """fp8 per-token-group quantization with UE8M0 scales packed for DeepGEMM (vLLM's
     ``per_token_group_quant_fp8_packed_for_deepgemm``).
