@@ -102,8 +102,17 @@ for stage in $stages; do
        --print-source sass --csv python3 "$REPO/tools/one_gemm.py" gptq 4 1 8192 28672 2>&1) > "$OUT/ncu_gemm_sass_gptq_1.csv"
     echo "sass listing: $(wc -l < "$OUT/ncu_gemm_sass_gptq_1.csv") lines" ;;
   nn)
-    echo "=== jaxq.nn: GPU tests, the demo, the Llama-3-8B decoder layer per scheme"
+    echo "=== jaxq.nn: GPU tests, transformers equivalence on the kernels, the demo, the Llama-3-8B layer per scheme"
     (cd /tmp && python3 -m pytest -m gpu -q -p no:cacheprovider "$REPO/tests/test_nn.py" 2>&1) | tee "$OUT/nn_gpu_tests.log" | tail -5
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    # from_pretrained models on the GPU (their layers on the CUDA kernels) against transformers; the
+    # compressed-tensors cases need its wheel and the dependencies the machine lacks (loguru, pydantic and
+    # pydantic-core for its Python, ...) carried in .whl, else they skip.
+    carried=$(ls "$REPO"/.whl/*.whl | grep -v nvidia_cutlass)
+    [ -n "$carried" ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site $carried \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    (cd /tmp && python3 "$REPO/tools/transformers_check.py" 2>&1) | tee "$OUT/transformers_check.log" | grep "^|"
+    (cd /tmp && python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_transformers.py" 2>&1) | tail -3
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     (cd /tmp && python3 -m jaxq.demo --qlora 2>&1) | tee "$OUT/demo.log" | grep -v Warning
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
