@@ -536,16 +536,22 @@ def run_scaled_mm(torch_times: dict, copy: float) -> list[dict]:
 
 
 DECODER_LAYER_OPS = {"decoder_layer"}
-DECODER_ROWS = (1, 16, 2048)  # decode (one sequence, then a batch of 16) and a 2048-token prefill
+DECODER_ROWS = (1, 16, 128, 2048)  # decode (one sequence, batches of 16 and 128) and a 2048-token prefill
 
 
 # Layer variants beyond the schemes: the 4-bit schemes on backend="marlin".
 DECODER_VARIANTS = {"awq marlin": ("awq", {"backend": "marlin"}), "gptq marlin": ("gptq", {"backend": "marlin"})}
+# A peer JAX users already have: Google's qwix (PTQ of NNX models through XLA), its projections quantized
+# (weight type, activation type or None for weight-only, weight tile along K). A bench-only optional dependency:
+# its rows are skipped when qwix is not installed.
+QWIX_VARIANTS = {"qwix int4 g128 weight-only": ("int4", None, 128), "qwix int8 (w8a8)": ("int8", "int8", None),
+                 "qwix fp8 (w8a8)": ("float8_e4m3fn", "float8_e4m3fn", None)}
 
 
 def decoder_layer_workload(scheme: str):
     """One Llama-3-8B decoder layer (random weights; attention and MLP) with its projections quantized by
-    ``scheme`` (a ``jaxq.nn.SCHEMES`` key, a ``DECODER_VARIANTS`` key, or ``"bf16"`` for ``nnx.Linear``):
+    ``scheme`` (a ``jaxq.nn.SCHEMES`` key, a ``DECODER_VARIANTS`` or ``QWIX_VARIANTS`` key, or ``"bf16"`` for
+    ``nnx.Linear``):
     ``(fn, make_input(m), weight bytes)`` with ``fn(x, state)`` on hidden states ``x [1, M, 4096]``."""
     from flax import nnx
 
@@ -553,7 +559,15 @@ def decoder_layer_workload(scheme: str):
     from jaxq.nn.llama import LLAMA3_8B, DecoderLayer
 
     layer = DecoderLayer(LLAMA3_8B, rngs=nnx.Rngs(0))
-    if scheme != "bf16":
+    if scheme in QWIX_VARIANTS:
+        import qwix
+
+        weight, activation, tile = QWIX_VARIANTS[scheme]
+        rule = qwix.QuantizationRule(module_path=r".*_proj", weight_qtype=jnp.dtype(weight),
+                                     act_qtype=None if activation is None else jnp.dtype(activation), tile_size=tile)
+        sample = jnp.zeros((1, 1, LLAMA3_8B.hidden_size), jnp.bfloat16)
+        layer = qwix.quantize_model(layer, qwix.PtqProvider([rule]), sample)
+    elif scheme != "bf16":
         name, options = DECODER_VARIANTS.get(scheme, (scheme, {}))
         qnn.quantize(layer, name, **options)
     graphdef, state = nnx.split(layer)
@@ -565,7 +579,12 @@ def decoder_layer_workload(scheme: str):
 
         return one
 
-    return (lambda x, state: nnx.merge(graphdef, state)(x)), make_input, sum(x.nbytes for x in jax.tree.leaves(state))
+    def stored_bytes(x):  # int4 arrays (qwix) hold half a byte per value, whatever nbytes says
+        bits = jnp.iinfo(x.dtype).bits if jnp.issubdtype(x.dtype, jnp.integer) else jnp.finfo(x.dtype).bits
+        return x.size * bits // 8
+
+    weights = sum(stored_bytes(x) for x in jax.tree.leaves(state))
+    return (lambda x, state: nnx.merge(graphdef, state)(x)), make_input, weights
 
 
 def run_decoder_layer(copy: float) -> list[dict]:
@@ -573,7 +592,14 @@ def run_decoder_layer(copy: float) -> list[dict]:
     import jaxq.nn as qnn
 
     out, bf16 = [], {}
-    for scheme in ("bf16", *qnn.SCHEMES, *DECODER_VARIANTS):
+    try:
+        import qwix  # noqa: F401
+
+        peers = tuple(QWIX_VARIANTS)
+    except ImportError:
+        print("qwix is not installed: its rows are skipped", flush=True)
+        peers = ()
+    for scheme in ("bf16", *qnn.SCHEMES, *DECODER_VARIANTS, *peers):
         fn, make_input, moved = decoder_layer_workload(scheme)
         for m in DECODER_ROWS:
             seconds = _time_per_call(fn, make_input(m), moved)

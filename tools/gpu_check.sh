@@ -38,6 +38,13 @@ if [ "${BUILD:-1}" = 1 ]; then
   echo "built in $((SECONDS - start)) s"
 fi
 (cd /tmp && python3 -c "import jaxq; assert jaxq.cuda_available(), 'kernels not usable'; print('cuda_available: True')") || exit 1
+# Peers and writers the machine lacks, carried as wheels in .whl: compressed-tensors (with loguru, pydantic and
+# pydantic-core for the machine's Python, ...) for the equivalence tests, qwix (with opt_einsum, absl-py) for the
+# decoder-layer benchmark. Without them those parts skip.
+carried=$(ls "$REPO"/.whl/*.whl 2>/dev/null | grep -v nvidia_cutlass)
+if [ -n "$carried" ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site $carried && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 # Tests run from outside the checkout, so that the installed package (with its compiled module) is imported.
 for stage in $stages; do
@@ -105,12 +112,8 @@ for stage in $stages; do
     echo "=== jaxq.nn: GPU tests, transformers equivalence on the kernels, the demo, the Llama-3-8B layer per scheme"
     (cd /tmp && python3 -m pytest -m gpu -q -p no:cacheprovider "$REPO/tests/test_nn.py" 2>&1) | tee "$OUT/nn_gpu_tests.log" | tail -5
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    # from_pretrained models on the GPU (their layers on the CUDA kernels) against transformers; the
-    # compressed-tensors cases need its wheel and the dependencies the machine lacks (loguru, pydantic and
-    # pydantic-core for its Python, ...) carried in .whl, else they skip.
-    carried=$(ls "$REPO"/.whl/*.whl | grep -v nvidia_cutlass)
-    [ -n "$carried" ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site $carried \
-      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    # from_pretrained models on the GPU (their layers on the CUDA kernels) against transformers (the
+    # compressed-tensors cases skip unless its wheels were carried, see above).
     (cd /tmp && python3 "$REPO/tools/transformers_check.py" 2>&1) | tee "$OUT/transformers_check.log" | grep "^|"
     (cd /tmp && python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_transformers.py" 2>&1) | tail -3
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
