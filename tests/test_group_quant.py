@@ -1,7 +1,6 @@
 """per_token_group_fp8_quant / _packed on the CPU: reference vs the NumPy oracle, transformations,
 errors, and sharding on 8 virtual devices."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp
