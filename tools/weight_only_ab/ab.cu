@@ -14,19 +14,6 @@
 #include "kernels/weight_only.cu"
 #include "timing.cuh"
 
-// f rounded to bfloat16 or float16, as its bits.
-uint16_t HalfBits(float f, bool bf16) {
-  uint16_t bits;
-  if (bf16) {
-    const __nv_bfloat16 b = __float2bfloat16(f);
-    std::memcpy(&bits, &b, 2);
-  } else {
-    const __half h = __float2half(f);
-    std::memcpy(&bits, &h, 2);
-  }
-  return bits;
-}
-
 struct Case { const char* name; jaxq::WeightFormat f; int bits; bool bf16; int m, k, n, split; };
 
 int main(int argc, char** argv) {
@@ -58,8 +45,8 @@ int main(int argc, char** argv) {
     for (auto& v : h_qz) v = rng();
     std::uniform_real_distribution<float> u(0.5f, 1.5f), nrm(-2.f, 2.f);
     std::vector<uint16_t> h_sc(static_cast<size_t>(groups) * c.n), h_x(static_cast<size_t>(c.m) * c.k);
-    for (auto& v : h_sc) v = HalfBits(u(rng) * 1e-2f, c.bf16);
-    for (auto& v : h_x) v = HalfBits(nrm(rng), c.bf16);
+    for (auto& v : h_sc) v = tool_timing::HalfBits(u(rng) * 1e-2f, c.bf16);
+    for (auto& v : h_x) v = tool_timing::HalfBits(nrm(rng), c.bf16);
     uint32_t *qw[tool_timing::kCopies], *qz, *ws;
     void *sc, *x, *out;
     for (auto& p : qw) { CHECK(cudaMalloc(&p, qw_words * 4)); CHECK(cudaMemcpy(p, h_qw.data(), qw_words * 4, cudaMemcpyHostToDevice)); }

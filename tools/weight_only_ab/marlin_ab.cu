@@ -21,18 +21,6 @@
 
 namespace {
 
-uint16_t HalfBits(float f, bool bf16) {
-  uint16_t bits;
-  if (bf16) {
-    const __nv_bfloat16 b = __float2bfloat16(f);
-    std::memcpy(&bits, &b, 2);
-  } else {
-    const __half h = __float2half(f);
-    std::memcpy(&bits, &h, 2);
-  }
-  return bits;
-}
-
 struct Case {
   const char* name;
   jaxq::MarlinType type;
@@ -54,8 +42,8 @@ void Run(const char* tag, const Case& c, double bandwidth) {
   for (auto& v : h_zeros) v = rng();
   std::uniform_real_distribution<float> scale(0.5f, 1.5f), value(-2.f, 2.f);
   std::vector<uint16_t> h_scales(static_cast<size_t>(groups) * c.n), h_a(static_cast<size_t>(c.m) * c.k);
-  for (auto& v : h_scales) v = HalfBits(scale(rng) * 1e-2f, c.bf16);
-  for (auto& v : h_a) v = HalfBits(value(rng), c.bf16);
+  for (auto& v : h_scales) v = tool_timing::HalfBits(scale(rng) * 1e-2f, c.bf16);
+  for (auto& v : h_a) v = tool_timing::HalfBits(value(rng), c.bf16);
 
   uint32_t* codes[tool_timing::kCopies];
   for (auto& p : codes) {
@@ -143,7 +131,9 @@ void Sanitize() {
           // Random 16-bit patterns with the exponent kept small: finite scales and activations.
           auto halves = [&](size_t count) {
             std::vector<uint16_t> host(count);
-            for (auto& v : host) v = HalfBits(std::ldexp(static_cast<float>(rng() % 2001) - 1000.f, -10), bf16);
+            for (auto& v : host) {
+              v = tool_timing::HalfBits(std::ldexp(static_cast<float>(rng() % 2001) - 1000.f, -10), bf16);
+            }
             void* device;
             CHECK(cudaMalloc(&device, count * 2));
             CHECK(cudaMemcpy(device, host.data(), count * 2, cudaMemcpyHostToDevice));

@@ -1,11 +1,15 @@
-// Timing shared by the standalone GPU tools: CUDA events around 30 calls, best of 5; calls get a rotating index
+// What the standalone GPU tools share: bf16/fp16 bits of a float, and timing: CUDA events around 30 calls, best of 5; calls get a rotating index
 // 0..kCopies-1 so that each can use its own copy of the weights and none finds the previous call's in L2.
 #pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #define CHECK(call)                                                                      \
   do {                                                                                   \
@@ -17,6 +21,19 @@
   } while (0)
 
 namespace tool_timing {
+
+// f rounded to bfloat16 or float16, as its bits.
+inline uint16_t HalfBits(float f, bool bf16) {
+  uint16_t bits;
+  if (bf16) {
+    const __nv_bfloat16 b = __float2bfloat16(f);
+    std::memcpy(&bits, &b, 2);
+  } else {
+    const __half h = __float2half(f);
+    std::memcpy(&bits, &h, 2);
+  }
+  return bits;
+}
 
 constexpr int kCopies = 3;
 
