@@ -1,5 +1,6 @@
-// What the standalone GPU tools share: bf16/fp16 bits of a float, and timing: CUDA events around 30 calls, best of 5; calls get a rotating index
-// 0..kCopies-1 so that each can use its own copy of the weights and none finds the previous call's in L2.
+// What the standalone GPU tools share: bf16/fp16 bits of a float, and timing: CUDA events around 30 calls, best
+// of 5; calls get a rotating index 0..kCopies-1 so that each can use its own copy of the weights and none finds
+// the previous call's in L2.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
