@@ -86,7 +86,7 @@ for stage in $stages; do
   bench)
     echo "=== benchmark"
     # BENCH_ARGS narrows the run, e.g. BENCH_ARGS="--ops awq_gemm,gptq_gemm".
-    (cd /tmp && python3 -m jaxq.bench ${BENCH_ARGS:-} 2>&1) | tee "$OUT/bench.log" | tail -40 ;;
+    (cd /tmp && python3 -m jaxq.bench ${BENCH_ARGS:-} --markdown "$OUT/bench.md" 2>&1) | tee "$OUT/bench.log" | tail -40 ;;
   ncu)
     echo "=== ncu: kernel time and DRAM traffic per op at M=16384 K=7168 (clocks as found)"
     for op in per_token_group_fp8_quant per_token_group_fp8_quant_packed scaled_fp4_quant; do
