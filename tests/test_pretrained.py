@@ -217,3 +217,31 @@ def test_generate_samples_and_checks_its_arguments():
         generate(model, TOKENS, 2, temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="prompt"):
         generate(model, TOKENS[0], 2)
+
+
+@pytest.mark.parametrize("scheme", [None, "awq"])
+def test_loading_onto_a_mesh_shards_each_layer(tmp_path, scheme):
+    config = LlamaConfig(**{**SMALL, "intermediate_size": 256})
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    if scheme is None:
+        tensors, hf = _hf_tensors(model), _hf_config(config, "LlamaForCausalLM")
+    else:
+        qnn.quantize(model, scheme, filter=lambda path, m: "lm_head" not in path)
+        qnn.save_quantized(model, str(tmp_path / "saved"))
+        quantization = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
+        tensors = read_safetensors(str(tmp_path / "saved"))
+        hf = _hf_config(config, "LlamaForCausalLM", quantization_config=quantization)
+    _write(tmp_path / "ckpt", hf, tensors)
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    loaded = qnn.from_pretrained(str(tmp_path / "ckpt"), mesh=mesh)
+    down = loaded.model.layers[0].mlp.down_proj
+    weight = down.kernel if scheme is None else down.qweight
+    assert "model" in tuple(weight[...].sharding.spec), weight[...].sharding
+    assert "model" in tuple(loaded.model.layers[0].self_attn.q_proj.kernel[...].sharding.spec if scheme is None
+                            else loaded.model.layers[0].self_attn.q_proj.scales[...].sharding.spec)
+    graphdef, state = nnx.split(loaded)
+    batch = TOKENS[:, :8].repeat(2, axis=0)  # 4 rows: one per data shard
+    tokens = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    got = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+    want = model(batch)
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2
