@@ -42,6 +42,7 @@ LAYERS = {
     "gptq8_marlin_g64": (qnn.GPTQLinear, dict(bits=8, group_size=64, backend="marlin"), 0.02),
     "fp8_weight_only": (qnn.Fp8Linear, dict(weight_only=True), 0.06),
     "fp8_block_weight_only": (qnn.Fp8Linear, dict(block=True, weight_only=True), 0.06),
+    "nvfp4": (qnn.NVFP4Linear, {}, 0.15),
 }
 
 
@@ -68,6 +69,19 @@ def _np(v):
     return np.asarray(v[...] if hasattr(v, "get_metadata") else v)
 
 
+# e2m1 magnitudes of codes 0-7 (bit 3 is the sign), from the OCP microscaling spec's FP4 table.
+E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+
+
+def nvfp4_weight(layer) -> np.ndarray:
+    """W ``[out, in]`` of an NVFP4 layer from its stored tensors: e2m1 code x fp8 block scale / global scale."""
+    packed = np.asarray(layer.weight_packed[...])
+    codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+    values = E2M1[codes & 7] * np.where(codes & 8, -1.0, 1.0)
+    scale = np.asarray(layer.weight_scale[...]).astype(np.float32)
+    return values * np.repeat(scale, 16, axis=1) / np.float32(np.asarray(layer.weight_global_scale[...])[0])
+
+
 def oracle_output(layer, x) -> np.ndarray:
     """What the layer must compute, in NumPy from its stored tensors and the spec of each scheme."""
     xf = np.asarray(x, np.float32)
@@ -92,6 +106,9 @@ def oracle_output(layer, x) -> np.ndarray:
         q, s = oracle.group_quant(xf, group, 1e-10, False, False)
         scale_b = (_np(layer.weight_scale_inv).T if layer.block else _np(layer.weight_scale).T)
         out = oracle.scaled_mm(q.view(ml_dtypes.float8_e4m3fn), _np(layer.weight).T, s, scale_b, block=layer.block)
+    elif isinstance(layer, qnn.NVFP4Linear):
+        w = nvfp4_weight(layer)
+        out = xf @ w.T.astype(ml_dtypes.bfloat16).astype(np.float32)
     else:
         if layer.azp:
             lo, hi = np.minimum(xf.min(1, keepdims=True), 0), np.maximum(xf.max(1, keepdims=True), 0)
@@ -255,6 +272,8 @@ SAVE_CASES = {
     "fp8_weight_only": ("fp8-weight", {}),
     "fp8_block_weight_only": ("fp8-block", dict(weight_only=True)),
     "gptq4_marlin_act_order": ("gptq", dict(backend="marlin", act_order=ACT_ORDER)),
+    "nvfp4": ("nvfp4", {}),
+    "nvfp4_modelopt": ("nvfp4", dict(checkpoint_format="modelopt")),
 }
 
 
@@ -543,7 +562,8 @@ def test_tensor_parallel_layers_equal_unsharded(scheme, options):
     qnn.quantize(single, scheme, **options)
     qnn.quantize(sharded, scheme, **options)
     qnn.shard_model(sharded, mesh)
-    spec = sharded.down.scales.sharding.spec if scheme in ("awq", "gptq") else sharded.down.weight.sharding.spec
+    down_weight = {"awq": "scales", "gptq": "scales", "nvfp4": "weight_packed"}.get(scheme, "weight")
+    spec = getattr(sharded.down, down_weight).sharding.spec
     assert MODEL_AXIS in tuple(spec)
     graphdef, state = nnx.split(sharded)
     xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
@@ -677,7 +697,7 @@ def test_gpu_layer_kernels_match_reference(name, m):
     x = _x((m, K), seed=m)
     got, text = _run_on("cuda", layer, lambda l, x: l(x), x)
     want, _ = _run_on("cpu", layer, lambda l, x: l(x), x)
-    if m == 1:
+    if m == 1 and not isinstance(layer, qnn.NVFP4Linear):  # NVFP4 has no kernel yet: XLA's dot
         assert "custom_call @jaxq_" in text
     assert np.all(np.isfinite(np.asarray(got, np.float32)))
     assert _rel(got, want) <= 1e-2  # bf16 GEMM tolerance (the op tests' own)
@@ -697,7 +717,35 @@ def test_gpu_model_on_kernels_matches_reference(scheme, monkeypatch):
     got, text = _run_on("cuda", model, lambda m, t: m(t), tokens)
     monkeypatch.setenv("JAXQ_DISABLE_KERNELS", "all")
     want, reference_text = _run_on("cuda", model, lambda m, t: m(t), tokens)
-    assert "custom_call @jaxq_" in text and "custom_call @jaxq_" not in reference_text
+    assert "custom_call @jaxq_" not in reference_text
+    assert ("custom_call @jaxq_" in text) == (scheme != "nvfp4")  # NVFP4 has no kernel yet: XLA's dot
     quantization_error = _rel(want, float_logits)
     assert _rel(got, want) <= max(1e-2, 0.5 * quantization_error)
     assert abs(_rel(got, float_logits) - quantization_error) <= 0.25 * quantization_error
+
+
+@pytest.mark.parametrize("scale_2_shape", [(), (1,)])
+def test_load_modelopt_nvfp4_written_from_the_format(tmp_path, scale_2_shape):
+    """NVIDIA ModelOpt NVFP4 (hf_quant_config.json): W = e2m1(code) * weight_scale * weight_scale_2, two codes
+    per byte (the even input in the low nibble); weight_scale_2 stored as [] or [1]."""
+    rng = np.random.default_rng(21)
+    codes = rng.integers(0, 16, (N, K))
+    scale = (rng.random((N, K // 16)) * 3 + 0.25).astype(ml_dtypes.float8_e4m3fn)
+    scale_2 = np.float32(0.0123)
+    tensors = {"proj.weight": (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8), "proj.weight_scale": scale,
+               "proj.weight_scale_2": np.full(scale_2_shape, scale_2, np.float32)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps(
+        {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4", "group_size": 16,
+                                                            "exclude_modules": ["lm_head"]}}))
+    layer = qnn.NVFP4Linear(K, N, use_bias=False, checkpoint_format="modelopt")
+    qnn.load_quantized(_single_layer_model(layer), str(tmp_path))
+    w = E2M1[codes & 7] * np.where(codes & 8, -1.0, 1.0) * np.repeat(scale.astype(np.float32), 16, axis=1) * scale_2
+    x = _x((3, K))
+    assert _rel(layer(x), np.asarray(x, np.float32) @ w.T) < 5e-3
+    saved = read_safetensors(qnn.save_quantized(_single_layer_model(layer), str(tmp_path / "saved")))
+    np.testing.assert_array_equal(saved["proj.weight"], tensors["proj.weight"])
+    np.testing.assert_array_equal(saved["proj.weight_scale"].view(np.uint8), scale.view(np.uint8))
+    np.testing.assert_allclose(saved["proj.weight_scale_2"], scale_2, rtol=1e-7)
+    with pytest.raises(ValueError, match="quant_method='modelopt'"):  # a compressed-tensors layer
+        qnn.load_quantized(_single_layer_model(qnn.NVFP4Linear(K, N, use_bias=False)), str(tmp_path))

@@ -27,6 +27,11 @@ naming: ``model.layers.0.self_attn.q_proj.qweight``). Per layer class:
   activations): ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale`` float32 ``[out, 1]``.
   ``weight_only=True`` layers read the same fp8 files (vLLM runs those weight-only on GPUs without fp8
   tensor cores); their own ``quantization_config`` has no ``input_activations``.
+* :class:`NVFP4Linear` - compressed-tensors ``nvfp4-pack-quantized``: ``weight_packed`` uint8 ``[out, in/2]``,
+  ``weight_scale`` float8_e4m3fn ``[out, in/16]``, ``weight_global_scale`` float32 ``[1]``; with
+  ``checkpoint_format="modelopt"``, NVIDIA ModelOpt's NVFP4 (``quant_method: modelopt``, ``quant_algo: NVFP4``, in
+  ``config.json`` or ``hf_quant_config.json``): ``weight``, ``weight_scale``, ``weight_scale_2`` float32 ``[]``
+  (the reciprocal of the global scale).
 * :class:`Int8Linear` - compressed-tensors ``int-quantized`` (int8 weights per channel, dynamic per-token
   int8 activations, symmetric or with zero points = ``azp``): ``weight`` int8 ``[out, in]``,
   ``weight_scale`` float32 ``[out, 1]``.
@@ -56,13 +61,13 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from jaxq import formats
-from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, QuantizedLinear
+from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, NVFP4Linear, QuantizedLinear
 from jaxq.nn.quantize import iter_modules, module_path
 
 _DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F16": np.float16, "F32": np.float32,
            "F64": np.float64, "I8": np.int8, "U8": np.uint8, "I16": np.int16, "U16": np.uint16, "I32": np.int32,
            "U32": np.uint32, "I64": np.int64, "U64": np.uint64, "BOOL": np.bool_}
-_CONFIG_FILES = ("config.json", "quantize_config.json", "quant_config.json")
+_CONFIG_FILES = ("config.json", "hf_quant_config.json", "quantize_config.json", "quant_config.json")
 CHECKPOINT_FILE = "model.safetensors"
 
 
@@ -148,6 +153,8 @@ def read_quantization_config(path: str) -> dict | None:
             config = config.get("quantization_config")
             if config is None:
                 continue
+        elif name == "hf_quant_config.json":  # NVIDIA ModelOpt's own file
+            config = {"quant_method": "modelopt", **config.get("quantization", {})}
         elif name == "quantize_config.json":
             config = {"quant_method": "gptq", **config}
         else:
@@ -181,6 +188,12 @@ def quantization_config(layer: QuantizedLinear) -> dict:
         return {"quant_method": "gptq", "bits": layer.bits, "group_size": layer.group_size,
                 "desc_act": layer.act_order, "sym": layer.symmetric,
                 "checkpoint_format": "gptq_v2" if layer.v2_format else "gptq"}
+    if isinstance(layer, NVFP4Linear) and layer.checkpoint_format == "modelopt":
+        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}
+    if isinstance(layer, NVFP4Linear):
+        weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
+                   "dynamic": False}
+        return _ct_config(weights, None, "nvfp4-pack-quantized")
     if isinstance(layer, Fp8Linear) and layer.block:
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     kind = "float" if isinstance(layer, Fp8Linear) else "int"
@@ -439,7 +452,8 @@ def save_quantized(model: nnx.Module, path: str) -> str:
                 if variable is not None:
                     entries[name] = variable[...].T if transposed else variable[...]
         for name, value in entries.items():
-            tensors[_join(prefix, name)] = np.ascontiguousarray(np.asarray(value))
+            value = np.asarray(value)
+            tensors[_join(prefix, name)] = np.ascontiguousarray(value) if value.ndim else value  # keep scalars 0-d
     if len(configs) > 1:
         raise ValueError(f"save_quantized: the quantized layers use {len(configs)} different configs (e.g. layers "
                          f"{sorted(configs.values())[:2]}); a checkpoint holds one")
@@ -450,6 +464,8 @@ def save_quantized(model: nnx.Module, path: str) -> str:
         config["ignore"] = float_linears
     elif config["quant_method"] == "awq":
         config["modules_to_not_convert"] = float_linears
+    elif config["quant_method"] == "modelopt":
+        config["exclude_modules"] = float_linears
     os.makedirs(path, exist_ok=True)
     file = os.path.join(path, CHECKPOINT_FILE)
     save_file(tensors, file, metadata={"format": "pt"})

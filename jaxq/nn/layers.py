@@ -37,6 +37,7 @@ from jaxq.ops.awq import awq_gemm
 from jaxq.ops.gptq import gptq_gemm, gptq_shuffle
 from jaxq.ops import marlin
 from jaxq.ops.group_quant import per_token_fp8_quant_xla, per_token_group_fp8_quant
+from jaxq.ops.nvfp4 import BLOCK as NVFP4_BLOCK, E2M1_VALUES, scaled_fp4_quant, unswizzle_block_scales
 from jaxq.ops.scaled_mm import cutlass_azp_adj, cutlass_scaled_mm, cutlass_scaled_mm_azp
 
 COMPUTE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -686,6 +687,104 @@ def _int8_channels(kernel):
     w = kernel.astype(jnp.float32).T
     scale = _per_channel_scales(w, 127.0)
     return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+
+class NVFP4Linear(QuantizedLinear):
+    """NVFP4 weights (NVIDIA's 4-bit e2m1 values, one fp8-e4m3 scale per 16 inputs, a float32 global scale)
+    with 16-bit activations: weight-only, as vLLM runs NVFP4 checkpoints on GPUs without FP4 tensor cores.
+
+    Tensors, in compressed-tensors' ``nvfp4-pack-quantized`` names: ``weight_packed`` uint8 ``[out, in/2]``
+    (input ``2j`` in the low nibble, ``2j + 1`` in the high one), ``weight_scale`` float8_e4m3fn
+    ``[out, in/16]`` and ``weight_global_scale`` float32 ``[1]``, so that
+    ``W[o, i] = e2m1(code[o, i]) * weight_scale[o, i // 16] / weight_global_scale`` (the global scale divides,
+    as in vLLM's ``scaled_fp4_quant``). NVIDIA ModelOpt checkpoints (``quant_algo: NVFP4``) name them
+    ``weight``, ``weight_scale`` and ``weight_scale_2 = 1 / weight_global_scale``: ``checkpoint_format=
+    "modelopt"`` reads and writes those. ``in_features`` must be a multiple of 16.
+
+    The product dequantizes W to ``dtype`` and multiplies with XLA's dot (float32 sums) until ``marlin_gemm``
+    has FP4 weights.
+    """
+
+    CHECKPOINT_FORMATS = ("compressed-tensors", "modelopt")
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.bfloat16,
+                 kernel_axes=None, checkpoint_format: str = "compressed-tensors", out_dtype=None):
+        name = type(self).__name__
+        _check_features(name, "in_features", in_features, NVFP4_BLOCK)
+        if checkpoint_format not in self.CHECKPOINT_FORMATS:
+            raise ValueError(f"{name}: checkpoint_format must be one of {self.CHECKPOINT_FORMATS}; "
+                             f"got {checkpoint_format!r}")
+        self.checkpoint_format = checkpoint_format
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes,
+                         out_dtype=out_dtype)
+
+    def tensor_specs(self):
+        k, n = self.in_features, self.out_features
+        return {"weight_packed": Tensor((n, k // 2), jnp.uint8, ("out", "in")),
+                "weight_scale": Tensor((n, k // NVFP4_BLOCK), jnp.float8_e4m3fn, ("out", "in")),
+                "weight_global_scale": Tensor((1,), jnp.float32, (None,))}
+
+    def checkpoint_specs(self):
+        specs = self.tensor_specs()
+        if self.checkpoint_format == "modelopt":
+            specs = {"weight": specs["weight_packed"], "weight_scale": specs["weight_scale"],
+                     "weight_scale_2": Tensor((), jnp.float32, ())}
+        return specs
+
+    def set_checkpoint_tensors(self, *, names: dict | None = None, **tensors):
+        """Fills the layer from its checkpoint's tensors (ModelOpt's global scale is the reciprocal)."""
+        names = names or {}
+        if self.checkpoint_format == "modelopt" and jnp.size(tensors["weight_scale_2"]) == 1:
+            tensors = dict(tensors, weight_scale_2=jnp.reshape(tensors["weight_scale_2"], ()))  # [] or [1] in files
+        checked = {name: self._checked(name, tensors[name], names.get(name), spec)[0]
+                   for name, spec in self.checkpoint_specs().items()}
+        if self.checkpoint_format == "modelopt":
+            checked = {"weight_packed": checked["weight"], "weight_scale": checked["weight_scale"],
+                       "weight_global_scale": jnp.reshape(1.0 / checked["weight_scale_2"], (1,))}
+        for name, value in checked.items():
+            self.assign(name, value)
+
+    def checkpoint_tensors(self) -> dict[str, jax.Array]:
+        tensors = super().checkpoint_tensors() if self.checkpoint_format != "modelopt" else None
+        if tensors is not None:
+            return tensors
+        return {"weight": self.weight_packed[...], "weight_scale": self.weight_scale[...],
+                "weight_scale_2": jnp.reshape(1.0 / self.weight_global_scale[...], ())}
+
+    @staticmethod
+    def _dequantized(packed, scale, global_scale):
+        """W ``[out, in]`` float32 from the stored tensors."""
+        codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+        values = jnp.asarray(E2M1_VALUES)[codes.astype(jnp.int32)]
+        per_block = scale.astype(jnp.float32) / global_scale.reshape(())
+        return values * jnp.repeat(per_block, NVFP4_BLOCK, axis=1)
+
+    def _matmul(self, rows, bias):
+        def forward(rows, bias, packed, scale, global_scale):
+            w = self._dequantized(packed, scale, global_scale).astype(rows.dtype)
+            out = jnp.dot(rows, w.T, preferred_element_type=jnp.float32)
+            return (out if bias is None else out + bias.astype(jnp.float32)).astype(rows.dtype)
+
+        weights = (self.weight_packed[...], self.weight_scale[...], self.weight_global_scale[...])
+        return _frozen_weight_matmul(forward, self._dequantized)(rows, bias, *weights)
+
+    @classmethod
+    def from_linear(cls, linear, *, dtype=None, checkpoint_format: str = "compressed-tensors"):
+        """Quantizes an ``nnx.Linear`` to NVFP4 as vLLM's ``scaled_fp4_quant`` does, row by row of W^T:
+        ``global = 448 * 6 / max|W|``, a block's scale ``fp8(max|block| / 6 * global)``, values rounded to
+        e2m1."""
+        kernel, bias, args = cls._source(linear)
+        args["dtype"] = args["dtype"] if dtype is None else dtype
+        layer = cls(**args, checkpoint_format=checkpoint_format)
+        w = kernel.T.astype(layer.dtype)  # [out, in]
+        amax = jnp.max(jnp.abs(w.astype(jnp.float32)))
+        global_scale = (448.0 * 6.0 / jnp.maximum(amax, 1e-12)).astype(jnp.float32)
+        packed, swizzled = scaled_fp4_quant(w, global_scale)
+        scale = unswizzle_block_scales(swizzled, w.shape[0], w.shape[1])
+        for name, value in (("weight_packed", packed), ("weight_scale", scale),
+                            ("weight_global_scale", jnp.reshape(global_scale, (1,)))):
+            layer.assign(name, value)
+        return layer._fill({}, bias)._follow_promotion(linear)
 
 
 def quantize_int8_per_token(rows, *, asymmetric: bool):

@@ -9,11 +9,14 @@ jaxq layer its ``quantization_config`` names, or stays an ``nnx.Linear``:
   :class:`~jaxq.nn.GPTQLinear`.
 * FP8 block-wise (``quant_method: fp8``, ``weight_block_size [128, 128]``): :class:`~jaxq.nn.Fp8Linear`
   ``block=True``; ``ignored_layers`` / ``modules_to_not_convert`` stay float.
+* NVIDIA ModelOpt NVFP4 (``quant_method: modelopt``, ``quant_algo: NVFP4``; ``exclude_modules`` stay float):
+  :class:`~jaxq.nn.NVFP4Linear` (``checkpoint_format="modelopt"``).
 * compressed-tensors: each layer takes the config group whose ``targets`` match it (``"Linear"``, its name,
   or ``"re:"`` + a regular expression) unless ``ignore`` lists it: ``pack-quantized`` int weights without
   activation quantization -> :class:`~jaxq.nn.GPTQLinear` (compressed-tensors format), ``float-quantized``
   -> :class:`~jaxq.nn.Fp8Linear` (``weight_only`` when activations are not quantized),
-  ``int-quantized`` -> :class:`~jaxq.nn.Int8Linear` (``azp`` for asymmetric activations).
+  ``int-quantized`` -> :class:`~jaxq.nn.Int8Linear` (``azp`` for asymmetric activations),
+  ``nvfp4-pack-quantized`` -> :class:`~jaxq.nn.NVFP4Linear` (weight-only, as vLLM runs it on Hopper).
 
 As vLLM does, AWQ, GPTQ and FP8 leave ``lm_head`` in its float type unless their config says ``lm_head:
 true``. The model is built without initialising any weight (``nnx.eval_shape``); every tensor is then read
@@ -23,6 +26,7 @@ filled, so host memory holds about one tensor beyond what stays on the host.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -32,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxq.nn.checkpoint import SafetensorsFiles, fill_model, read_quantization_config, stores_group_index
-from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, sharding_axes
+from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, NVFP4Linear, sharding_axes
 from jaxq.nn.llama import LlamaConfig, LlamaForCausalLM
 from jaxq.nn.quantize import _replace, iter_modules, module_path, shard_model
 
@@ -65,6 +69,8 @@ def _compressed_tensors_layer(config: dict, prefix: str, in_features: int, backe
                        symmetric=bool(weights.get("symmetric", True)), checkpoint_format="compressed-tensors",
                        v2_format=True)
         return GPTQLinear, {**options, "backend": backend or "kernel"}, layer_config
+    if fmt == "nvfp4-pack-quantized":  # activations stay 16-bit, as vLLM runs NVFP4 without FP4 tensor cores
+        return NVFP4Linear, {}, layer_config
     if fmt == "float-quantized":
         return Fp8Linear, {"weight_only": activations is None}, layer_config
     if fmt == "int-quantized" and activations is not None:
@@ -79,7 +85,7 @@ def _layer_for(config: dict, prefix: str, in_features: int, backend):
     method = config.get("quant_method")
     if method == "compressed-tensors":
         return _compressed_tensors_layer(config, prefix, in_features, backend)
-    if prefix == "lm_head" and not config.get("lm_head", False):
+    if prefix == "lm_head" and not config.get("lm_head", False) and method != "modelopt":
         return None
     if method == "awq":
         if _listed(prefix, config.get("modules_to_not_convert")):
@@ -91,6 +97,13 @@ def _layer_for(config: dict, prefix: str, in_features: int, backend):
                        act_order=bool(config.get("desc_act", False)), symmetric=bool(config.get("sym", True)),
                        v2_format=config.get("checkpoint_format") == "gptq_v2", backend=backend or "kernel")
         return GPTQLinear, options, config
+    if method == "modelopt":
+        if config.get("quant_algo") != "NVFP4":
+            raise ValueError(f"from_pretrained: ModelOpt quant_algo {config.get('quant_algo')!r} is not supported "
+                             "(NVFP4)")
+        if any(fnmatch.fnmatch(prefix, pattern) for pattern in config.get("exclude_modules") or ()):
+            return None
+        return NVFP4Linear, {"checkpoint_format": "modelopt"}, config
     if method == "fp8":
         if _listed(prefix, config.get("ignored_layers")) or _listed(prefix, config.get("modules_to_not_convert")):
             return None

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, QuantizedLinear
+from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, NVFP4Linear, QuantizedLinear
 
 # scheme -> (layer class, options fixed by the scheme)
 SCHEMES: dict[str, tuple[type, dict]] = {
@@ -19,6 +19,7 @@ SCHEMES: dict[str, tuple[type, dict]] = {
     "fp8-weight": (Fp8Linear, {"block": False, "weight_only": True}),
     "int8": (Int8Linear, {"azp": False}),
     "int8-azp": (Int8Linear, {"azp": True}),
+    "nvfp4": (NVFP4Linear, {}),
 }
 
 
@@ -51,7 +52,8 @@ def quantize(model: nnx.Module, scheme: str, *, filter=None, **options) -> list[
     Args:
       model: any NNX module; linear layers may sit in attributes, ``nnx.List``/lists or ``nnx.Dict``/dicts.
       scheme: ``"awq"``, ``"gptq"``, ``"fp8"``, ``"fp8-block"``, ``"fp8-weight"`` (fp8 weights per channel,
-        weight-only through ``marlin_gemm``), ``"int8"`` or ``"int8-azp"``. ``backend="marlin"`` (an option of
+        weight-only through ``marlin_gemm``), ``"int8"``, ``"int8-azp"`` or ``"nvfp4"`` (NVFP4 weights,
+        16-bit activations). ``backend="marlin"`` (an option of
         ``"awq"`` and ``"gptq"``) runs 4- and 8-bit layers through ``marlin_gemm``.
       filter: None (every linear layer), a regular expression searched in the layer's dotted path
         (``"model.layers.0.mlp.up_proj"``), or ``filter(path, linear) -> bool``.
