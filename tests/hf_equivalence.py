@@ -110,6 +110,8 @@ COMPRESSED_SCHEMES = {
                     dict(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)),
     "w8a8-int": ("int-quantized", dict(num_bits=8, type="int", symmetric=True, strategy="channel"),
                  dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)),
+    "nvfp4a16": ("nvfp4-pack-quantized", dict(num_bits=4, type="float", symmetric=True, strategy="tensor_group",
+                                              group_size=16), None),
 }
 # Wider than SHAPE: group-128 weights need K a multiple of 128.
 COMPRESSED_SHAPE = dict(SHAPE, hidden_size=256, intermediate_size=512)
@@ -124,7 +126,7 @@ def save_compressed_model(scheme: str, directory: str, seed: int = 0):
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
-    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
 
     fmt, weights, activations = COMPRESSED_SCHEMES[scheme]
     torch.manual_seed(seed)
@@ -138,8 +140,12 @@ def save_compressed_model(scheme: str, directory: str, seed: int = 0):
         if not hasattr(module, "weight_scale"):
             continue
         w = module.weight.detach().float()
+        global_scale = None
+        if hasattr(module, "weight_global_scale"):  # NVFP4: one float32 scale over the whole tensor
+            global_scale = generate_gparam(w.amin(), w.amax()).reshape(module.weight_global_scale.shape)
+            module.weight_global_scale.data.copy_(global_scale)
         w = w.reshape(w.shape[0], -1, weight_args.group_size) if weight_args.group_size else w[:, None, :]
-        scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), weight_args)
+        scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), weight_args, global_scale=global_scale)
         module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype))
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape)
