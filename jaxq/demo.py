@@ -37,7 +37,9 @@ PROMPT, BATCH = 16, 4
 
 def _kernels(lowered_text: str) -> str:
     names = sorted(set(re.findall(r"custom_call @(jaxq_\w+)", lowered_text)))
-    return "CUDA: " + ", ".join(n.removeprefix("jaxq_") for n in names) if names else "jnp reference"
+    if names:
+        return "CUDA: " + ", ".join(n.removeprefix("jaxq_") for n in names)
+    return "XLA only (no jaxq kernel)" if jaxq.cuda_available() else "jnp reference"
 
 
 def _rel_err(approx, exact) -> float:
