@@ -38,7 +38,7 @@ from flax import nnx
 from jaxq.nn.checkpoint import SafetensorsFiles, fill_model, read_quantization_config, stores_group_index
 from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, NVFP4Linear, sharding_axes
 from jaxq.nn.llama import LlamaConfig, LlamaForCausalLM
-from jaxq.nn.quantize import _replace, iter_modules, module_path, shard_model
+from jaxq.nn.quantize import iter_modules, module_path, replace_module, shard_model
 
 
 def _listed(prefix: str, names) -> bool:
@@ -168,7 +168,7 @@ def from_pretrained(path: str, *, dtype=jnp.bfloat16, mesh=None, backend: str | 
             layer = nnx.eval_shape(lambda: cls(linear.in_features, linear.out_features,
                                                use_bias=linear.bias is not None, dtype=dtype,
                                                kernel_axes=sharding_axes(linear.kernel), out_dtype=dtype, **options))
-            _replace(model, path_in_model, layer)
+            replace_module(model, path_in_model, layer)
     files = SafetensorsFiles(path)
     allowed = {name for name in files if name.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings and "lm_head.weight" in files:

@@ -73,7 +73,7 @@ def quantize(model: nnx.Module, scheme: str, *, filter=None, **options) -> list[
     targets = [(path, module) for path, module in iter_modules(model)
                if isinstance(module, nnx.Linear) and path and selected(module_path(path), module)]
     for path, linear in targets:
-        _replace(model, path, cls.from_linear(linear, **fixed, **options))
+        replace_module(model, path, cls.from_linear(linear, **fixed, **options))
     return [module_path(path) for path, _ in targets]
 
 
@@ -90,7 +90,7 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, filter=None) -> li
                if isinstance(module, QuantizedLinear) and path and path[-1] != "base_module"
                and selected(module_path(path), module)]
     for path, layer in targets:
-        _replace(model, path, nnx.LoRA(layer.in_features, rank, layer.out_features, base_module=layer, rngs=rngs))
+        replace_module(model, path, nnx.LoRA(layer.in_features, rank, layer.out_features, base_module=layer, rngs=rngs))
     return [module_path(path) for path, _ in targets]
 
 
@@ -104,7 +104,8 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
     return model
 
 
-def _replace(model: nnx.Module, path: tuple, new: nnx.Module):
+def replace_module(model: nnx.Module, path: tuple, new: nnx.Module):
+    """Puts ``new`` where ``path`` (as ``iter_modules`` gives it) points in ``model``."""
     parent = model
     for key in path[:-1]:
         parent = parent[key] if isinstance(key, int) or not hasattr(parent, str(key)) else getattr(parent, key)
