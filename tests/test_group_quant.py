@@ -272,3 +272,10 @@ def test_per_token_fp8_quant_xla_is_the_op_with_one_group_per_row(dtype):
     want_q, want_s = jaxq.per_token_group_fp8_quant(x, 384)
     np.testing.assert_array_equal(np.asarray(q).view(np.uint8), np.asarray(want_q).view(np.uint8))
     np.testing.assert_array_equal(s, want_s)
+
+
+def test_per_token_fp8_quant_xla_errors():
+    with pytest.raises(TypeError, match="per_token_fp8_quant_xla"):
+        per_token_fp8_quant_xla(jnp.zeros((2, 128), jnp.int32))
+    with pytest.raises(ValueError, match="eps"):
+        per_token_fp8_quant_xla(jnp.zeros((2, 128), jnp.bfloat16), eps=0.0)

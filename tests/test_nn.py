@@ -749,3 +749,19 @@ def test_load_modelopt_nvfp4_written_from_the_format(tmp_path, scale_2_shape):
     np.testing.assert_allclose(saved["proj.weight_scale_2"], scale_2, rtol=1e-7)
     with pytest.raises(ValueError, match="quant_method='modelopt'"):  # a compressed-tensors layer
         qnn.load_quantized(_single_layer_model(qnn.NVFP4Linear(K, N, use_bias=False)), str(tmp_path))
+
+
+def test_nvfp4_layer_errors():
+    with pytest.raises(ValueError, match="in_features"):
+        qnn.NVFP4Linear(24, N)
+    with pytest.raises(ValueError, match="checkpoint_format"):
+        qnn.NVFP4Linear(K, N, checkpoint_format="gptq")
+    layer = qnn.NVFP4Linear(K, N, use_bias=False)
+    with pytest.raises(ValueError, match="weight_packed"):
+        layer.set_checkpoint_tensors(weight_packed=np.zeros((N, K), np.uint8),
+                                     weight_scale=np.zeros((N, K // 16), ml_dtypes.float8_e4m3fn),
+                                     weight_global_scale=np.ones((1,), np.float32))
+    with pytest.raises(TypeError, match="weight_scale"):
+        layer.set_checkpoint_tensors(weight_packed=np.zeros((N, K // 2), np.uint8),
+                                     weight_scale=np.zeros((N, K // 16), np.int8),
+                                     weight_global_scale=np.ones((1,), np.float32))
