@@ -338,11 +338,12 @@ WEIGHT_ONLY_OPS = {"awq_gemm", "gptq_gemm"}
 
 # ------------------------------------------------------------------------------------------ Marlin
 
-# (b_q_type, K, N, activations): the GEMM shapes above for 4-bit, the 8-bit types on two of them, the small
-# projections of a Llama-3-8B decode layer (q/o: K4096 N4096; k/v: K4096 N1024), and float16 on the largest
-# shape, where the original Marlin kernel (float16 only) runs beside it.
+# (type, K, N, activations): the GEMM shapes above for 4-bit, the 8-bit types and FP4 (NVFP4, MXFP4: the kernel's
+# names of b_q_type "float4_e2m1f") on the largest, the small projections of a Llama-3-8B decode layer (q/o:
+# K4096 N4096; k/v: K4096 N1024), and float16 on the largest shape, where the original Marlin kernel (float16
+# only) runs beside it.
 MARLIN_CASES = [("uint4b8", k, n, "bfloat16") for k, n in WEIGHT_SHAPES] + [("uint4", 8192, 28672, "bfloat16")]
-MARLIN_CASES += [(t, 8192, 28672, "bfloat16") for t in ("uint8b128", "float8_e4m3fn")]
+MARLIN_CASES += [(t, 8192, 28672, "bfloat16") for t in ("uint8b128", "float8_e4m3fn", "nvfp4", "mxfp4")]
 MARLIN_CASES += [("uint4b8", 4096, 4096, "bfloat16"), ("uint4b8", 4096, 1024, "bfloat16")]
 MARLIN_CASES += [("uint4b8", 8192, 28672, "float16")]
 MARLIN_ROWS = (1, 16, 32, 64, 128, 256)
@@ -350,17 +351,27 @@ MARLIN_ROWS = (1, 16, 32, 64, 128, 256)
 MARLIN_PEER_CASES = [("marlin-ist", m, k, n) for q, k, n, _ in MARLIN_CASES if q == "uint4b8" for m in MARLIN_ROWS]
 
 
-def _marlin_weight(q_type: str, k: int, n: int, i: int, group_size: int = 128, dtype=jnp.bfloat16) -> tuple:
-    """Random Marlin tensors (b_q_weight, b_scales, b_zeros): every bit pattern is a valid integer weight;
-    fp8 codes keep clear of NaN (0x7f, 0xff)."""
+def _marlin_group_size(q_type: str) -> int:
+    return {"nvfp4": 16, "mxfp4": 32}.get(q_type, 128)
+
+
+def _marlin_weight(q_type: str, k: int, n: int, i: int, dtype=jnp.bfloat16) -> tuple:
+    """Random Marlin tensors (b_q_weight, b_scales, then b_zeros or NVFP4's global scale): every bit pattern is a
+    valid integer or e2m1 weight; fp8 codes keep clear of NaN (0x7f, 0xff)."""
     from jaxq.ops import marlin
 
-    bits = marlin.SCALAR_TYPES[q_type][0]
+    bits, group_size = marlin._bits(q_type), _marlin_group_size(q_type)
     keys = jax.random.split(jax.random.key(30_000 + i), 3)
     q = jax.random.bits(keys[0], (k // 16, n * bits // 2), jnp.uint32)
     if q_type == "float8_e4m3fn":
         q = q & jnp.uint32(0xFEFEFEFE)
-    scales = (jax.random.uniform(keys[1], (k // group_size, n), jnp.float32, 0.5, 1.5) * 1e-2).astype(dtype)
+    scales = jax.random.uniform(keys[1], (k // group_size, n), jnp.float32, 0.5, 1.5)
+    if q_type == "nvfp4":
+        s = marlin.nvfp4_marlin_process_scales(scales.astype(jnp.float8_e4m3fn).astype(dtype))
+        return q.view(jnp.int32), s, marlin.nvfp4_marlin_process_global_scale(jnp.full((1,), 1e-3, dtype))
+    if q_type == "mxfp4":
+        return q.view(jnp.int32), marlin.mxfp4_marlin_process_scales((scales * 2.0**-8).astype(dtype)), None
+    scales = (scales * 1e-2).astype(dtype)
     if q_type == "float8_e4m3fn":
         scales = marlin.marlin_fp8_scales(scales, size_k=k, group_size=group_size)
     zeros = jax.random.bits(keys[2], (k // group_size, n // 8), jnp.uint32).view(jnp.int32) if q_type == "uint4" else None
@@ -377,13 +388,15 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list
     out = []
     for q_type, k, n, dtype_name in MARLIN_CASES:
         dtype = jnp.dtype(dtype_name)
-        bits = marlin.SCALAR_TYPES[q_type][0]
-        groups = k // 128
-        moved = k * n * bits // 8 + groups * n * 2 + (groups * n // 2 if q_type == "uint4" else 0)
+        bits, fp4 = marlin._bits(q_type), q_type in ("nvfp4", "mxfp4")
+        groups = k // _marlin_group_size(q_type)
+        moved = k * n * bits // 8 + groups * n * (1 if fp4 else 2) + (groups * n // 2 if q_type == "uint4" else 0)
         make_weight = functools.cache(
             lambda i, q_type=q_type, k=k, n=n, dtype=dtype: _marlin_weight(q_type, k, n, i, dtype=dtype))
 
-        def ours(x, q, s, z, q_type=q_type):
+        def ours(x, q, s, z, q_type=q_type, fp4=fp4):
+            if fp4:  # z: NVFP4's global scale
+                return jaxq.marlin_gemm(x, q, s, b_q_type="float4_e2m1f", global_scale=z)
             return jaxq.marlin_gemm(x, q, s, b_q_type=q_type, b_zeros=z)
 
         def kernel(*args):  # the kernel at every M: above its default rows only batch_invariant() runs it
@@ -400,10 +413,11 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list
                 x = jax.random.normal(jax.random.key(i), (m, k), jnp.float32).astype(dtype)
                 return (x, *make_weight(i))
 
-            row = dict(op="marlin_gemm", variant=f"{q_type} G128 {dtype_name}", shape=f"M{m} K{k} N{n}")
+            row = dict(op="marlin_gemm", variant=f"{q_type} G{_marlin_group_size(q_type)} {dtype_name}",
+                       shape=f"M{m} K{k} N{n}")
             t = _time_per_call(kernel, make_input, moved)
             row.update(us=t * 1e6, pct_copy=100 * moved / t / copy, tflops=2 * m * k * n / t / 1e12)
-            if m <= 8:
+            if m <= 8 and not fp4:  # FP4 runs one form for every M
                 row["invariant_us"] = _time_per_call(invariant, make_input, moved) * 1e6
             peer = peer_times.get(f"marlin-ist {m} {k} {n}") if q_type == "uint4b8" else None
             if peer:
@@ -413,15 +427,16 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list
                 lambda i, m=m, k=k, n=n: (make_input(i)[0],
                                           jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)), k * n * 2)
             row.update(bf16_dot_us=bf16 * 1e6, vs_bf16=bf16 / t)
-            if bits == 4 and m <= 64 and dtype == jnp.bfloat16:
+            if bits == 4 and not fp4 and m <= 64 and dtype == jnp.bfloat16:
                 g = _time_per_call(gptq.ours, lambda i, m=m, gptq=gptq: (make_input(i)[0], *gptq.make_weight(i)), moved)
                 row.update(gptq_us=g * 1e6, vs_gptq=g / t)
             if m >= 128:
                 # marlin_gemm's path above MARLIN_KERNEL_MAX_M rows: the dequantize kernel, then XLA's dot.
                 row["dequant_dot_us"] = _time_per_call(
-                    lambda x, q, s, z, q_type=q_type: marlin._product(x, marlin._marlin_dequantize(
-                        q, s, *([z] if z is not None else []), b_q_type=q_type, has_zeros=z is not None,
-                        has_g_idx=False, per_channel=False)[0], None), make_input, moved) * 1e6
+                    lambda x, q, s, z, q_type=q_type: marlin._product(x, marlin._dequantize_weight(
+                        [q, s] + ([z] if q_type == "uint4" else []), x.dtype, b_q_type=q_type,
+                        has_zeros=q_type == "uint4", has_g_idx=False, per_channel=False), None,
+                        *([z.reshape(1).astype(jnp.float32)] if q_type == "nvfp4" else [])), make_input, moved) * 1e6
             out.append(row)
             print(row, flush=True)
     _print_table(out, [("kernel µs", "us", "{:.1f}"), ("% of copy BW", "pct_copy", "{:.1f}%"),

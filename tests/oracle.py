@@ -314,3 +314,28 @@ def marlin_weight(q, scales, zeros, g_idx, q_type: str, dtype) -> np.ndarray:
     else:
         v = E4M3_VALUES[q]
     return (v * s).astype(np.float32).astype(dtype)
+
+
+def fp4_codes(packed: np.ndarray) -> np.ndarray:
+    """e2m1 codes [K, N] of a checkpoint's uint8 [N, K/2] (the even column of K in the low nibble)."""
+    n, half = packed.shape
+    codes = np.empty((n, 2 * half), np.int64)
+    codes[:, 0::2], codes[:, 1::2] = packed & 0xF, packed >> 4
+    return codes.T
+
+
+def e2m1_values(codes: np.ndarray) -> np.ndarray:
+    return np.where(codes & 8, -1.0, 1.0) * E2M1_MAGNITUDES[codes & 7]
+
+
+def marlin_fp4_scale_bytes(scale: np.ndarray, nvfp4: bool, dtype) -> np.ndarray:
+    """vLLM's FP4 scale preparation from its description: natural [N, groups] checkpoint scales (NVFP4: e4m3 bits,
+    MXFP4: e8m0 exponents) in dtype, permuted as grouped scales, every 4 positions reordered 0 2 1 3; NVFP4 bytes
+    are bits 14..7 of float16 s * 128, MXFP4 bytes the exponents."""
+    values = E4M3_VALUES[scale] if nvfp4 else np.ldexp(1.0, scale.astype(np.int64) - 127)
+    permuted = marlin_scales(values.T.astype(dtype).astype(np.float64), single=False)
+    reordered = permuted.reshape(-1, 4)[:, [0, 2, 1, 3]].reshape(permuted.shape)
+    if not nvfp4:
+        return (np.frexp(reordered)[1] - 1 + 127).astype(np.uint8)
+    bits = (reordered * 128).astype(np.float16).view(np.uint16)
+    return ((bits >> 7) & 0xFF).astype(np.uint8)

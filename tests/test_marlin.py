@@ -15,6 +15,8 @@ from jaxq.ops import marlin
 
 DTYPES = [jnp.float16, jnp.bfloat16]
 TYPES = ["uint4b8", "uint4", "uint8b128", "float8_e4m3fn"]
+# The two FP4 formats (b_q_type "float4_e2m1f"), by the kernel's names, and their group sizes.
+FP4_GROUPS = {"nvfp4": 16, "mxfp4": 32}
 # Relative L2 error of a GEMM against the float64 oracle on the same rounded weight: float32 sums, one
 # rounding of the output.
 GEMM_TOLERANCE = {jnp.float16: 3e-3, jnp.bfloat16: 1e-2}
@@ -27,9 +29,13 @@ def rel_l2(a, b) -> float:
 
 class Weight:
     """A random checkpoint-level weight (codes, natural-order scales and zeros, act-order) and its Marlin
-    tensors made by jaxq's helpers."""
+    tensors made by jaxq's helpers. ``q_type`` "nvfp4" / "mxfp4": an FP4 checkpoint (``group_size`` ignored)."""
 
     def __init__(self, rng, q_type, k, n, group_size, dtype, act_order=False):
+        self.global_scale = None
+        if q_type in FP4_GROUPS:
+            self._fp4(rng, q_type, k, n, dtype)
+            return
         bits = marlin.SCALAR_TYPES[q_type][0]
         groups = 1 if group_size == -1 else k // group_size
         self.q_type, self.k, self.n, self.dtype = q_type, k, n, dtype
@@ -57,20 +63,58 @@ class Weight:
         self.b_zeros = (marlin.marlin_zero_points(jnp.asarray(self.zeros), size_k=groups, size_n=n, num_bits=bits)
                         if self.zeros is not None else None)
 
+    def _fp4(self, rng, q_type, k, n, dtype):
+        self.q_type, self.k, self.n, self.dtype = q_type, k, n, dtype
+        groups = k // FP4_GROUPS[q_type]
+        self.q = rng.integers(0, 16, (k, n))
+        self.packed = (self.q.T[:, 0::2] | (self.q.T[:, 1::2] << 4)).astype(np.uint8)
+        if q_type == "nvfp4":
+            self.scale_bits = rng.integers(1, 127, (n, groups)).astype(np.uint8)  # positive finite e4m3
+            self.scales = oracle.E4M3_VALUES[self.scale_bits].T
+            gs = jnp.float32(rng.uniform(0.5, 2.0) * 2.0**-10)
+            self.b_q_weight, self.b_scales, self.global_scale = marlin.marlin_fp4_weight(
+                jnp.asarray(self.packed), jnp.asarray(self.scale_bits).view(jnp.float8_e4m3fn), gs, dtype=dtype)
+            self.true_global_scale = float(np.float32(gs).astype(_np_dtype(dtype)))
+        else:
+            self.scale_bits = rng.integers(112, 130, (n, groups)).astype(np.uint8)
+            self.scales = np.ldexp(1.0, self.scale_bits.astype(np.int64) - 127).T
+            self.b_q_weight, self.b_scales, _ = marlin.marlin_fp4_weight(
+                jnp.asarray(self.packed), jnp.asarray(self.scale_bits), None, dtype=dtype)
+            self.true_global_scale = 1.0
+        self.zeros = self.g_idx = self.perm = self.b_zeros = None
+
     def kwargs(self):
+        if self.q_type in FP4_GROUPS:
+            return dict(b_q_type="float4_e2m1f", global_scale=self.global_scale)
         kw = dict(b_q_type=self.q_type, b_zeros=self.b_zeros)
         if self.g_idx is not None:
             kw.update(g_idx=jnp.asarray(self.g_idx[self.perm]), perm=jnp.asarray(self.perm))
         return kw
 
     def oracle_w(self) -> np.ndarray:
-        """W [K, N] in natural row order, rounded to the dtype."""
-        return oracle.marlin_weight(self.q, self.scales, self.zeros, self.g_idx, self.q_type,
-                                    ml_dtypes.bfloat16 if self.dtype == jnp.bfloat16 else np.float16)
+        """W [K, N] in natural row order, rounded to the dtype (an NVFP4 weight without its global scale)."""
+        if self.q_type in FP4_GROUPS:
+            rows = np.arange(self.k) // FP4_GROUPS[self.q_type]
+            return (oracle.e2m1_values(self.q) * self.scales[rows]).astype(np.float32).astype(_np_dtype(self.dtype))
+        return oracle.marlin_weight(self.q, self.scales, self.zeros, self.g_idx, self.q_type, _np_dtype(self.dtype))
 
     def oracle_gemm(self, a, bias=None) -> np.ndarray:
         out = np.asarray(a, np.float64) @ self.oracle_w().astype(np.float64)
+        if self.global_scale is not None:
+            out = out * self.true_global_scale
         return out if bias is None else out + np.asarray(bias, np.float64)
+
+
+def _np_dtype(dtype):
+    return ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float16
+
+
+FP4_CASES = [(t, g, False) for t, g in FP4_GROUPS.items()]
+
+
+def with_dtypes(cases):
+    """(case..., dtype) for every dtype a case's type takes (MXFP4: bfloat16 only)."""
+    return [(*c, d) for c in cases for d in DTYPES if not (c[0] == "mxfp4" and d == jnp.float16)]
 
 
 def random_a(rng, shape, dtype):
@@ -132,6 +176,20 @@ def test_awq_zero_points_match_the_natural_order_path():
     np.testing.assert_array_equal(np.asarray(got), oracle.marlin_zero_points(z, 4))
 
 
+@pytest.mark.parametrize("q_type,group_size,act_order,dtype", with_dtypes(FP4_CASES))
+def test_fp4_preparation_matches_vllms(q_type, group_size, act_order, dtype):
+    """marlin_fp4_weight against vLLM's prepare_fp4_layer_for_marlin as described: the weight through the 4-bit
+    repack (transcribed loops), the scales' bytes, NVFP4's global scale times 2**(bias - 7)."""
+    rng = np.random.default_rng(5)
+    w = Weight(rng, q_type, 512, 192, group_size, dtype)
+    np.testing.assert_array_equal(np.asarray(w.b_q_weight), oracle.marlin_pack(oracle.fp4_codes(w.packed), 4))
+    want = oracle.marlin_fp4_scale_bytes(w.scale_bits, q_type == "nvfp4", _np_dtype(dtype))
+    np.testing.assert_array_equal(np.asarray(w.b_scales).view(np.uint8), want)
+    if q_type == "nvfp4":
+        bias = 126 if dtype == jnp.bfloat16 else 14
+        assert float(w.global_scale[0]) == w.true_global_scale * 2.0 ** (bias - 7)
+
+
 def test_fp8_scales_fold_vllms_exponent_bias():
     s = jnp.asarray(np.full((1, 64), 0.75), jnp.bfloat16)
     folded = marlin.marlin_fp8_scales(s, size_k=128, group_size=-1)
@@ -147,15 +205,14 @@ CASES = [(t, g, False) for t in TYPES for g in (-1, 32, 128)] + [("uint4b8", 128
                                                                   ("uint8b128", 32, True)]
 
 
-@pytest.mark.parametrize("q_type,group_size,act_order", CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_type,group_size,act_order,dtype", with_dtypes(CASES + FP4_CASES))
 def test_reference_matches_the_oracle(q_type, group_size, act_order, dtype):
     rng = np.random.default_rng(abs(hash((q_type, group_size, act_order, str(dtype)))) % 2**32)
     k, n = 256, 128
     w = Weight(rng, q_type, k, n, group_size, dtype, act_order)
     deq = marlin.marlin_dequantize(w.b_q_weight, w.b_scales, w.b_zeros,
                                    None if w.g_idx is None else jnp.asarray(w.g_idx[w.perm]),
-                                   b_q_type=q_type, size_k=k)
+                                   b_q_type=q_type, size_k=k, dtype=dtype)
     natural = w.oracle_w()
     want_w = natural[w.perm] if act_order else natural
     np.testing.assert_array_equal(np.asarray(deq).view(np.uint16), want_w.view(np.uint16))
@@ -220,7 +277,7 @@ def test_out_of_range_act_order_indices_are_clamped():
 @pytest.mark.parametrize("path", ["kernel", "dequantize"])
 @pytest.mark.parametrize("layout", ["column", "row", "tokens"])
 @pytest.mark.parametrize("q_type,group_size,act_order", [("uint4", 32, False), ("uint4b8", -1, False),
-                                                         ("uint8b128", 64, True)])
+                                                         ("uint8b128", 64, True), ("nvfp4", 16, False)])
 def test_sharded_equals_unsharded(layout, q_type, group_size, act_order, path, monkeypatch):
     """``path="dequantize"``: the rows past the kernel's range (the dequantize op's own sharding rule)."""
     if path == "dequantize":
@@ -237,7 +294,8 @@ def test_sharded_equals_unsharded(layout, q_type, group_size, act_order, path, m
     spec_n = {"column": P("x"), "row": P(), "tokens": P()}[layout]
 
     def f(a, q, s, z, g, bias):
-        return marlin.marlin_gemm(a, q, s, b_q_type=q_type, b_zeros=z, g_idx=g, perm=kw.get("perm"), b_bias=bias)
+        return marlin.marlin_gemm(a, q, s, b_q_type=kw["b_q_type"], b_zeros=z, g_idx=g, perm=kw.get("perm"),
+                                  b_bias=bias, global_scale=kw.get("global_scale"))
 
     args = (a, w.b_q_weight, w.b_scales, w.b_zeros, kw.get("g_idx"), bias)
     whole = jax.jit(f)(*args)
@@ -261,7 +319,7 @@ def test_errors_name_the_argument():
                                                      b_q_type="uint4", b_zeros=w.b_zeros), **kw})
     with pytest.raises(ValueError, match="b_q_type"):
         call(b_q_type="uint3")
-    with pytest.raises(ValueError, match="FP4"):
+    with pytest.raises(TypeError, match="b_scales must be float8_e4m3fn or float8_e8m0fnu"):
         call(b_q_type="float4_e2m1f")
     with pytest.raises(ValueError, match="global_scale"):
         call(global_scale=jnp.ones(()))
@@ -301,15 +359,66 @@ def test_errors_name_the_argument():
         marlin.marlin_fp8_repack(jnp.zeros((128, 64), jnp.bfloat16))
 
 
+def test_fp4_errors_name_the_argument():
+    rng = np.random.default_rng(13)
+    nv = Weight(rng, "nvfp4", 128, 64, 16, jnp.bfloat16)
+    mx = Weight(rng, "mxfp4", 128, 64, 32, jnp.bfloat16)
+    a = random_a(rng, (2, 128), jnp.bfloat16)
+    call = lambda w, **kw: marlin.marlin_gemm(**{**dict(a=a, b_q_weight=w.b_q_weight, b_scales=w.b_scales,  # noqa: E731
+                                                        **w.kwargs()), **kw})
+    with pytest.raises(ValueError, match="NVFP4 weights need global_scale"):
+        call(nv, global_scale=None)
+    with pytest.raises(TypeError, match="global_scale must be bfloat16"):
+        call(nv, global_scale=nv.global_scale.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"global_scale must have shape \(\) or \(1,\)"):
+        call(nv, global_scale=jnp.ones((2,), jnp.bfloat16))
+    with pytest.raises(ValueError, match="one scale per 16 rows"):
+        call(nv, b_scales=nv.b_scales[:4])
+    with pytest.raises(ValueError, match="no act-order"):
+        call(nv, g_idx=jnp.zeros((128,), jnp.int32), perm=jnp.arange(128, dtype=jnp.int32))
+    with pytest.raises(ValueError, match="takes no b_zeros"):
+        call(nv, b_zeros=jnp.zeros((8, 8), jnp.int32))
+    with pytest.raises(ValueError, match="at least 32"):
+        marlin.marlin_gemm(a[:, :16], nv.b_q_weight[:1], nv.b_scales[:1], b_q_type="float4_e2m1f",
+                           global_scale=nv.global_scale)
+    with pytest.raises(TypeError, match="MXFP4 weights take bfloat16"):
+        call(mx, a=a.astype(jnp.float16))
+    with pytest.raises(ValueError, match="goes with NVFP4"):
+        call(mx, global_scale=nv.global_scale)
+    with pytest.raises(ValueError, match="one scale per 32 rows"):
+        call(mx, b_scales=mx.b_scales[:2])
+    scale = jnp.asarray(nv.scale_bits).view(jnp.float8_e4m3fn)
+    with pytest.raises(TypeError, match="uint8 array"):
+        marlin.marlin_fp4_repack(jnp.zeros((64, 64), jnp.int32))
+    with pytest.raises(ValueError, match="weight_scale must have shape"):
+        marlin.marlin_fp4_weight(jnp.asarray(nv.packed), scale[:, :4], jnp.float32(1.0))
+    with pytest.raises(TypeError, match="weight_scale_2"):
+        marlin.marlin_fp4_weight(jnp.asarray(nv.packed), scale, None)
+    with pytest.raises(TypeError, match="MXFP4 weights take bfloat16"):
+        marlin.marlin_fp4_weight(jnp.asarray(mx.packed), jnp.asarray(mx.scale_bits), None, dtype=jnp.float16)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        marlin.nvfp4_marlin_process_scales(jnp.ones((4, 64), jnp.float32))
+
+
+def test_fp4_gradient_carries_the_global_scale():
+    rng = np.random.default_rng(14)
+    w = Weight(rng, "nvfp4", 128, 64, 16, jnp.float16)
+    a = random_a(rng, (4, 128), jnp.float16)
+    dy = random_a(rng, (4, 64), jnp.float16)
+    grad = jax.grad(lambda a: jnp.sum(marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs())
+                                      .astype(jnp.float32) * dy.astype(jnp.float32)))(a)
+    want = np.asarray(dy, np.float64) @ w.oracle_w().astype(np.float64).T * w.true_global_scale
+    assert rel_l2(grad, want) < 3e-3
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
-GPU_CASES = CASES + [("uint4", 128, False), ("float8_e4m3fn", 128, False)]
+GPU_CASES = CASES + [("uint4", 128, False), ("float8_e4m3fn", 128, False)] + FP4_CASES
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("q_type,group_size,act_order", GPU_CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_type,group_size,act_order,dtype", with_dtypes(GPU_CASES))
 def test_kernel_matches_reference_on_gpu(q_type, group_size, act_order, dtype):
     rng = np.random.default_rng()
     # Small and tall weights (K split over a cluster) and wide ones: on 132 SMs (the H200) PlanMarlin gives them
@@ -337,14 +446,14 @@ def test_kernel_matches_reference_on_gpu(q_type, group_size, act_order, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("q_type,group_size,act_order", GPU_CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_type,group_size,act_order,dtype", with_dtypes(GPU_CASES))
 def test_dequantize_kernel_is_the_reference_bit_for_bit_on_gpu(q_type, group_size, act_order, dtype):
     """The weight the path above the kernel's rows multiplies by; then that path against the reference."""
     rng = np.random.default_rng()
     w = Weight(rng, q_type, 512, 192, group_size, dtype, act_order)
-    weight = _operands(w, jnp.zeros((1, 512), dtype), None)[1:]
+    weight = _operands(w, jnp.zeros((1, 512), dtype), None, global_scale=False)[1:]
     params = {key: value for key, value in _params(w, None).items() if key not in ("has_bias", "batch_invariant")}
+    params["dtype"] = jnp.dtype(dtype).name
     got = jax.jit(lambda *o: marlin._marlin_dequantize(*o, **params)[0])(*weight)
     cpu = jax.devices("cpu")[0]
     want = jax.jit(lambda *o: marlin._dequantize_reference(*o, **params)[0])(*[jax.device_put(x, cpu) for x in weight])
@@ -354,11 +463,14 @@ def test_dequantize_kernel_is_the_reference_bit_for_bit_on_gpu(q_type, group_siz
     assert rel_l2(out, w.oracle_gemm(np.asarray(a, np.float64))) < GEMM_TOLERANCE[dtype]
 
 
-def _operands(w, a, bias):
+def _operands(w, a, bias, global_scale=True):
     kw = w.kwargs()
     rows = a if "perm" not in kw else jnp.take(a, kw["perm"], axis=1)
     ops = [rows, w.b_q_weight, w.b_scales] + ([w.b_zeros] if w.b_zeros is not None else [])
-    return ops + ([kw["g_idx"]] if "g_idx" in kw else []) + ([bias] if bias is not None else [])
+    ops += [kw["g_idx"]] if "g_idx" in kw else []
+    if global_scale and w.global_scale is not None:
+        ops.append(jnp.asarray([w.true_global_scale], jnp.float32))
+    return ops + ([bias] if bias is not None else [])
 
 
 def _params(w, bias):
@@ -367,7 +479,7 @@ def _params(w, bias):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("q_type", ["uint4b8", "float8_e4m3fn"])
+@pytest.mark.parametrize("q_type", ["uint4b8", "float8_e4m3fn", "nvfp4"])
 def test_kernel_rows_are_batch_invariant_on_gpu(q_type):
     rng = np.random.default_rng()
     w = Weight(rng, q_type, 4096, 1024, 128, jnp.bfloat16)
@@ -382,6 +494,8 @@ def test_kernel_rows_are_batch_invariant_on_gpu(q_type):
     # By default rows 1-8 share one kernel (scales folded in float32) and 9-1024 another.
     f = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))
     small = np.asarray(f(a[:8])).view(np.uint16)
+    if q_type == "nvfp4":  # FP4 has one form for every row count
+        np.testing.assert_array_equal(small, full[:8])
     for m in (1, 3):
         np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), small[:m])
     np.testing.assert_array_equal(np.asarray(f(a[5:6])).view(np.uint16), small[5:6])

@@ -74,12 +74,16 @@ E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 
 
 def nvfp4_weight(layer) -> np.ndarray:
-    """W ``[out, in]`` of an NVFP4 layer from its stored tensors: e2m1 code x fp8 block scale / global scale."""
-    packed = np.asarray(layer.weight_packed[...])
+    """W ``[out, in]`` of an NVFP4 layer from its checkpoint tensors (Marlin's layout is tested in test_marlin):
+    e2m1 code x fp8 block scale / global scale."""
+    tensors = {name: np.asarray(value) for name, value in layer.checkpoint_tensors().items()}
+    packed = tensors.get("weight_packed", tensors.get("weight"))
     codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
     values = E2M1[codes & 7] * np.where(codes & 8, -1.0, 1.0)
-    scale = np.asarray(layer.weight_scale[...]).astype(np.float32)
-    return values * np.repeat(scale, 16, axis=1) / np.float32(np.asarray(layer.weight_global_scale[...])[0])
+    scale = tensors["weight_scale"].astype(np.float32)
+    global_scale = (tensors["weight_global_scale"][0] if "weight_global_scale" in tensors
+                    else np.float32(1) / tensors["weight_scale_2"])
+    return values * np.repeat(scale, 16, axis=1) / np.float32(global_scale)
 
 
 def oracle_output(layer, x) -> np.ndarray:

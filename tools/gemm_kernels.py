@@ -4,7 +4,7 @@ compute-sanitizer.
 * ``weight_only``: AWQ GEMM and dequantization; GPTQ 2/3/4/8-bit GEMM (plain and exllama, M=1 and M=9,
   split K, and 4-bit with more column tiles than SMs, which deals out narrower blocks) and dequantization
   (with and without act-order g_idx).
-* ``marlin``: marlin_gemm for every weight type, dtype, row bucket (M 1 in both kernel forms, 12, 20, 40,
+* ``marlin``: marlin_gemm for every weight type (FP4: NVFP4 and MXFP4), dtype, row bucket (M 1 in both kernel forms, 12, 20, 40,
   64, 130), grouped and per-channel scales, act-order (with corrupt g_idx entries, which the kernel must
   clamp), bias, K split over a cluster (N = 64) and not (N = 4096).
 * ``scaled_mm``: int8 and fp8 W8A8 GEMMs in every M-bucket tile configuration, both output dtypes, scalar
@@ -60,35 +60,53 @@ def weight_only():
     print("ran every weight-only kernel variant")
 
 
+def _marlin_weights(rng, k, n, groups, dtype):
+    """(b_q_weight, b_scales, marlin_gemm keywords, act-order allowed) of each weight type on K x N: the
+    integer and fp8 types with `groups` groups of K's rows, and FP4's two formats (NVFP4 in both dtypes, MXFP4 in
+    bfloat16) with theirs."""
+    from jaxq.ops import marlin as ops
+
+    for q_type, (bits, _, zeros) in ops.SCALAR_TYPES.items():
+        if q_type == "float4_e2m1f":
+            continue
+        q = jnp.asarray(rng.integers(0, 2**31, (k // 16, n * bits // 2)), jnp.int32)
+        s = jnp.asarray(rng.uniform(0.5, 1.5, (groups, n)) * 1e-2, dtype)
+        z = jnp.asarray(rng.integers(0, 2**31, (groups, n // 8)), jnp.int32) if zeros else None
+        yield q, s, dict(b_q_type=q_type, b_zeros=z), q_type != "float8_e4m3fn" and groups > 1
+    packed = jnp.asarray(rng.integers(0, 256, (n, k // 2)), jnp.uint8)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, (n, k // 16)), jnp.float32).astype(jnp.float8_e4m3fn)
+    q, s, g = ops.marlin_fp4_weight(packed, scale, jnp.float32(1e-3), dtype=dtype)
+    yield q, s, dict(b_q_type="float4_e2m1f", global_scale=g), False
+    if dtype == jnp.bfloat16:
+        exponents = jnp.asarray(rng.integers(115, 126, (n, k // 32)), jnp.uint8)
+        q, s, _ = ops.marlin_fp4_weight(packed, exponents, None, dtype=dtype)
+        yield q, s, dict(b_q_type="float4_e2m1f"), False
+
+
 def marlin():
     from jaxq.ops import marlin as ops
 
     rng = np.random.default_rng(0)
     for dtype in [jnp.dtype(d) for d in sys.argv[2:]] or (jnp.float16, jnp.bfloat16):
-        for q_type, (bits, _, zeros) in ops.SCALAR_TYPES.items():
-            # The shapes' plans: 1 tile per block with a 2-way K split, 1 tile without, 4 tiles in a 3-way split.
-            for k, n, groups in ((1024, 64, 8), (256, 4096, 1), (512, 8704, 4)):
-                q = jnp.asarray(rng.integers(0, 2**31, (k // 16, n * bits // 2)), jnp.int32)
-                s = jnp.asarray(rng.uniform(0.5, 1.5, (groups, n)) * 1e-2, dtype)
-                z = jnp.asarray(rng.integers(0, 2**31, (groups, n // 8)), jnp.int32) if zeros else None
-                orders = [None] if q_type == "float8_e4m3fn" or groups == 1 else [None, "act"]
-                for order in orders:
-                    kw = {}
+        # The shapes' plans: 1 tile per block with a 2-way K split, 1 tile without, 4 tiles in a 3-way split.
+        for k, n, groups in ((1024, 64, 8), (256, 4096, 1), (512, 8704, 4)):
+            for q, s, weight_kw, act_order in _marlin_weights(rng, k, n, groups, dtype):
+                for order in [None, "act"] if act_order else [None]:
+                    kw = dict(weight_kw)
                     if order:
-                        g_idx = np.sort(rng.integers(0, groups, k)).astype(np.int32)
+                        g_idx = np.sort(rng.integers(0, s.shape[0], k)).astype(np.int32)
                         g_idx[::97] = 1 << 20  # corrupt entries: clamped, never read past the scales
-                        kw = dict(g_idx=jnp.asarray(g_idx), perm=jnp.asarray(rng.permutation(k), jnp.int32))
+                        kw.update(g_idx=jnp.asarray(g_idx), perm=jnp.asarray(rng.permutation(k), jnp.int32))
                     for m, invariant in ((1, False), (1, True), (12, True), (20, True), (40, True), (64, True),
                                          (130, True)):
                         a = jnp.asarray(rng.standard_normal((m, k)), dtype)
                         bias = jnp.asarray(rng.standard_normal((n,)), dtype) if m % 2 == 0 else None
                         with ops.batch_invariant(invariant):
-                            jax.block_until_ready(jax.jit(lambda a, q, s, z, bias: jaxq.marlin_gemm(
-                                a, q, s, b_q_type=q_type, b_zeros=z, b_bias=bias, **kw))(a, q, s, z, bias))
+                            jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
+                                a, q, s, b_bias=bias, **kw))(a, q, s, bias))
                     # Past the kernel's rows: the dequantize kernel, then XLA's dot.
                     a = jnp.asarray(rng.standard_normal((ops.MARLIN_KERNEL_MAX_M + 1, k)), dtype)
-                    jax.block_until_ready(jax.jit(lambda a, q, s, z: jaxq.marlin_gemm(
-                        a, q, s, b_q_type=q_type, b_zeros=z, **kw))(a, q, s, z))
+                    jax.block_until_ready(jax.jit(lambda a, q, s: jaxq.marlin_gemm(a, q, s, **kw))(a, q, s))
     print("ran every marlin kernel variant")
 
 

@@ -4,9 +4,10 @@
 // is what the layout is for); the kernel multiplies out^T = W^T a^T, so that 8 rows of a fill an mma. Each warp
 // streams its slabs (codes, the group's scales and zero points, the slab of a) through its own ring of shared
 // memory with cp.async, kStages - 1 slabs ahead, so the loads never wait on the math and need no registers nor
-// block barriers. Up to 8 rows (without act-order) the codes are multiplied as they are and each group's
-// float32 sums are scaled when the group ends; otherwise codes are turned into W in a's type in registers,
-// scaled there, and multiplied with float32 sums. The warps' sums meet in shared memory in warp order; when K
+// block barriers. Up to 8 rows (integer and fp8 weights without act-order) the codes are multiplied as they are
+// and each group's float32 sums are scaled when the group ends; otherwise codes are turned into W in a's type in
+// registers, scaled there, and multiplied with float32 sums (FP4: exactly, NVFP4's W by a power of two smaller
+// that the global scale puts back on the sums). The warps' sums meet in shared memory in warp order; when K
 // is split over several blocks, those blocks form a thread-block cluster and the first adds the others' sums
 // from their shared memory, in rank order. No atomics and no workspace: deterministic, and within each of the
 // two forms each row is summed the same way whatever m is (the split depends on n, k and the GPU only; kTiles,
@@ -92,7 +93,25 @@ __device__ __forceinline__ T FromFloat(float v) {
 }
 
 template <MarlinType kType>
-constexpr int kBitsOf = kType == MarlinType::kU4B8 || kType == MarlinType::kU4 ? 4 : 8;
+constexpr bool kFp4 = kType == MarlinType::kNvFp4 || kType == MarlinType::kMxFp4;
+
+template <MarlinType kType>
+constexpr int kBitsOf = kType == MarlinType::kU4B8 || kType == MarlinType::kU4 || kFp4<kType> ? 4 : 8;
+
+// A scale in the scales' array: FP4's are bytes, the others T.
+template <typename T, MarlinType kType>
+using ScaleOf = std::conditional_t<kFp4<kType>, uint8_t, T>;
+template <MarlinType kType>
+constexpr int kScaleBytes = kFp4<kType> ? 1 : 2;
+
+// MXFP4 takes bfloat16 activations only: its exponents span far past float16's range.
+template <typename T, MarlinType kType>
+constexpr bool kSupported = !(kType == MarlinType::kMxFp4 && std::is_same_v<T, half>);
+
+// The power of two by which an NVFP4 W in registers is smaller than W (Fp4Scale's choice); the sums are scaled
+// back with the global scale.
+template <typename T>
+constexpr float kNvFp4Unscale = std::is_same_v<T, half> ? 128.0f : 256.0f;
 
 // (a & kMask) | kOr in one LOP3: written as C++, ptxas emits two, both constants being immediates.
 template <uint32_t kMask, uint32_t kOr>
@@ -105,13 +124,29 @@ __device__ __forceinline__ uint32_t MaskOr(uint32_t a) {
 // Whether a code's raw fragment is its value (fp8 times 2**-bias; bfloat16's 8-bit codes minus 128) rather than
 // magic + code, whose offset (magic + bias or zero point) is still to be taken off.
 template <typename T, MarlinType kType>
-constexpr bool kRawIsValue = kType == MarlinType::kFp8E4M3 || (kBitsOf<kType> == 8 && std::is_same_v<T, __nv_bfloat16>);
+constexpr bool kRawIsValue =
+    kType == MarlinType::kFp8E4M3 || kFp4<kType> || (kBitsOf<kType> == 8 && std::is_same_v<T, __nv_bfloat16>);
+
+// The two e2m1 codes in bits 12..15 and 28..31 of x as a pair of T without e2m1's exponent bias: the sign to bit
+// 15, exponent and mantissa under T's (codes 0 and 1, zero and 0.5, become T's subnormals), so that a pair is
+// e2m1 * 2**-126 (bfloat16) or e2m1 * 2**-14 (float16), exactly.
+template <typename T>
+__device__ __forceinline__ uint32_t Fp4Pair(uint32_t x) {
+  constexpr int kShift = std::is_same_v<T, half> ? 3 : 6;
+  constexpr uint32_t kBits = 0x70007000u >> kShift;
+  return (x & 0x80008000u) | ((x >> kShift) & kBits);
+}
 
 // The two fragments b0 (rows 2t, 2t + 1) and b1 (rows 2t + 8, 2t + 9) of column j = 2w + h of a tile as the codes
 // give them, exact in T: magic + code (4-bit codes, float16's 8-bit codes), or the value (kRawIsValue).
 template <typename T, MarlinType kType>
 __device__ __forceinline__ void RawFragments(const uint4* codes, int w, int h, uint32_t& b0, uint32_t& b1) {
-  if constexpr (kBitsOf<kType> == 4) {
+  if constexpr (kFp4<kType>) {
+    // Nibbles 0, 4 (b0) and 1, 5 (b1) of the word shifted by 8h, moved to where Fp4Pair reads codes.
+    const uint32_t word = w == 0 ? codes[0].x : w == 1 ? codes[0].y : w == 2 ? codes[0].z : codes[0].w;
+    b0 = Fp4Pair<T>(word << (12 - 8 * h));
+    b1 = Fp4Pair<T>(word << (8 - 8 * h));
+  } else if constexpr (kBitsOf<kType> == 4) {
     const uint32_t word = (w == 0 ? codes[0].x : w == 1 ? codes[0].y : w == 2 ? codes[0].z : codes[0].w) >> (8 * h);
     b0 = MaskOr<0x000f000fu, Pair<T>::kMagic>(word);
     b1 = MaskOr<0x000f000fu, Pair<T>::kMagic>(word >> 4);
@@ -144,6 +179,11 @@ __device__ __forceinline__ void Dequantize(const uint4* codes, int w, int h, T2<
   uint32_t r0, r1;
   RawFragments<T, kType>(codes, w, h, r0, r1);
   T2<T> v01 = AsPair<T>(r0), v89 = AsPair<T>(r1);
+  if constexpr (kType == MarlinType::kMxFp4) {  // e2m1 itself first: its scale alone may not fit T's range
+    const T2<T> unbias = AsPair<T>(0x7e807e80u);  // 2**126
+    v01 = __hmul2(v01, unbias);
+    v89 = __hmul2(v89, unbias);
+  }
   if constexpr (!kRawIsValue<T, kType>) {
     v01 = __hadd2(v01, neg01);
     v89 = __hadd2(v89, neg89);
@@ -189,6 +229,27 @@ __device__ __forceinline__ uint32_t ZeroNibble(uint32_t word, int j) {
   return (word >> (4 * ((j & 1) * 4 + (j >> 1)))) & 0xfu;
 }
 
+// The factor Dequantize multiplies an FP4 pair by, in both halves, from one scale byte. NVFP4 (bits 14..7 of
+// float16 s * 2**7): float16 s * 2**7 (the bits moved back); bfloat16 s * 2**118, as s * 2**-105 (the bits under
+// bfloat16's exponent; zero stays zero) times 2**111 and 2**112, exact. With Fp4Pair's bias, W in registers is
+// W / kNvFp4Unscale, in T's normal range or exact as a subnormal. MXFP4 (bfloat16): 2**(e - 127), exactly (e = 0
+// is the subnormal 2**-127, e = 255 NaN); Dequantize has taken e2m1's bias off first.
+template <typename T, MarlinType kType>
+__device__ __forceinline__ T2<T> Fp4Scale(uint32_t byte) {
+  const uint32_t pair = byte * 0x00010001u;
+  if constexpr (kType == MarlinType::kNvFp4) {
+    if constexpr (std::is_same_v<T, half>) {
+      return AsPair<T>(pair << 7);
+    } else {
+      const T2<T> small = AsPair<T>(pair << 4);
+      return __hmul2(__hmul2(small, AsPair<T>(0x77007700u)), AsPair<T>(0x77807780u));
+    }
+  } else {
+    const uint32_t bits = byte == 0u ? 0x00400040u : byte == 255u ? 0x7fc07fc0u : pair << 7;
+    return AsPair<T>(bits);
+  }
+}
+
 // Per column j and row pair (2t, 2t + 1) / (2t + 8, 2t + 9) of a lane: the scale, and minus the offset
 // Dequantize subtracts.
 template <typename T>
@@ -198,12 +259,25 @@ struct Factors {
 
 // A lane's factors for one tile: `scales` / `zeros` point at the tile's 64 scales / 8 zero words of group 0,
 // `group[r]` is the group of the lane's row r (2t, 2t + 1, 2t + 8, 2t + 9; all equal without act-order), and
-// groups are `scale_stride` / `zero_stride` elements apart.
+// groups are `scale_stride` scales / `zero_stride` words apart.
 template <typename T, MarlinType kType, bool kActOrder>
-__device__ __forceinline__ void TileFactors(const T* scales, size_t scale_stride, const uint32_t* zeros,
+__device__ __forceinline__ void TileFactors(const void* tile_scales, size_t scale_stride, const uint32_t* zeros,
                                             size_t zero_stride, const int (&group)[4], int g, bool single,
                                             Factors<T>& f) {
+  static_assert(!(kActOrder && kFp4<kType>), "FP4 weights have no act-order");
   constexpr bool kHasZeros = kType == MarlinType::kU4;
+  if constexpr (kFp4<kType>) {
+    // The lane's 8 bytes, in the order 0 2 1 3 4 6 5 7 of j.
+    const uint8_t* scales = static_cast<const uint8_t*>(tile_scales);
+    const uint2 v = *reinterpret_cast<const uint2*>(scales + group[0] * scale_stride + 8 * g);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int at = (j & 4) | ((j & 1) << 1) | ((j >> 1) & 1);
+      f.scale01[j] = f.scale89[j] = Fp4Scale<T, kType>(((at < 4 ? v.x : v.y) >> (8 * (at & 3))) & 0xffu);
+    }
+    return;
+  }
+  const T* scales = static_cast<const T*>(tile_scales);
   if constexpr (kActOrder) {
     T sr[4][8];
     uint32_t zr[4];
@@ -261,7 +335,7 @@ struct Ring {
   static constexpr int kCodes = 0;
   static constexpr int kA = kCodes + kTiles * kVectors * 32 * 16;
   static constexpr int kScales = kA + kMBlocks * 16 * kTileK * 2;
-  static constexpr int kZeros = kScales + (kActOrder ? 0 : kTiles * kTileN * 2);
+  static constexpr int kZeros = kScales + (kActOrder ? 0 : kTiles * kTileN * kScaleBytes<kType>);
   static constexpr int kStageBytes = kZeros + (kActOrder || !kHasZeros ? 0 : kTiles * kTileN / 2);
   static constexpr int kStages = std::min(8, std::max(2, kRingBytesPerWarp / kStageBytes));
   static constexpr int kPartialFloats = kMBlocks * 16 * kTiles * kTileN;  // one warp's sums
@@ -279,7 +353,8 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
   using R = Ring<kType, kMBlocks, kTiles, kActOrder>;
   constexpr bool kSumA = kFold && !kRawIsValue<T, kType>;
   const T* a = static_cast<const T*>(p.a);
-  const T* scales = static_cast<const T*>(p.scales);
+  using Scale = ScaleOf<T, kType>;
+  const Scale* scales = static_cast<const Scale*>(p.scales);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;  // mma fragment row / column group
@@ -333,8 +408,9 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
       }
       if constexpr (!kActOrder) {
         const size_t group = (kt_begin + i) >> group_shift;
-        if (lane < kTiles * 8) {
-          CopyAsync<16, false>(stage + R::kScales + lane * 16, scales + group * p.n + nt0 * kTileN + 8 * lane, 16);
+        if (lane < kTiles * kTileN * sizeof(Scale) / 16) {
+          CopyAsync<16, false>(stage + R::kScales + lane * 16,
+                               scales + group * p.n + nt0 * kTileN + 16 / sizeof(Scale) * lane, 16);
         }
         if constexpr (R::kHasZeros) {
           if (lane < kTiles * 2) {
@@ -415,7 +491,7 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
           TileFactors<T, kType, true>(scales + static_cast<size_t>(nt0 + tile) * kTileN, p.n,
                                       p.zeros + (nt0 + tile) * 8, p.n / 8, row_group, g, single, f);
         } else {
-          TileFactors<T, kType, false>(reinterpret_cast<const T*>(stage + R::kScales) + tile * kTileN, 0,
+          TileFactors<T, kType, false>(stage + R::kScales + tile * kTileN * kScaleBytes<kType>, 0,
                                        reinterpret_cast<const uint32_t*>(stage + R::kZeros) + tile * 8, 0, row_group,
                                        g, single, f);
         }
@@ -512,6 +588,7 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
 #endif
   T* out = static_cast<T*>(p.out);
   const T* bias = static_cast<const T*>(p.bias);
+  const float global_scale = kType == MarlinType::kNvFp4 ? __ldg(p.global_scale) * kNvFp4Unscale<T> : 1.0f;
   for (int i = threadIdx.x; i < live; i += kWarps * 32) {
     float sum = partial[i];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -519,6 +596,7 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinGemmKernel(MarlinParams p, 
 #endif
     const int64_t row = m0 + i / kCols;
     const int col = nt0 * kTileN + i % kCols;
+    if constexpr (kType == MarlinType::kNvFp4) sum *= global_scale;
     if (bias != nullptr) sum += ToFloat(bias[col]);
     out[row * p.n + col] = FromFloat<T>(sum);
   }
@@ -553,14 +631,19 @@ __global__ void __launch_bounds__(kWarps * 32) MarlinDequantizeKernel(MarlinPara
                          : kt * kTileK / (p.k / p.groups);
   }
   Factors<T> f;
-  TileFactors<T, kType, kActOrder>(static_cast<const T*>(p.scales) + static_cast<size_t>(nt) * kTileN, p.n,
+  TileFactors<T, kType, kActOrder>(static_cast<const ScaleOf<T, kType>*>(p.scales) + static_cast<size_t>(nt) * kTileN, p.n,
                                    p.zeros + nt * 8, p.n / 8, group, g, p.per_channel, f);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     uint32_t b0, b1;
     Dequantize<T, kType>(codes, j >> 1, j & 1, f.neg01[j], f.neg89[j], f.scale01[j], f.scale89[j], b0, b1);
     const int col = 16 * (j >> 1) + 8 * (j & 1) + g;
-    const T2<T> v01 = AsPair<T>(b0), v89 = AsPair<T>(b1);
+    T2<T> v01 = AsPair<T>(b0), v89 = AsPair<T>(b1);
+    if constexpr (kType == MarlinType::kNvFp4) {  // W itself: exact, a power of two
+      const T2<T> unscale = MakePair<T>(kNvFp4Unscale<T>, kNvFp4Unscale<T>);
+      v01 = __hmul2(v01, unscale);
+      v89 = __hmul2(v89, unscale);
+    }
     staged[warp][2 * t][col] = v01.x;
     staged[warp][2 * t + 1][col] = v01.y;
     staged[warp][2 * t + 8][col] = v89.x;
@@ -607,7 +690,7 @@ cudaError_t Launch(const MarlinParams& p, int splits, cudaStream_t stream) {
 template <typename T, MarlinType kType, bool kActOrder>
 cudaError_t DispatchShape(const MarlinParams& p, const MarlinPlan& plan, cudaStream_t stream) {
   const int tiles = kActOrder ? 1 : plan.tiles_per_block;
-  if constexpr (!kActOrder) {
+  if constexpr (!kActOrder && !kFp4<kType>) {  // FP4 W is exact in T: nothing to gain from folding its scales
     if (p.m <= 8 && !p.batch_invariant) {
       if (tiles == 4) return Launch<T, kType, 1, 1, 4, false, true>(p, plan.splits, stream);
       if (tiles == 2) return Launch<T, kType, 1, 1, 2, false, true>(p, plan.splits, stream);
@@ -633,8 +716,10 @@ cudaError_t DispatchShape(const MarlinParams& p, const MarlinPlan& plan, cudaStr
 
 template <typename T, MarlinType kType>
 cudaError_t DispatchActOrder(const MarlinParams& p, const MarlinPlan& plan, cudaStream_t stream) {
-  if constexpr (kType == MarlinType::kFp8E4M3) {
-    if (p.g_idx != nullptr) return cudaErrorInvalidValue;  // vLLM has no act-order fp8 weights either
+  if constexpr (!kSupported<T, kType>) {
+    return cudaErrorInvalidValue;
+  } else if constexpr (kType == MarlinType::kFp8E4M3 || kFp4<kType>) {
+    if (p.g_idx != nullptr) return cudaErrorInvalidValue;  // vLLM has no act-order float weights either
     return DispatchShape<T, kType, false>(p, plan, stream);
   } else {
     if (p.g_idx != nullptr) return DispatchShape<T, kType, true>(p, plan, stream);
@@ -649,6 +734,8 @@ cudaError_t DispatchType(const MarlinParams& p, const MarlinPlan& plan, cudaStre
     case MarlinType::kU4: return DispatchActOrder<T, MarlinType::kU4>(p, plan, stream);
     case MarlinType::kU8B128: return DispatchActOrder<T, MarlinType::kU8B128>(p, plan, stream);
     case MarlinType::kFp8E4M3: return DispatchActOrder<T, MarlinType::kFp8E4M3>(p, plan, stream);
+    case MarlinType::kNvFp4: return DispatchActOrder<T, MarlinType::kNvFp4>(p, plan, stream);
+    case MarlinType::kMxFp4: return DispatchActOrder<T, MarlinType::kMxFp4>(p, plan, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -662,7 +749,9 @@ cudaError_t LaunchDequantize(const MarlinParams& p, cudaStream_t stream) {
 
 template <typename T, MarlinType kType>
 cudaError_t DispatchDequantize(const MarlinParams& p, cudaStream_t stream) {
-  if constexpr (kType == MarlinType::kFp8E4M3) {
+  if constexpr (!kSupported<T, kType>) {
+    return cudaErrorInvalidValue;
+  } else if constexpr (kType == MarlinType::kFp8E4M3 || kFp4<kType>) {
     if (p.g_idx != nullptr) return cudaErrorInvalidValue;
     return LaunchDequantize<T, kType, false>(p, stream);
   } else {
@@ -678,13 +767,17 @@ cudaError_t DispatchDequantizeType(const MarlinParams& p, cudaStream_t stream) {
     case MarlinType::kU4: return DispatchDequantize<T, MarlinType::kU4>(p, stream);
     case MarlinType::kU8B128: return DispatchDequantize<T, MarlinType::kU8B128>(p, stream);
     case MarlinType::kFp8E4M3: return DispatchDequantize<T, MarlinType::kFp8E4M3>(p, stream);
+    case MarlinType::kNvFp4: return DispatchDequantize<T, MarlinType::kNvFp4>(p, stream);
+    case MarlinType::kMxFp4: return DispatchDequantize<T, MarlinType::kMxFp4>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-int MarlinBits(MarlinType t) { return t == MarlinType::kU4B8 || t == MarlinType::kU4 ? 4 : 8; }
+int MarlinBits(MarlinType t) {
+  return t == MarlinType::kFp8E4M3 || t == MarlinType::kU8B128 ? 8 : 4;
+}
 
 MarlinPlan PlanMarlin(int n, int k, int sm_count) {
   // Measured on the H200 (tools/marlin_plan_sweep.py, benchmarks/RESULTS.md): the kernel wants about 1.5 blocks
@@ -714,6 +807,10 @@ bool ValidShape(const MarlinParams& p) {
   if (p.k % kTileK != 0 || p.n % kTileN != 0 || p.groups < 1 || (p.weight == MarlinType::kU4) != (p.zeros != nullptr)) {
     return false;
   }
+  if (p.weight == MarlinType::kNvFp4 || p.weight == MarlinType::kMxFp4) {  // vLLM's grouped order, 16 or 32 rows
+    const int group = p.weight == MarlinType::kNvFp4 ? 16 : 32;
+    if (p.g_idx != nullptr || p.per_channel || p.groups * group != p.k) return false;
+  }
   if (p.g_idx != nullptr || p.groups == 1) return true;
   const int group_tiles = p.k % p.groups == 0 && (p.k / p.groups) % kTileK == 0 ? p.k / p.groups / kTileK : 0;
   return group_tiles > 0 && (group_tiles & (group_tiles - 1)) == 0;  // the kernels shift, not divide
@@ -729,7 +826,7 @@ cudaError_t LaunchMarlinDequantize(const MarlinParams& p, cudaStream_t stream) {
 
 cudaError_t LaunchMarlinGemm(const MarlinParams& p, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
-  if (!ValidShape(p)) return cudaErrorInvalidValue;
+  if (!ValidShape(p) || (p.weight == MarlinType::kNvFp4) != (p.global_scale != nullptr)) return cudaErrorInvalidValue;
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
   int major = 0;

@@ -8,14 +8,17 @@
 
 namespace jaxq {
 
-enum class MarlinType : int32_t { kU4B8 = 0, kU4 = 1, kU8B128 = 2, kFp8E4M3 = 3 };
+// FP4 (e2m1 codes) comes in two forms: NVFP4 (e4m3 scales per 16 rows, kept as vLLM's bytes, and a global
+// scale) and MXFP4 (e8m0 exponents per 32 rows; bfloat16 activations).
+enum class MarlinType : int32_t { kU4B8 = 0, kU4 = 1, kU8B128 = 2, kFp8E4M3 = 3, kNvFp4 = 4, kMxFp4 = 5 };
 
 struct MarlinParams {
   FloatType type = FloatType::kBF16;  // of a, the scales, the bias and the output
   MarlinType weight = MarlinType::kU4B8;
   const void* a = nullptr;            // [m, k] (columns already in perm order for act-order)
   const uint32_t* b_q = nullptr;      // [k / 16, n * 16 * bits / 32]
-  const void* scales = nullptr;       // [groups, n], permuted per 64 columns (per 32 with one group)
+  const void* scales = nullptr;       // [groups, n], permuted per 64 columns (per 32 with one group); FP4: bytes
+  const float* global_scale = nullptr;  // [1] for kNvFp4, else null (LaunchMarlinDequantize leaves it out)
   const uint32_t* zeros = nullptr;    // [groups, n / 8] for kU4, else null
   const int32_t* g_idx = nullptr;     // [k] group of each row (act-order; clamped to [0, groups)), or null
   const void* bias = nullptr;         // [n] or null
@@ -40,8 +43,8 @@ struct MarlinPlan {
 };
 MarlinPlan PlanMarlin(int n, int k, int sm_count);
 
-// out = W [k, n] (rows in the layout's order), dequantized exactly as LaunchMarlinGemm multiplies by it; a, m
-// and bias are not read.
+// out = W [k, n] (rows in the layout's order), dequantized exactly as LaunchMarlinGemm multiplies by it (NVFP4:
+// without the global scale); a, m, bias and global_scale are not read.
 cudaError_t LaunchMarlinDequantize(const MarlinParams& p, cudaStream_t stream);
 
 // out = a @ W (+ bias) with float32 sums. Up to 8 rows (without act-order or batch_invariant) the codes are

@@ -57,6 +57,8 @@ _gptq_marlin_repack = jax.jit(marlin.gptq_marlin_repack, static_argnames=("size_
 _awq_marlin_repack = jax.jit(marlin.awq_marlin_repack, static_argnames=("size_k", "size_n", "num_bits"))
 _marlin_permute_scales = jax.jit(marlin.marlin_permute_scales, static_argnames=("size_k", "size_n", "group_size"))
 _awq_to_marlin_zero_points = jax.jit(marlin.awq_to_marlin_zero_points, static_argnames=("size_k", "size_n", "num_bits"))
+_marlin_fp4_repack = jax.jit(marlin.marlin_fp4_repack)
+_nvfp4_marlin_process_scales = jax.jit(marlin.nvfp4_marlin_process_scales)
 
 
 class QuantizedWeight(nnx.Variable):
@@ -693,39 +695,58 @@ class NVFP4Linear(QuantizedLinear):
     """NVFP4 weights (NVIDIA's 4-bit e2m1 values, one fp8-e4m3 scale per 16 inputs, a float32 global scale)
     with 16-bit activations: weight-only, as vLLM runs NVFP4 checkpoints on GPUs without FP4 tensor cores.
 
-    Tensors, in compressed-tensors' ``nvfp4-pack-quantized`` names: ``weight_packed`` uint8 ``[out, in/2]``
-    (input ``2j`` in the low nibble, ``2j + 1`` in the high one), ``weight_scale`` float8_e4m3fn
-    ``[out, in/16]`` and ``weight_global_scale`` float32 ``[1]``, so that
+    Checkpoint tensors, in compressed-tensors' ``nvfp4-pack-quantized`` names: ``weight_packed`` uint8
+    ``[out, in/2]`` (input ``2j`` in the low nibble, ``2j + 1`` in the high one), ``weight_scale``
+    float8_e4m3fn ``[out, in/16]`` and ``weight_global_scale`` float32 ``[1]``, so that
     ``W[o, i] = e2m1(code[o, i]) * weight_scale[o, i // 16] / weight_global_scale`` (the global scale divides,
     as in vLLM's ``scaled_fp4_quant``). NVIDIA ModelOpt checkpoints (``quant_algo: NVFP4``) name them
     ``weight``, ``weight_scale`` and ``weight_scale_2 = 1 / weight_global_scale``: ``checkpoint_format=
-    "modelopt"`` reads and writes those. ``in_features`` must be a multiple of 16.
+    "modelopt"`` reads and writes those.
 
-    The product dequantizes W to ``dtype`` and multiplies with XLA's dot (float32 sums) until ``marlin_gemm``
-    has FP4 weights.
+    ``backend="marlin"`` (default; ``in_features`` a multiple of 32, ``out_features`` of 64): ``marlin_gemm``
+    with ``float4_e2m1f`` weights, the tensors kept as vLLM prepares them (:func:`jaxq.marlin_fp4_weight`:
+    ``weight_packed`` int32 ``[in/16, 2*out]``, ``weight_scale`` ``[in/16, out]`` bytes) but the global scale in
+    float32, unrounded. ``backend="dequantize"`` (``in_features`` a multiple of 16): the checkpoint's tensors as
+    they are, W dequantized to ``dtype`` and multiplied by XLA's dot (float32 sums).
     """
 
     CHECKPOINT_FORMATS = ("compressed-tensors", "modelopt")
+    BACKENDS = ("marlin", "dequantize")
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.bfloat16,
-                 kernel_axes=None, checkpoint_format: str = "compressed-tensors", out_dtype=None):
+                 kernel_axes=None, checkpoint_format: str = "compressed-tensors", backend: str = "marlin",
+                 out_dtype=None):
         name = type(self).__name__
         _check_features(name, "in_features", in_features, NVFP4_BLOCK)
         if checkpoint_format not in self.CHECKPOINT_FORMATS:
             raise ValueError(f"{name}: checkpoint_format must be one of {self.CHECKPOINT_FORMATS}; "
                              f"got {checkpoint_format!r}")
-        self.checkpoint_format = checkpoint_format
+        if backend not in self.BACKENDS:
+            raise ValueError(f"{name}: backend must be one of {self.BACKENDS}; got {backend!r}")
+        if backend == "marlin" and (in_features % (2 * NVFP4_BLOCK) or out_features % marlin.TILE_N):
+            raise ValueError(f"{name}: backend='marlin' needs in_features a multiple of {2 * NVFP4_BLOCK} and "
+                             f"out_features a multiple of {marlin.TILE_N}; got {in_features} x {out_features} "
+                             f"(backend='dequantize' takes any multiple of {NVFP4_BLOCK} inputs)")
+        self.checkpoint_format, self.backend = checkpoint_format, backend
         super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_axes=kernel_axes,
                          out_dtype=out_dtype)
 
-    def tensor_specs(self):
+    def _compressed_tensors_specs(self):
         k, n = self.in_features, self.out_features
         return {"weight_packed": Tensor((n, k // 2), jnp.uint8, ("out", "in")),
                 "weight_scale": Tensor((n, k // NVFP4_BLOCK), jnp.float8_e4m3fn, ("out", "in")),
                 "weight_global_scale": Tensor((1,), jnp.float32, (None,))}
 
+    def tensor_specs(self):
+        specs = self._compressed_tensors_specs()
+        if self.backend == "marlin":
+            k, n = self.in_features, self.out_features
+            specs["weight_packed"] = Tensor((k // marlin.TILE_K, 2 * n), jnp.int32, ("in", "out"))
+            specs["weight_scale"] = Tensor((k // NVFP4_BLOCK, n), jnp.float8_e4m3fn, ("in", "out"))
+        return specs
+
     def checkpoint_specs(self):
-        specs = self.tensor_specs()
+        specs = self._compressed_tensors_specs()
         if self.checkpoint_format == "modelopt":
             specs = {"weight": specs["weight_packed"], "weight_scale": specs["weight_scale"],
                      "weight_scale_2": Tensor((), jnp.float32, ())}
@@ -741,25 +762,50 @@ class NVFP4Linear(QuantizedLinear):
         if self.checkpoint_format == "modelopt":
             checked = {"weight_packed": checked["weight"], "weight_scale": checked["weight_scale"],
                        "weight_global_scale": jnp.reshape(1.0 / checked["weight_scale_2"], (1,))}
+        self._store(checked)
+
+    def _store(self, checked: dict):
+        """Assigns compressed-tensors' tensors, prepared for Marlin under that backend."""
+        if self.backend == "marlin":
+            k, n = self.in_features, self.out_features
+            scale = _marlin_permute_scales(checked["weight_scale"].T.astype(self.dtype), size_k=k, size_n=n,
+                                           group_size=NVFP4_BLOCK)
+            checked = dict(checked, weight_packed=_marlin_fp4_repack(checked["weight_packed"]),
+                           weight_scale=_nvfp4_marlin_process_scales(scale))
         for name, value in checked.items():
             self.assign(name, value)
 
+    def _compressed_tensors(self) -> dict[str, jax.Array]:
+        """The stored tensors in compressed-tensors' layout: the inverse of :meth:`_store`, bit for bit."""
+        packed, scale = self.weight_packed[...], self.weight_scale[...]
+        if self.backend == "marlin":
+            codes = marlin.marlin_unpack(packed, 4).T
+            packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(jnp.uint8)
+            scale = marlin.marlin_fp4_scale_values(scale).T.astype(jnp.float8_e4m3fn)
+        return {"weight_packed": packed, "weight_scale": scale, "weight_global_scale": self.weight_global_scale[...]}
+
     def checkpoint_tensors(self) -> dict[str, jax.Array]:
-        tensors = super().checkpoint_tensors() if self.checkpoint_format != "modelopt" else None
-        if tensors is not None:
+        tensors = self._compressed_tensors()
+        if self.checkpoint_format != "modelopt":
             return tensors
-        return {"weight": self.weight_packed[...], "weight_scale": self.weight_scale[...],
-                "weight_scale_2": jnp.reshape(1.0 / self.weight_global_scale[...], ())}
+        return {"weight": tensors["weight_packed"], "weight_scale": tensors["weight_scale"],
+                "weight_scale_2": jnp.reshape(1.0 / tensors["weight_global_scale"], ())}
 
     @staticmethod
     def _dequantized(packed, scale, global_scale):
-        """W ``[out, in]`` float32 from the stored tensors."""
+        """W ``[out, in]`` float32 from compressed-tensors' tensors."""
         codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
         values = jnp.asarray(E2M1_VALUES)[codes.astype(jnp.int32)]
         per_block = scale.astype(jnp.float32) / global_scale.reshape(())
         return values * jnp.repeat(per_block, NVFP4_BLOCK, axis=1)
 
     def _matmul(self, rows, bias):
+        if self.backend == "marlin":
+            global_scale = 1.0 / self.weight_global_scale[...]
+            out = marlin.marlin_gemm(rows, self.weight_packed[...], self.weight_scale[...], b_q_type="float4_e2m1f",
+                                     global_scale=global_scale)
+            return out if bias is None else out + bias
+
         def forward(rows, bias, packed, scale, global_scale):
             w = self._dequantized(packed, scale, global_scale).astype(rows.dtype)
             out = jnp.dot(rows, w.T, preferred_element_type=jnp.float32)
@@ -769,21 +815,21 @@ class NVFP4Linear(QuantizedLinear):
         return _frozen_weight_matmul(forward, self._dequantized)(rows, bias, *weights)
 
     @classmethod
-    def from_linear(cls, linear, *, dtype=None, checkpoint_format: str = "compressed-tensors"):
+    def from_linear(cls, linear, *, dtype=None, checkpoint_format: str = "compressed-tensors",
+                    backend: str = "marlin"):
         """Quantizes an ``nnx.Linear`` to NVFP4 as vLLM's ``scaled_fp4_quant`` does, row by row of W^T:
         ``global = 448 * 6 / max|W|``, a block's scale ``fp8(max|block| / 6 * global)``, values rounded to
         e2m1."""
         kernel, bias, args = cls._source(linear)
         args["dtype"] = args["dtype"] if dtype is None else dtype
-        layer = cls(**args, checkpoint_format=checkpoint_format)
+        layer = cls(**args, checkpoint_format=checkpoint_format, backend=backend)
         w = kernel.T.astype(layer.dtype)  # [out, in]
         amax = jnp.max(jnp.abs(w.astype(jnp.float32)))
         global_scale = (448.0 * 6.0 / jnp.maximum(amax, 1e-12)).astype(jnp.float32)
         packed, swizzled = scaled_fp4_quant(w, global_scale)
         scale = unswizzle_block_scales(swizzled, w.shape[0], w.shape[1])
-        for name, value in (("weight_packed", packed), ("weight_scale", scale),
-                            ("weight_global_scale", jnp.reshape(global_scale, (1,)))):
-            layer.assign(name, value)
+        layer._store({"weight_packed": packed, "weight_scale": scale,
+                      "weight_global_scale": jnp.reshape(global_scale, (1,))})
         return layer._fill({}, bias)._follow_promotion(linear)
 
 

@@ -53,8 +53,8 @@ def quantize(model: nnx.Module, scheme: str, *, filter=None, **options) -> list[
       model: any NNX module; linear layers may sit in attributes, ``nnx.List``/lists or ``nnx.Dict``/dicts.
       scheme: ``"awq"``, ``"gptq"``, ``"fp8"``, ``"fp8-block"``, ``"fp8-weight"`` (fp8 weights per channel,
         weight-only through ``marlin_gemm``), ``"int8"``, ``"int8-azp"`` or ``"nvfp4"`` (NVFP4 weights,
-        16-bit activations). ``backend="marlin"`` (an option of
-        ``"awq"`` and ``"gptq"``) runs 4- and 8-bit layers through ``marlin_gemm``.
+        16-bit activations, through ``marlin_gemm``; ``backend="dequantize"``: XLA's dot). ``backend="marlin"``
+        (an option of ``"awq"`` and ``"gptq"``) runs 4- and 8-bit layers through ``marlin_gemm``.
       filter: None (every linear layer), a regular expression searched in the layer's dotted path
         (``"model.layers.0.mlp.up_proj"``), or ``filter(path, linear) -> bool``.
       **options: passed to ``from_linear`` (e.g. ``group_size``, ``bits``, ``act_order``, ``dtype``).

@@ -19,9 +19,14 @@ Scalar types (vLLM's names), with ``g`` the row's group:
 * ``uint4`` with ``b_zeros``: ``W = (q - z[g]) * s[g]`` (AWQ, asymmetric GPTQ);
 * ``float8_e4m3fn``: ``W = fp8(q) * s[g] / 2**bias`` where ``b_scales`` carries vLLM's folded exponent bias
   (``bias`` = 120 for bfloat16, 8 for float16; :func:`marlin_fp8_scales` folds it), per-channel or group scales.
+* ``float4_e2m1f`` (codes in the 4-bit layout; the scales' dtype names the format):
+  NVFP4, ``W = e2m1(q) * s[g]`` with e4m3 scales per 16 rows, and the product times a global scale;
+  ``b_scales`` holds vLLM's bytes (:func:`nvfp4_marlin_process_scales`: permuted, every 4 columns in the order
+  0 2 1 3, each byte the top of float16 ``s * 2**7``). MXFP4, ``W = e2m1(q) * 2**(e[g] - 127)`` with e8m0
+  exponents per 32 rows (:func:`mxfp4_marlin_process_scales`: permuted, then the same 0 2 1 3 order).
 
 ``W`` is rounded once to the activations' dtype (the kernel multiplies codes and scales in that dtype, as
-vLLM's does) and the product is accumulated in float32. Act-order: ``perm`` reorders the columns of ``a``
+vLLM's does; FP4 products are exact there) and the product is accumulated in float32. Act-order: ``perm`` reorders the columns of ``a``
 (the repack applied it to the rows of ``W``) and ``g_idx`` gives the group of every row in that order.
 """
 
@@ -46,10 +51,28 @@ SCALAR_TYPES = {  # name -> (bits, subtracted bias or None, has zero points)
     "uint4": (4, None, True),
     "uint8b128": (8, 128, False),
     "float8_e4m3fn": (8, None, False),
+    "float4_e2m1f": (4, None, False),
 }
-# == jaxq::MarlinType in csrc/kernels/marlin.h
-_TYPE_IDS = {"uint4b8": 0, "uint4": 1, "uint8b128": 2, "float8_e4m3fn": 3}
+# The kernel's forms of a weight: the scalar types, with FP4 split by its scales' type into NVFP4 (e4m3 scales
+# per 16 rows and a global scale) and MXFP4 (e8m0 exponents per 32 rows). == jaxq::MarlinType in
+# csrc/kernels/marlin.h
+_TYPE_IDS = {"uint4b8": 0, "uint4": 1, "uint8b128": 2, "float8_e4m3fn": 3, "nvfp4": 4, "mxfp4": 5}
+FP4_FORMS = {jnp.dtype(jnp.float8_e4m3fn): ("nvfp4", 16), jnp.dtype(jnp.float8_e8m0fnu): ("mxfp4", 32)}
 FP8_EXPONENT_BIAS = {jnp.dtype(jnp.bfloat16): 120, jnp.dtype(jnp.float16): 8}
+# e2m1's exponent bias under each 16-bit type (vLLM's nvfp4_marlin_process_global_scale folds it, less 7).
+FP4_EXPONENT_BIAS = {jnp.dtype(jnp.bfloat16): 126, jnp.dtype(jnp.float16): 14}
+E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def _form(b_q_type: str, scales_dtype) -> str:
+    """The kernel's form of a weight of ``b_q_type`` with scales of ``scales_dtype``."""
+    if b_q_type != "float4_e2m1f":
+        return b_q_type
+    return FP4_FORMS[jnp.dtype(scales_dtype)][0] if jnp.dtype(scales_dtype) in FP4_FORMS else "nvfp4"
+
+
+def _bits(form: str) -> int:
+    return 4 if form in ("nvfp4", "mxfp4") else SCALAR_TYPES[form][0]
 
 # Rows of ``a`` up to which marlin_gemm runs its kernel; above, the dequantize kernel + XLA's dot. Inside the
 # kernel's range a row's result never depends on the batch. Measured on the H200 (benchmarks/RESULTS.md,
@@ -281,25 +304,143 @@ def marlin_fp8_scales(scales, *, size_k: int, group_size: int) -> jax.Array:
     return (permuted.astype(jnp.float32) * 2.0 ** FP8_EXPONENT_BIAS[s.dtype]).astype(s.dtype)
 
 
+def marlin_fp4_repack(weight) -> jax.Array:
+    """An FP4 checkpoint weight (uint8 ``[N, K/2]``, two e2m1 codes per byte, the even column of K in the low
+    nibble, as NVFP4 and MXFP4 checkpoints store it) in the Marlin layout, int32 ``[K/16, N*2]`` (vLLM's
+    ``gptq_marlin_repack`` of ``weight.view(int32).T``)."""
+    fn = "marlin_fp4_repack"
+    if getattr(weight, "dtype", None) != jnp.uint8 or weight.ndim != 2:
+        raise TypeError(f"{fn}: weight must be a 2-d uint8 array [N, K/2]; got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    n, k = weight.shape[0], 2 * weight.shape[1]
+    _check_tiles(fn, k, n)
+    w = jnp.asarray(weight)
+    codes = jnp.stack([w & 0xF, w >> 4], axis=-1).reshape(n, k)
+    return marlin_pack(codes.T, 4)
+
+
+def _fp4_column_order(s):
+    """vLLM's order of FP4 scales within every 4 columns (0 2 1 3: its own inverse), after the permutation."""
+    return s.reshape(-1, 4)[:, np.array([0, 2, 1, 3])].reshape(s.shape)
+
+
+def _check_16bit(fn: str, name: str, x):
+    if not hasattr(x, "dtype") or jnp.dtype(x.dtype) not in FP4_EXPONENT_BIAS:
+        raise TypeError(f"{fn}: {name} must be float16 or bfloat16; got {getattr(x, 'dtype', type(x).__name__)}")
+
+
+def nvfp4_marlin_process_scales(marlin_scales) -> jax.Array:
+    """NVFP4 scales ``[groups, N]`` (e4m3 values, non-negative, in a 16-bit dtype, from
+    :func:`marlin_permute_scales`) as vLLM's ``nvfp4_marlin_process_scales`` hands them to the kernel:
+    float8_e4m3fn-typed bytes, every 4 columns in the order 0 2 1 3, each byte bits 14..7 of float16
+    ``s * 2**7`` (5 exponent and 3 mantissa bits, no sign)."""
+    _check_16bit("nvfp4_marlin_process_scales", "marlin_scales", marlin_scales)
+    s = _fp4_column_order(jnp.asarray(marlin_scales).astype(jnp.float16))
+    bits = jax.lax.bitcast_convert_type(s * jnp.float16(2.0**7), jnp.uint16)
+    return jax.lax.bitcast_convert_type(((bits >> 7) & 0xFF).astype(jnp.uint8), jnp.float8_e4m3fn)
+
+
+def mxfp4_marlin_process_scales(marlin_scales) -> jax.Array:
+    """MXFP4 scales ``[groups, N]`` (powers of two in bfloat16, from :func:`marlin_permute_scales`) as vLLM's
+    ``mxfp4_marlin_process_scales`` hands them to the kernel: float8_e8m0fnu, every 4 columns in the order 0 2 1 3."""
+    _check_16bit("mxfp4_marlin_process_scales", "marlin_scales", marlin_scales)
+    return _fp4_column_order(jnp.asarray(marlin_scales)).astype(jnp.float8_e8m0fnu)
+
+
+def nvfp4_marlin_process_global_scale(global_scale) -> jax.Array:
+    """An NVFP4 global scale (``weight_scale_2``, in the activations' 16-bit dtype) times
+    ``2**(bias - 7)``, ``bias`` e2m1's exponent bias under that dtype (126 bfloat16, 14 float16), as vLLM's
+    ``nvfp4_marlin_process_global_scale`` hands it to the kernel."""
+    _check_16bit("nvfp4_marlin_process_global_scale", "global_scale", global_scale)
+    g = jnp.asarray(global_scale)
+    return g * jnp.asarray(2.0 ** (FP4_EXPONENT_BIAS[jnp.dtype(g.dtype)] - 7), g.dtype)
+
+
+def marlin_fp4_scale_values(b_scales) -> jax.Array:
+    """Processed FP4 scales (:func:`nvfp4_marlin_process_scales`, :func:`mxfp4_marlin_process_scales`) back as
+    float32 values ``[groups, N]`` in natural column order: the inverse of their preparation."""
+    if getattr(b_scales, "dtype", None) not in FP4_FORMS or b_scales.ndim != 2 or b_scales.shape[1] % TILE_N:
+        raise TypeError(f"marlin_fp4_scale_values: b_scales must be float8_e4m3fn or float8_e8m0fnu [groups, N], N "
+                        f"a multiple of {TILE_N}; got {getattr(b_scales, 'dtype', type(b_scales).__name__)}")
+    form = FP4_FORMS[jnp.dtype(b_scales.dtype)][0]
+    return _permute_columns(_fp4_scales(b_scales, form), single=False, inverse=True)
+
+
+def marlin_fp4_weight(weight, weight_scale, weight_scale_2=None, *, dtype=jnp.bfloat16):
+    """An NVFP4 or MXFP4 checkpoint weight in marlin_gemm's operands, as vLLM's ``prepare_fp4_layer_for_marlin``
+    makes them: ``(b_q_weight, b_scales, global_scale)``.
+
+    Args:
+      weight: uint8 ``[N, K/2]`` packed e2m1 codes.
+      weight_scale: NVFP4: float8_e4m3fn ``[N, K/16]``; MXFP4: uint8 or float8_e8m0fnu ``[N, K/32]`` exponents.
+      weight_scale_2: NVFP4's float32 global scale (``[]`` or ``[1]``); None for MXFP4.
+      dtype: the activations' dtype (MXFP4: bfloat16 only).
+    Returns the repacked weight, the processed scales and (NVFP4) the processed global scale in ``dtype``.
+    """
+    fn = "marlin_fp4_weight"
+    dtype = jnp.dtype(dtype)
+    if dtype not in FP4_EXPONENT_BIAS:
+        raise TypeError(f"{fn}: dtype must be float16 or bfloat16; got {dtype}")
+    b_q_weight = marlin_fp4_repack(weight)
+    n, k = weight.shape[0], 2 * weight.shape[1]
+    scale = jnp.asarray(weight_scale)
+    nvfp4 = weight_scale_2 is not None
+    if nvfp4 != (scale.dtype == jnp.float8_e4m3fn):
+        raise TypeError(f"{fn}: NVFP4 has float8_e4m3fn weight_scale and a weight_scale_2, MXFP4 uint8 or "
+                        f"float8_e8m0fnu weight_scale and none; got {scale.dtype} and "
+                        f"{'a' if nvfp4 else 'no'} weight_scale_2")
+    group_size = 16 if nvfp4 else 32
+    if scale.shape != (n, k // group_size) or k % group_size:
+        raise ValueError(f"{fn}: weight_scale must have shape {(n, k // group_size)} for weight "
+                         f"{tuple(weight.shape)} (one scale per {group_size} rows of K); got {tuple(scale.shape)}")
+    if not nvfp4:
+        if dtype != jnp.bfloat16:
+            raise TypeError(f"{fn}: MXFP4 weights take bfloat16 activations; got {dtype}")
+        if scale.dtype == jnp.uint8:
+            scale = jax.lax.bitcast_convert_type(scale, jnp.float8_e8m0fnu)
+    permuted = marlin_permute_scales(scale.T.astype(dtype), size_k=k, size_n=n, group_size=group_size)
+    if not nvfp4:
+        return b_q_weight, mxfp4_marlin_process_scales(permuted), None
+    global_scale = jnp.asarray(weight_scale_2, jnp.float32).reshape(1).astype(dtype)
+    return b_q_weight, nvfp4_marlin_process_scales(permuted), nvfp4_marlin_process_global_scale(global_scale)
+
+
 # ---------------------------------------------------------------------------------------- reference
 
 
+def _fp4_scales(b_scales, form: str) -> jax.Array:
+    """FP4 scales as float32 values, columns still permuted (the 0 2 1 3 order undone)."""
+    if form == "nvfp4":
+        bits = jax.lax.bitcast_convert_type(b_scales, jnp.uint8).astype(jnp.uint16) << 7
+        values = jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32) * 2.0**-7
+    else:
+        values = b_scales.astype(jnp.float32)
+    return _fp4_column_order(values)
+
+
 def marlin_dequantize(b_q_weight, b_scales, b_zeros=None, g_idx=None, *, b_q_type: str, size_k: int,
-                      per_channel: bool | None = None):
-    """``W [K, N]`` from Marlin tensors, rows in the kernel's (``perm``) order, in the scales' dtype: the
-    reference ``marlin_gemm`` multiplies by. ``g_idx`` (act-order) is clamped to the scales' groups.
-    ``per_channel``: whether the scales are in the one-group (per-channel) column order; None: when they hold
-    one group. A row-parallel shard of a grouped weight may hold one group and keeps the grouped order."""
-    bits, bias, _ = SCALAR_TYPES[b_q_type]
-    q = marlin_unpack(b_q_weight, bits)
+                      per_channel: bool | None = None, dtype=None):
+    """``W [K, N]`` from Marlin tensors, rows in the kernel's (``perm``) order, in ``dtype`` (default: the
+    scales'; FP4 needs it): the reference ``marlin_gemm`` multiplies by (an NVFP4 weight without its global
+    scale). ``g_idx`` (act-order) is clamped to the scales' groups. ``per_channel``: whether the scales are in
+    the one-group (per-channel) column order; None: when they hold one group. A row-parallel shard of a
+    grouped weight may hold one group and keeps the grouped order."""
+    form = _form(b_q_type, b_scales.dtype)
+    dtype = jnp.dtype(b_scales.dtype if dtype is None else dtype)
+    q = marlin_unpack(b_q_weight, _bits(form))
     groups = b_scales.shape[0]
     per_channel = groups == 1 if per_channel is None else per_channel
-    scales = _permute_columns(b_scales, single=per_channel, inverse=True).astype(jnp.float32)
     if g_idx is not None:
         rows = jnp.clip(g_idx, 0, groups - 1)
     else:
         rows = jnp.arange(size_k) // (size_k // groups)
-    if b_q_type == "float8_e4m3fn":
+    if form in ("nvfp4", "mxfp4"):
+        scales = _permute_columns(_fp4_scales(b_scales, form), single=per_channel, inverse=True)
+        values = jnp.asarray(E2M1_VALUES)[q]
+        return (values * scales[rows]).astype(dtype)
+    bits, bias, _ = SCALAR_TYPES[form]
+    scales = _permute_columns(b_scales, single=per_channel, inverse=True).astype(jnp.float32)
+    if form == "float8_e4m3fn":
         values = jax.lax.bitcast_convert_type(q.astype(jnp.uint8), jnp.float8_e4m3fn).astype(jnp.float32)
         # Unfold the bias from the scales, not the codes: codes times 2**-120 are float32 denormals, which XLA
         # may flush to zero.
@@ -308,29 +449,39 @@ def marlin_dequantize(b_q_weight, b_scales, b_zeros=None, g_idx=None, *, b_q_typ
         values = (q - marlin_unpack_zero_points(b_zeros, bits)[rows]).astype(jnp.float32)
     else:
         values = (q - bias).astype(jnp.float32)
-    return (values * scales[rows]).astype(b_scales.dtype)
+    return (values * scales[rows]).astype(dtype)
 
 
-def _unpack_operands(args, has_zeros, has_g_idx, has_bias):
+def _has_global_scale(b_q_type: str) -> bool:
+    return b_q_type == "nvfp4"
+
+
+def _unpack_operands(args, b_q_type, has_zeros, has_g_idx, has_bias):
+    """marlin_gemm's operands: a, b_q_weight, b_scales, then b_zeros, g_idx, global_scale (float32 [1], the
+    true global scale) and b_bias where present."""
     a, b_q_weight, b_scales, *rest = args
     zeros = rest.pop(0) if has_zeros else None
     g_idx = rest.pop(0) if has_g_idx else None
+    global_scale = rest.pop(0) if _has_global_scale(b_q_type) else None
     bias = rest.pop(0) if has_bias else None
-    return a, b_q_weight, b_scales, zeros, g_idx, bias
+    return a, b_q_weight, b_scales, zeros, g_idx, global_scale, bias
 
 
-def _product(a, w, bias):
+def _product(a, w, bias, global_scale=None):
     out = jnp.dot(a, w, preferred_element_type=jnp.float32)
+    if global_scale is not None:
+        out = out * global_scale[0]
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(a.dtype)
 
 
 def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant):
-    a, b_q_weight, b_scales, zeros, g_idx, bias = _unpack_operands(args, has_zeros, has_g_idx, has_bias)
+    a, b_q_weight, b_scales, zeros, g_idx, global_scale, bias = _unpack_operands(args, b_q_type, has_zeros,
+                                                                                 has_g_idx, has_bias)
     w = marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type, size_k=a.shape[1],
-                          per_channel=per_channel)
-    return (_product(a, w, bias),)
+                          per_channel=per_channel, dtype=a.dtype)
+    return (_product(a, w, bias, global_scale),)
 
 
 def _shapes(a, b_q_weight, b_scales, *rest, **params):
@@ -341,7 +492,7 @@ def _weight_factors(params, k, groups):
     """Factors of the weight operands (b_q_weight, b_scales, then b_zeros and g_idx when present), of K and N,
     and the sizes of the minor ones: N splits in whole 64-column tiles, K in whole groups. With act-order or
     one group, every shard of K needs all scales: they are not split."""
-    bits = SCALAR_TYPES[params["b_q_type"]][0]
+    bits = _bits(params["b_q_type"])
     n_dims = ("nt", "c64")
     if groups > 1 and not params["has_g_idx"]:
         k_dims, kt_dims, g_dims = ("kg", "gt", "r16"), ("kg", "gt"), ("kg",)
@@ -362,9 +513,11 @@ def _sharding_rule(params, operand_shapes, result_shapes) -> ShardingRule:
     """The weight's factors (``_weight_factors``); K shards add partial sums (psum); rows split freely."""
     a_shape, _, s_shape = operand_shapes[:3]
     weight, k_dims, n_dims, sizes = _weight_factors(params, a_shape[1], s_shape[0])
-    operands = [(("m",), k_dims), *weight] + ([(n_dims,)] if params["has_bias"] else [])
+    operands = [(("m",), k_dims), *weight]
+    operands += [(("gs",),)] if _has_global_scale(params["b_q_type"]) else []
+    operands += [(n_dims,)] if params["has_bias"] else []
     return ShardingRule(operands=tuple(operands), results=((("m",), n_dims),), factor_sizes=sizes,
-                        reduction_factors=("kg", "kt"), replicated_factors=("sg",))
+                        reduction_factors=("kg", "kt"), replicated_factors=("sg", "gs"))
 
 
 def _dequantize_sharding_rule(params, operand_shapes, result_shapes) -> ShardingRule:
@@ -374,23 +527,23 @@ def _dequantize_sharding_rule(params, operand_shapes, result_shapes) -> Sharding
                         replicated_factors=("sg",))
 
 
-def _dequantize_reference(b_q_weight, b_scales, *rest, b_q_type, has_zeros, has_g_idx, per_channel):
+def _dequantize_reference(b_q_weight, b_scales, *rest, b_q_type, has_zeros, has_g_idx, per_channel, dtype):
     zeros = rest[0] if has_zeros else None
     g_idx = rest[int(has_zeros)] if has_g_idx else None
     return (marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type,
-                              size_k=b_q_weight.shape[0] * TILE_K, per_channel=per_channel),)
+                              size_k=b_q_weight.shape[0] * TILE_K, per_channel=per_channel, dtype=dtype),)
 
 
-# W [K, N] of a Marlin weight, as the GEMM kernel multiplies by it from 9 rows: marlin_gemm's path above the
-# kernel's rows.
+# W [K, N] of a Marlin weight in `dtype` (an NVFP4 weight without its global scale), as the GEMM kernel
+# multiplies by it from 9 rows: marlin_gemm's path above the kernel's rows.
 _marlin_dequantize = Op(
     "marlin_dequantize",
-    shapes=lambda b_q_weight, b_scales, *rest, **params: (
-        jax.ShapeDtypeStruct((b_q_weight.shape[0] * TILE_K, b_scales.shape[1]), b_scales.dtype),),
+    shapes=lambda b_q_weight, b_scales, *rest, dtype, **params: (
+        jax.ShapeDtypeStruct((b_q_weight.shape[0] * TILE_K, b_scales.shape[1]), jnp.dtype(dtype)),),
     reference=_dequantize_reference,
     sharding_rule=_dequantize_sharding_rule,
     ffi_target="jaxq_marlin_dequantize",
-    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx, per_channel: dict(
+    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx, per_channel, dtype: dict(
         b_q_type=np.int32(_TYPE_IDS[b_q_type]), has_zeros=bool(has_zeros), has_g_idx=bool(has_g_idx),
         per_channel=bool(per_channel)),
     batching_rule=map_batching,
@@ -398,13 +551,24 @@ _marlin_dequantize = Op(
 )
 
 
+def _dequantize_weight(weight, dtype, *, b_q_type, has_zeros, has_g_idx, per_channel):
+    """W of marlin_gemm's weight operands (b_q_weight, b_scales, then b_zeros and g_idx where present)."""
+    return _marlin_dequantize(*weight, b_q_type=b_q_type, has_zeros=has_zeros, has_g_idx=has_g_idx,
+                              per_channel=per_channel, dtype=jnp.dtype(dtype).name)[0]
+
+
 def _vjp(args, cotangents, *, b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant):
-    a, b_q_weight, b_scales, zeros, g_idx, bias = _unpack_operands(args, has_zeros, has_g_idx, has_bias)
+    a, b_q_weight, b_scales, zeros, g_idx, global_scale, bias = _unpack_operands(args, b_q_type, has_zeros,
+                                                                                 has_g_idx, has_bias)
     (dy,) = cotangents
     weight = [b_q_weight, b_scales] + [x for x in (zeros, g_idx) if x is not None]
-    w = _marlin_dequantize(*weight, b_q_type=b_q_type, has_zeros=has_zeros, has_g_idx=has_g_idx,
-                           per_channel=per_channel)[0]
-    return (wo.dot_f32(dy.astype(a.dtype), w.T),) + (None,) * (len(args) - 1)
+    w = _dequantize_weight(weight, a.dtype, b_q_type=b_q_type, has_zeros=has_zeros, has_g_idx=has_g_idx,
+                           per_channel=per_channel)
+    if global_scale is not None:
+        da = (jnp.dot(dy.astype(a.dtype), w.T, preferred_element_type=jnp.float32) * global_scale[0]).astype(a.dtype)
+    else:
+        da = wo.dot_f32(dy.astype(a.dtype), w.T)
+    return (da,) + (None,) * (len(args) - 1)
 
 
 _marlin_gemm = Op(
@@ -418,9 +582,10 @@ _marlin_gemm = Op(
         has_bias=bool(has_bias), per_channel=bool(per_channel), batch_invariant=bool(batch_invariant)),
     batching_rule=wo.gemm_batching,
     vjp=_vjp,
-    operand_names=("a", "b_q_weight", "b_scales", "b_zeros", "g_idx", "b_bias"),
+    operand_names=("a", "b_q_weight", "b_scales", "b_zeros", "g_idx", "global_scale", "b_bias"),
     grad_operands=(0,),
-    once_operands=lambda has_zeros, has_g_idx, has_bias, **_: (3 + has_zeros + has_g_idx,) if has_bias else (),
+    once_operands=lambda b_q_type, has_zeros, has_g_idx, has_bias, **_: (
+        (3 + has_zeros + has_g_idx + _has_global_scale(b_q_type),) if has_bias else ()),
 )
 
 
@@ -446,44 +611,55 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
 
     Args:
       a: float16 or bfloat16 ``[..., K]``.
-      b_q_weight: int32 ``[K/16, N*16*bits/32]`` from :func:`gptq_marlin_repack`, :func:`awq_marlin_repack`
-        or :func:`marlin_fp8_repack`.
-      b_scales: ``[groups, N]`` in ``a``'s dtype, from :func:`marlin_permute_scales` (fp8: from
-        :func:`marlin_fp8_scales`). One group: per-channel; else groups of 32, 64 or 128 rows (any number of
-        groups with act-order, as a row-parallel shard keeps all of them).
-      b_q_type: ``"uint4b8"``, ``"uint4"`` (needs ``b_zeros``), ``"uint8b128"`` or ``"float8_e4m3fn"``.
+      b_q_weight: int32 ``[K/16, N*16*bits/32]`` from :func:`gptq_marlin_repack`, :func:`awq_marlin_repack`,
+        :func:`marlin_fp8_repack` or :func:`marlin_fp4_repack`.
+      b_scales: ``[groups, N]``. Integer and fp8 weights: in ``a``'s dtype, from :func:`marlin_permute_scales`
+        (fp8: from :func:`marlin_fp8_scales`); one group: per-channel; else groups of 32, 64 or 128 rows (any
+        number of groups with act-order, as a row-parallel shard keeps all of them). FP4 weights: NVFP4,
+        float8_e4m3fn from :func:`nvfp4_marlin_process_scales`, one per 16 rows; MXFP4, float8_e8m0fnu from
+        :func:`mxfp4_marlin_process_scales`, one per 32 rows (:func:`marlin_fp4_weight` makes both).
+      b_q_type: ``"uint4b8"``, ``"uint4"`` (needs ``b_zeros``), ``"uint8b128"``, ``"float8_e4m3fn"`` or
+        ``"float4_e2m1f"``.
       b_zeros: int32 ``[groups, N/8]`` from :func:`marlin_zero_points` / :func:`awq_to_marlin_zero_points`.
-      g_idx, perm: act-order: int32 ``[K]`` each, ``perm = argsort(checkpoint g_idx)`` (applied by the repack)
-        and ``g_idx`` the checkpoint's groups in that order (``g_idx[perm]``). Both or neither.
+      g_idx, perm: act-order (integer weights): int32 ``[K]`` each, ``perm = argsort(checkpoint g_idx)``
+        (applied by the repack) and ``g_idx`` the checkpoint's groups in that order (``g_idx[perm]``). Both or
+        neither.
       b_bias: ``[N]`` in ``a``'s dtype, natural column order (vLLM permutes its bias; jaxq does not).
+      global_scale: NVFP4 only, ``[]`` or ``[1]``: in ``a``'s dtype, vLLM's operand (from
+        :func:`nvfp4_marlin_process_global_scale`, which folds an exponent bias in); or float32, the global scale
+        itself (not rounded to ``a``'s dtype). The float32 sums are multiplied by the global scale before the
+        bias is added and the output rounded.
       is_k_full: False for a row-parallel shard of an act-order layer. jaxq's kernel reads every row's group
         from ``g_idx`` either way, so this only relaxes the check that ``g_idx`` covers this shard's K.
       use_fp32_reduce: accepted for vLLM's signature; partial sums are always added in float32.
-      global_scale, is_zp_float: FP4 and float zero points are not supported yet (a ValueError says so).
+      is_zp_float: float zero points are not supported yet (a ValueError says so).
 
     Returns ``[..., N]`` in ``a``'s dtype. Up to ``MARLIN_KERNEL_MAX_M`` rows (all rows inside
-    :func:`batch_invariant`) the CUDA kernel runs, deterministic, in two numerical forms: up to 8 rows without
-    act-order it multiplies the integer codes (fp8 values) unscaled and applies each group's scales and zero
-    points to the float32 sums; from 9 rows (and always with act-order or inside :func:`batch_invariant`) it
-    multiplies W rounded to ``a``'s dtype, as the reference does. Within each form a row's output is
-    bit-identical in any batch (rows 1-8 share one, 9-``MARLIN_KERNEL_MAX_M`` the other): every row is summed in
-    the same order whatever M is (the K split depends on K, N and the GPU only). Above ``MARLIN_KERNEL_MAX_M``
-    rows, W is dequantized once (a CUDA kernel, bit-identical to the W the second form multiplies by) and
-    multiplied by XLA's dot. Differentiable with respect to ``a`` only.
+    :func:`batch_invariant`) the CUDA kernel runs, deterministic, in two numerical forms: up to 8 rows of an
+    integer or fp8 weight without act-order it multiplies the integer codes (fp8 values) unscaled and applies
+    each group's scales and zero points to the float32 sums; otherwise (from 9 rows, always for FP4 and
+    act-order, and inside :func:`batch_invariant`) it multiplies W rounded to ``a``'s dtype, as the reference
+    does. Within each form a row's output is bit-identical in any batch (rows 1-8 share one,
+    9-``MARLIN_KERNEL_MAX_M`` the other; FP4 has one for all): every row is summed in the same order whatever M
+    is (the K split depends on K, N and the GPU only). Above ``MARLIN_KERNEL_MAX_M`` rows, W is dequantized
+    once (a CUDA kernel, bit-identical to the W the second form multiplies by) and multiplied by XLA's dot.
+    Differentiable with respect to ``a`` only.
     """
     fn = "marlin_gemm"
     if b_q_type not in SCALAR_TYPES:
-        raise ValueError(f"{fn}: b_q_type must be one of {sorted(SCALAR_TYPES)}; got {b_q_type!r}"
-                         + (" (FP4 weights are not supported yet)" if "float4" in str(b_q_type) else ""))
-    if global_scale is not None:
-        raise ValueError(f"{fn}: global_scale is for FP4 weights, which are not supported yet")
+        raise ValueError(f"{fn}: b_q_type must be one of {sorted(SCALAR_TYPES)}; got {b_q_type!r}")
     if is_zp_float:
         raise ValueError(f"{fn}: is_zp_float=True (float zero points) is not supported yet")
     bits, _, needs_zeros = SCALAR_TYPES[b_q_type]
     if not hasattr(a, "dtype") or jnp.dtype(a.dtype) not in wo.ACTIVATION_DTYPES:
         raise TypeError(f"{fn}: a must be a float16 or bfloat16 array; got {getattr(a, 'dtype', type(a).__name__)}")
     _check_array(fn, "b_q_weight", b_q_weight, [jnp.int32], 2)
-    _check_array(fn, "b_scales", b_scales, [a.dtype], 2)
+    fp4 = b_q_type == "float4_e2m1f"
+    if fp4:
+        _check_array(fn, "b_scales", b_scales, list(FP4_FORMS), 2)
+    else:
+        _check_array(fn, "b_scales", b_scales, [a.dtype], 2)
+    form = _form(b_q_type, b_scales.dtype)
     k = b_q_weight.shape[0] * TILE_K
     if a.ndim < 1 or a.shape[-1] != k:
         raise ValueError(f"{fn}: a {tuple(a.shape)} must end in K={k} (b_q_weight has {b_q_weight.shape[0]} "
@@ -500,6 +676,10 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
         raise ValueError(f"{fn}: act-order needs both g_idx and perm (or neither); got "
                          f"g_idx {None if g_idx is None else tuple(g_idx.shape)}, "
                          f"perm {None if perm is None else tuple(perm.shape)}")
+    if fp4:
+        _check_fp4(fn, a, b_scales, global_scale, act_order, form, k)
+    elif global_scale is not None:
+        raise ValueError(f"{fn}: global_scale goes with NVFP4 weights (b_q_type 'float4_e2m1f'); got {b_q_type!r}")
     if act_order:
         _check_array(fn, "g_idx", g_idx, [jnp.int32], 1)
         _check_array(fn, "perm", perm, [jnp.int32], 1)
@@ -507,7 +687,7 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
             raise ValueError(f"{fn}: g_idx and perm must have K={k} entries; got {g_idx.shape[0]} and {perm.shape[0]}")
         if is_k_full and k % groups:
             raise ValueError(f"{fn}: {groups} groups do not divide K={k} (is_k_full=True)")
-    elif groups > 1:
+    elif groups > 1 and not fp4:
         if k % groups or k // groups not in GROUP_SIZES:
             raise ValueError(f"{fn}: the group size K/groups = {k}/{groups} must be one of "
                              f"{[g for g in GROUP_SIZES if g > 0]} (or one group: per-channel)")
@@ -527,18 +707,46 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
         # The barrier keeps XLA:CPU from fusing the gather into the dot, whose bf16 x bf16 -> f32 form it
         # cannot run then (jaxlib 0.10); on GPU the gather is its own kernel either way.
         rows = jax.lax.optimization_barrier(jnp.take(rows, perm, axis=1, mode="clip"))
-    operands = [rows, b_q_weight, b_scales] + ([b_zeros] if needs_zeros else []) + ([g_idx] if act_order else [])
-    operands += [b_bias] if b_bias is not None else []
+    weight = [b_q_weight, b_scales] + ([b_zeros] if needs_zeros else []) + ([g_idx] if act_order else [])
+    # The kernel takes the true global scale; vLLM's operand carries e2m1's exponent bias (less 7).
+    true_global_scale = []
+    if form == "nvfp4":
+        unbias = 1.0 if global_scale.dtype == jnp.float32 else 2.0 ** (7 - FP4_EXPONENT_BIAS[a.dtype])
+        true_global_scale = [global_scale.reshape(1).astype(jnp.float32) * unbias]
     # Which scale order the layout uses is fixed here, on the whole weight: a shard may hold one group.
-    per_channel = groups == 1
-    params = dict(b_q_type=b_q_type, has_zeros=needs_zeros, has_g_idx=act_order, has_bias=b_bias is not None)
+    per_channel = groups == 1 and not fp4
+    params = dict(b_q_type=form, has_zeros=needs_zeros, has_g_idx=act_order)
     if use_kernel(rows.shape[0]):
-        out = _marlin_gemm(*operands, **params, per_channel=per_channel, batch_invariant=_batch_invariant.get())[0]
+        out = _marlin_gemm(rows, *weight, *true_global_scale, *([b_bias] if b_bias is not None else []), **params,
+                           has_bias=b_bias is not None, per_channel=per_channel,
+                           batch_invariant=_batch_invariant.get())[0]
     else:
-        w = _marlin_dequantize(*operands[1:3 + needs_zeros + act_order], b_q_type=b_q_type, has_zeros=needs_zeros,
-                               has_g_idx=act_order, per_channel=per_channel)[0]
-        out = _product(rows, w, b_bias)
+        w = _dequantize_weight(weight, a.dtype, **params, per_channel=per_channel)
+        out = _product(rows, w, b_bias, *true_global_scale)
     return out.reshape(*a.shape[:-1], n)
+
+
+def _check_fp4(fn, a, b_scales, global_scale, act_order, form, k):
+    """What an FP4 weight needs beyond the common checks: its format's group size, at least two groups (vLLM's
+    grouped scale order), no act-order, and NVFP4's global scale."""
+    group_size = FP4_FORMS[jnp.dtype(b_scales.dtype)][1]
+    if act_order:
+        raise ValueError(f"{fn}: FP4 weights take no act-order (g_idx, perm)")
+    if k % group_size or b_scales.shape[0] != k // group_size or k < 2 * group_size:
+        raise ValueError(f"{fn}: {form.upper()} b_scales must hold one scale per {group_size} rows of K={k} "
+                         f"(K a multiple of {group_size}, at least {2 * group_size}); got {b_scales.shape[0]} groups")
+    if form == "mxfp4":
+        if a.dtype != jnp.bfloat16:
+            raise TypeError(f"{fn}: MXFP4 weights take bfloat16 activations; got a {jnp.dtype(a.dtype).name}")
+        if global_scale is not None:
+            raise ValueError(f"{fn}: global_scale goes with NVFP4 weights (float8_e4m3fn b_scales), not MXFP4")
+        return
+    if global_scale is None:
+        raise ValueError(f"{fn}: NVFP4 weights need global_scale (from nvfp4_marlin_process_global_scale)")
+    _check_array(fn, "global_scale", global_scale, [a.dtype, jnp.float32],
+                 global_scale.ndim if hasattr(global_scale, "ndim") else 0)
+    if global_scale.size != 1 or global_scale.ndim > 1:
+        raise ValueError(f"{fn}: global_scale must have shape () or (1,); got {tuple(global_scale.shape)}")
 
 
 def use_kernel(m: int) -> bool:

@@ -21,11 +21,41 @@
 
 namespace {
 
+bool IsFp4(jaxq::MarlinType t) { return t == jaxq::MarlinType::kNvFp4 || t == jaxq::MarlinType::kMxFp4; }
+
+// `count` scales of weight type `type` as bytes: FP4's one byte each (NVFP4: s * 2**7's float16 exponent 14..22
+// and 3 mantissa bits; MXFP4: exponents 115..125), the others 16-bit values from `half`.
+template <typename Half>
+std::vector<uint8_t> ScaleBytes(jaxq::MarlinType type, size_t count, std::mt19937& rng, Half half) {
+  if (IsFp4(type)) {
+    std::vector<uint8_t> bytes(count);
+    for (auto& b : bytes) {
+      b = type == jaxq::MarlinType::kNvFp4 ? static_cast<uint8_t>(((14 + rng() % 9) << 3) | (rng() & 7))
+                                           : static_cast<uint8_t>(115 + rng() % 11);
+    }
+    return bytes;
+  }
+  std::vector<uint8_t> bytes(count * 2);
+  for (size_t i = 0; i < count; ++i) {
+    const uint16_t v = half();
+    std::memcpy(&bytes[2 * i], &v, 2);
+  }
+  return bytes;
+}
+
+template <typename X>
+X* Upload(const std::vector<X>& host) {
+  X* device;
+  CHECK(cudaMalloc(&device, host.size() * sizeof(X)));
+  CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(X), cudaMemcpyHostToDevice));
+  return device;
+}
+
 struct Case {
   const char* name;
   jaxq::MarlinType type;
   bool bf16;
-  int m, k, n, group;  // group -1: one group
+  int m, k, n, group;  // group -1: one group (FP4: 16 for NVFP4, 32 for MXFP4)
 };
 
 void Run(const char* tag, const Case& c, double bandwidth) {
@@ -41,8 +71,9 @@ void Run(const char* tag, const Case& c, double bandwidth) {
   }
   for (auto& v : h_zeros) v = rng();
   std::uniform_real_distribution<float> scale(0.5f, 1.5f), value(-2.f, 2.f);
-  std::vector<uint16_t> h_scales(static_cast<size_t>(groups) * c.n), h_a(static_cast<size_t>(c.m) * c.k);
-  for (auto& v : h_scales) v = tool_timing::HalfBits(scale(rng) * 1e-2f, c.bf16);
+  const std::vector<uint8_t> h_scales = ScaleBytes(c.type, static_cast<size_t>(groups) * c.n, rng,
+                                                   [&] { return tool_timing::HalfBits(scale(rng) * 1e-2f, c.bf16); });
+  std::vector<uint16_t> h_a(static_cast<size_t>(c.m) * c.k);
   for (auto& v : h_a) v = tool_timing::HalfBits(value(rng), c.bf16);
 
   uint32_t* codes[tool_timing::kCopies];
@@ -55,9 +86,9 @@ void Run(const char* tag, const Case& c, double bandwidth) {
     CHECK(cudaMalloc(&zeros, zero_words * 4));
     CHECK(cudaMemcpy(zeros, h_zeros.data(), zero_words * 4, cudaMemcpyHostToDevice));
   }
-  void *scales, *a, *out;
-  CHECK(cudaMalloc(&scales, h_scales.size() * 2));
-  CHECK(cudaMemcpy(scales, h_scales.data(), h_scales.size() * 2, cudaMemcpyHostToDevice));
+  void* scales = Upload(h_scales);
+  float* global_scale = c.type == jaxq::MarlinType::kNvFp4 ? Upload(std::vector<float>{3e-3f}) : nullptr;
+  void *a, *out;
   CHECK(cudaMalloc(&a, h_a.size() * 2));
   CHECK(cudaMemcpy(a, h_a.data(), h_a.size() * 2, cudaMemcpyHostToDevice));
   const size_t out_elems = static_cast<size_t>(c.m) * c.n;
@@ -70,6 +101,7 @@ void Run(const char* tag, const Case& c, double bandwidth) {
   p.a = a;
   p.scales = scales;
   p.zeros = zeros;
+  p.global_scale = global_scale;
   p.out = out;
   p.m = c.m;
   p.k = c.k;
@@ -80,7 +112,11 @@ void Run(const char* tag, const Case& c, double bandwidth) {
     p.b_q = codes[i];
     CHECK(jaxq::LaunchMarlinGemm(p, nullptr));
   };
-  run(0);
+  p.b_q = codes[0];
+  if (jaxq::LaunchMarlinGemm(p, nullptr) == cudaErrorInvalidValue) {  // a version without this type
+    std::printf("[%s] %-34s unsupported\n", tag, c.name);
+    return;
+  }
   CHECK(cudaDeviceSynchronize());
   std::vector<uint16_t> h_out(out_elems);
   CHECK(cudaMemcpy(h_out.data(), out, out_elems * 2, cudaMemcpyDeviceToHost));
@@ -94,7 +130,7 @@ void Run(const char* tag, const Case& c, double bandwidth) {
   std::fclose(f);
 
   const float us = tool_timing::BestMicroseconds(run);
-  const double bytes = code_words * 4.0 + zero_words * 4.0 + h_scales.size() * 2.0;
+  const double bytes = code_words * 4.0 + zero_words * 4.0 + h_scales.size();
   int device = 0;
   CHECK(cudaGetDevice(&device));
   const jaxq::MarlinPlan plan = jaxq::PlanMarlin(c.n, c.k, jaxq::CachedSmCount(device));
@@ -103,6 +139,7 @@ void Run(const char* tag, const Case& c, double bandwidth) {
   for (auto* q : codes) CHECK(cudaFree(q));
   if (zeros) CHECK(cudaFree(zeros));
   CHECK(cudaFree(scales));
+  if (global_scale) CHECK(cudaFree(global_scale));
   CHECK(cudaFree(a));
   CHECK(cudaFree(out));
 }
@@ -115,10 +152,13 @@ void Sanitize() {
   using jaxq::MarlinType;
   std::mt19937 rng(11);
   for (bool bf16 : {true, false}) {
-    for (MarlinType type : {MarlinType::kU4B8, MarlinType::kU4, MarlinType::kU8B128, MarlinType::kFp8E4M3}) {
+    for (MarlinType type : {MarlinType::kU4B8, MarlinType::kU4, MarlinType::kU8B128, MarlinType::kFp8E4M3,
+                            MarlinType::kNvFp4, MarlinType::kMxFp4}) {
+      if (type == MarlinType::kMxFp4 && !bf16) continue;
       for (auto [k, n, groups] : {std::tuple{1024, 64, 8}, std::tuple{256, 4096, 1}, std::tuple{512, 8704, 4}}) {
+        if (IsFp4(type)) groups = k / (type == MarlinType::kNvFp4 ? 16 : 32);
         for (bool act_order : {false, true}) {
-          if (act_order && (type == MarlinType::kFp8E4M3 || groups == 1)) continue;
+          if (act_order && (type == MarlinType::kFp8E4M3 || IsFp4(type) || groups == 1)) continue;
           const int bits = jaxq::MarlinBits(type);
           auto upload = [&](size_t words) {
             std::vector<uint32_t> host(words);
@@ -147,7 +187,10 @@ void Sanitize() {
           p.groups = groups;
           p.per_channel = groups == 1;
           p.b_q = static_cast<const uint32_t*>(upload(static_cast<size_t>(k) * n * bits / 32));
-          p.scales = halves(static_cast<size_t>(groups) * n);
+          p.scales = Upload(ScaleBytes(type, static_cast<size_t>(groups) * n, rng, [&] {
+            return tool_timing::HalfBits(std::ldexp(static_cast<float>(rng() % 2001) - 1000.f, -10), bf16);
+          }));
+          p.global_scale = type == MarlinType::kNvFp4 ? Upload(std::vector<float>{3e-3f}) : nullptr;
           const size_t zero_words = static_cast<size_t>(groups) * n / 8;
           p.zeros = type == MarlinType::kU4 ? static_cast<const uint32_t*>(upload(zero_words)) : nullptr;
           int32_t* g_idx = nullptr;
@@ -180,6 +223,7 @@ void Sanitize() {
           CHECK(cudaFree(p.out));
           CHECK(cudaFree(const_cast<uint32_t*>(p.b_q)));
           CHECK(cudaFree(const_cast<void*>(p.scales)));
+          if (p.global_scale) CHECK(cudaFree(const_cast<float*>(p.global_scale)));
           if (p.zeros) CHECK(cudaFree(const_cast<uint32_t*>(p.zeros)));
           if (g_idx) CHECK(cudaFree(g_idx));
         }
@@ -214,6 +258,11 @@ int main(int argc, char** argv) {
       {"u4 M40 fp16 g64", MarlinType::kU4, false, 40, 8192, 28672, 64},
       {"fp8 M1 channel", MarlinType::kFp8E4M3, true, 1, 8192, 28672, -1},
       {"fp8 M16 channel", MarlinType::kFp8E4M3, true, 16, 8192, 28672, -1},
+      {"nvfp4 M1", MarlinType::kNvFp4, true, 1, 8192, 28672, 16},
+      {"nvfp4 M16", MarlinType::kNvFp4, true, 16, 8192, 28672, 16},
+      {"nvfp4 M16 fp16", MarlinType::kNvFp4, false, 16, 8192, 28672, 16},
+      {"mxfp4 M1", MarlinType::kMxFp4, true, 1, 8192, 28672, 32},
+      {"mxfp4 M16", MarlinType::kMxFp4, true, 16, 8192, 28672, 32},
       {"u4b8 M1 K28672 N8192", MarlinType::kU4B8, true, 1, 28672, 8192, 128},
       {"u4b8 M16 K28672 N8192", MarlinType::kU4B8, true, 16, 28672, 8192, 128},
       {"u4b8 M1 K4096 N14336", MarlinType::kU4B8, true, 1, 4096, 14336, 128},
