@@ -368,8 +368,8 @@ def test_fp4_errors_name_the_argument():
                                                         **w.kwargs()), **kw})
     with pytest.raises(ValueError, match="NVFP4 weights need global_scale"):
         call(nv, global_scale=None)
-    with pytest.raises(TypeError, match="global_scale must be bfloat16"):
-        call(nv, global_scale=nv.global_scale.astype(jnp.float32))
+    with pytest.raises(TypeError, match="global_scale must be bfloat16 or float32"):
+        call(nv, global_scale=nv.global_scale.astype(jnp.float16))
     with pytest.raises(ValueError, match=r"global_scale must have shape \(\) or \(1,\)"):
         call(nv, global_scale=jnp.ones((2,), jnp.bfloat16))
     with pytest.raises(ValueError, match="one scale per 16 rows"):
@@ -398,6 +398,15 @@ def test_fp4_errors_name_the_argument():
         marlin.marlin_fp4_weight(jnp.asarray(mx.packed), jnp.asarray(mx.scale_bits), None, dtype=jnp.float16)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         marlin.nvfp4_marlin_process_scales(jnp.ones((4, 64), jnp.float32))
+
+
+def test_nvfp4_float32_global_scale_is_the_scale_itself():
+    rng = np.random.default_rng(15)
+    w = Weight(rng, "nvfp4", 256, 128, 16, jnp.bfloat16)
+    a = random_a(rng, (3, 256), jnp.bfloat16)
+    f = jax.jit(lambda a, g: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_q_type="float4_e2m1f", global_scale=g))
+    np.testing.assert_array_equal(np.asarray(f(a, jnp.float32(w.true_global_scale))).view(np.uint16),
+                                  np.asarray(f(a, w.global_scale)).view(np.uint16))
 
 
 def test_fp4_gradient_carries_the_global_scale():
