@@ -400,6 +400,18 @@ def test_fp4_errors_name_the_argument():
         marlin.nvfp4_marlin_process_scales(jnp.ones((4, 64), jnp.float32))
 
 
+@pytest.mark.parametrize("q_type", list(FP4_GROUPS))
+def test_fp4_leading_dims_vmap_and_jit_agree(q_type):
+    rng = np.random.default_rng(16)
+    w = Weight(rng, q_type, 128, 64, FP4_GROUPS[q_type], jnp.bfloat16)
+    a = random_a(rng, (3, 2, 128), jnp.bfloat16)
+    f = lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs())  # noqa: E731
+    whole = jax.jit(f)(a)
+    assert whole.shape == (3, 2, 64)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(f)(a)), np.asarray(whole))
+    assert rel_l2(whole, w.oracle_gemm(a.reshape(6, 128)).reshape(3, 2, 64)) < 1e-2
+
+
 def test_nvfp4_float32_global_scale_is_the_scale_itself():
     rng = np.random.default_rng(15)
     w = Weight(rng, "nvfp4", 256, 128, 16, jnp.bfloat16)
