@@ -585,6 +585,10 @@ DECODER_ROWS = (1, 16, 128, 2048)  # decode (one sequence, batches of 16 and 128
 
 # Layer variants beyond the schemes: the 4-bit schemes on backend="marlin".
 DECODER_VARIANTS = {"awq marlin": ("awq", {"backend": "marlin"}), "gptq marlin": ("gptq", {"backend": "marlin"})}
+# Variants with q/k/v and gate/up fused into one GEMM each (jaxq.nn.fuse_projections, as from_pretrained loads).
+FUSED = " fused"
+FUSED_VARIANTS = tuple(name + FUSED for name in ("bf16", "gptq marlin", "awq marlin", "nvfp4", "fp8-weight", "fp8",
+                                                 "int8"))
 # A peer JAX users already have: Google's qwix (PTQ of NNX models through XLA), its projections quantized
 # (weight type, activation type or None for weight-only, weight tile along K). A bench-only optional dependency:
 # its rows are skipped when qwix is not installed.
@@ -595,7 +599,7 @@ QWIX_VARIANTS = {"qwix int4 g128 weight-only": ("int4", None, 128), "qwix int8 (
 def decoder_layer_workload(scheme: str):
     """One Llama-3-8B decoder layer (random weights; attention and MLP) with its projections quantized by
     ``scheme`` (a ``jaxq.nn.SCHEMES`` key, a ``DECODER_VARIANTS`` or ``QWIX_VARIANTS`` key, or ``"bf16"`` for
-    ``nnx.Linear``):
+    ``nnx.Linear``; with ``" fused"`` appended, its q/k/v and gate/up projections fused first):
     ``(fn, make_input(m), weight bytes)`` with ``fn(x, state)`` on hidden states ``x [1, M, 4096]``."""
     from flax import nnx
 
@@ -603,6 +607,9 @@ def decoder_layer_workload(scheme: str):
     from jaxq.nn.llama import LLAMA3_8B, DecoderLayer
 
     layer = DecoderLayer(LLAMA3_8B, rngs=nnx.Rngs(0))
+    if scheme.endswith(FUSED):
+        scheme = scheme[:-len(FUSED)]
+        qnn.fuse_projections(layer)
     if scheme in QWIX_VARIANTS:
         import qwix
 
@@ -631,8 +638,9 @@ def decoder_layer_workload(scheme: str):
     return (lambda x, state: nnx.merge(graphdef, state)(x)), make_input, weights
 
 
-def run_decoder_layer(copy: float) -> list[dict]:
-    """``decoder_layer_workload`` per scheme against the bf16 layer (XLA's dot), at ``DECODER_ROWS``."""
+def run_decoder_layer(copy: float, variants: list[str] | None = None, rows=DECODER_ROWS) -> list[dict]:
+    """``decoder_layer_workload`` per scheme (``variants``, default all) against the bf16 layer (XLA's dot),
+    separate and fused, at ``rows``."""
     import jaxq.nn as qnn
 
     out, bf16 = [], {}
@@ -643,21 +651,30 @@ def run_decoder_layer(copy: float) -> list[dict]:
     except ImportError:
         print("qwix is not installed: its rows are skipped", flush=True)
         peers = ()
-    for scheme in ("bf16", *qnn.SCHEMES, *DECODER_VARIANTS, *peers):
+    everything = ("bf16", *FUSED_VARIANTS, *qnn.SCHEMES, *DECODER_VARIANTS, *peers)  # the bf16 layers first
+    unknown = sorted(set(variants or ()) - set(everything) - set(QWIX_VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown decoder-layer variants {unknown}; known: {everything}")
+    chosen = [v for v in everything if variants is None or v in variants or v in ("bf16", "bf16" + FUSED)]
+    for scheme in chosen:
         fn, make_input, moved = decoder_layer_workload(scheme)
-        for m in DECODER_ROWS:
+        for m in rows:
             seconds = _time_per_call(fn, make_input(m), moved)
             row = dict(op="decoder_layer", variant=scheme, shape=f"M{m} (Llama-3-8B layer)", us=seconds * 1e6,
                        weight_mb=moved / 1e6, pct_copy=100 * moved / seconds / copy)
-            if scheme == "bf16":
-                bf16[m] = seconds
-            row.update(bf16_us=bf16[m] * 1e6, speedup=bf16[m] / seconds)
+            if scheme in ("bf16", "bf16" + FUSED):
+                bf16[scheme, m] = seconds
             out.append(row)
             print(row, flush=True)
         del fn, make_input
+    for row in out:
+        m = int(row["shape"][1:].split()[0])
+        row.update(bf16_us=bf16["bf16", m] * 1e6, speedup=bf16["bf16", m] / row["us"] * 1e6,
+                   speedup_fused=bf16["bf16" + FUSED, m] / row["us"] * 1e6)
     _print_table(out, [("µs", "us", "{:.1f}"), ("weights MB", "weight_mb", "{:.0f}"),
                        ("weights / time, % of copy BW", "pct_copy", "{:.1f}%"), ("bf16 layer µs", "bf16_us", "{:.1f}"),
-                       ("vs bf16 (XLA dot)", "speedup", "{:.2f}x")])
+                       ("vs bf16 (XLA dot)", "speedup", "{:.2f}x"),
+                       ("vs bf16 fused (XLA dot)", "speedup_fused", "{:.2f}x")])
     return out
 
 
@@ -670,6 +687,9 @@ def main(argv=None):
     parser.add_argument("--sweep", default="16,32,48,64,128", help="M values to time kernel vs dequantize + dot")
     parser.add_argument("--splits", default="", help="K splits to time awq_gemm's kernel with (tuning)")
     parser.add_argument("--marlin-rows", default=",".join(map(str, MARLIN_ROWS)), help="M values (marlin_gemm)")
+    parser.add_argument("--layer-variants", default="", help="comma-separated decoder-layer variants (default: all; "
+                        "the bf16 layers always run)")
+    parser.add_argument("--layer-rows", default=",".join(map(str, DECODER_ROWS)), help="M values (decoder layer)")
     parser.add_argument("--quick", action="store_true", help="one small shape per op (smoke run)")
     parser.add_argument("--markdown", default="", help="also write every table of the run to this file")
     args = parser.parse_args(argv)
@@ -696,7 +716,8 @@ def main(argv=None):
     if not args.quick and (ops is None or ops & SCALED_MM_OPS):
         run_scaled_mm(torch_times, copy)
     if not args.quick and (ops is None or ops & DECODER_LAYER_OPS):
-        run_decoder_layer(copy)
+        run_decoder_layer(copy, [v.strip() for v in args.layer_variants.split(",") if v.strip()] or None,
+                          tuple(int(m) for m in args.layer_rows.split(",")))
     if args.markdown:
         _write_markdown(args.markdown, argv if argv is not None else sys.argv[1:], copy)
 

@@ -4,6 +4,7 @@ checkpoints in the formats vLLM loads (AutoAWQ, AutoGPTQ, compressed-tensors, FP
 """
 
 from jaxq.nn.checkpoint import load_quantized, quantization_config, save_quantized
+from jaxq.nn.fuse import FusedProjections, fuse_projections, unfuse_projections
 from jaxq.nn.llama import LlamaConfig, LlamaForCausalLM, generate
 from jaxq.nn.layers import (
     AWQLinear,
@@ -21,6 +22,7 @@ from jaxq.nn.quantize import SCHEMES, add_lora, quantize, shard_model
 __all__ = [
     "AWQLinear",
     "Fp8Linear",
+    "FusedProjections",
     "GPTQLinear",
     "Int8Linear",
     "LlamaConfig",
@@ -31,6 +33,7 @@ __all__ = [
     "SCHEMES",
     "add_lora",
     "from_pretrained",
+    "fuse_projections",
     "generate",
     "load_quantized",
     "quantization_config",
@@ -38,4 +41,5 @@ __all__ = [
     "quantize_int8_per_token",
     "save_quantized",
     "shard_model",
+    "unfuse_projections",
 ]

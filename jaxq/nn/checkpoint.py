@@ -42,6 +42,7 @@ Marlin layout when set and back when saved.
 Float modules are filled too: ``nnx.Linear`` from ``weight [out, in]`` (and ``bias``), ``nnx.Embed`` from
 ``weight``, ``nnx.RMSNorm``/``nnx.LayerNorm`` from ``weight`` (and ``bias``). An ``nnx.LoRA`` around a layer
 is transparent (``q_proj.base_module`` reads ``q_proj``); its adapters are not part of the checkpoint.
+A model with fused projections (:func:`jaxq.nn.fuse_projections`) saves under the original names.
 The ``quantization_config`` comes from ``config.json`` (or AutoGPTQ/AutoAWQ's ``quantize_config.json``)
 beside the files; without one the layers' own settings are taken as they are.
 """
@@ -61,6 +62,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from jaxq import formats
+from jaxq.nn.fuse import FusedProjections
 from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, NVFP4Linear, QuantizedLinear
 from jaxq.nn.quantize import iter_modules, module_path
 
@@ -344,9 +346,17 @@ def _float_entries(module) -> dict[str, tuple[str, bool]]:
 
 def _modules(model: nnx.Module):
     """(checkpoint prefix, module) of every module that owns checkpoint tensors. ``base_module`` path
-    components (``nnx.LoRA``) are dropped so a wrapped layer keeps its name."""
-    for path, module in iter_modules(model):
-        if isinstance(module, QuantizedLinear) or _float_entries(module):
+    components (``nnx.LoRA``) are dropped so a wrapped layer keeps its name; fused projections
+    (:func:`jaxq.nn.fuse_projections`) give their parts, rebuilt, under the original names."""
+    modules = list(iter_modules(model))
+    fused = [path for path, module in modules if isinstance(module, FusedProjections)]
+    for path, module in modules:
+        if any(path[:len(f)] == f and path != f for f in fused):
+            continue
+        if isinstance(module, FusedProjections):
+            for name, part in module.parts().items():
+                yield module_path((*path[:-1], name)), part
+        elif isinstance(module, QuantizedLinear) or _float_entries(module):
             yield module_path(tuple(p for p in path if p != "base_module")), module
 
 
@@ -365,6 +375,9 @@ def fill_model(model: nnx.Module, files: SafetensorsFiles, layer_config: Callabl
     against (None: none); ``place(module)`` runs on each module once it is filled (e.g. to shard it);
     ``progress(bytes)`` is told how many checkpoint bytes each module read. Errors name the tensor and the
     file; with ``strict``, tensors no module reads (other than ``allowed_unused``) are an error too."""
+    if any(isinstance(module, FusedProjections) for _, module in iter_modules(model)):
+        raise ValueError(f"{who}: the model has fused projections; load into the model before "
+                         "jaxq.nn.fuse_projections (or after jaxq.nn.unfuse_projections)")
     used = set()
     for prefix, module in _modules(model):
         read = []

@@ -154,6 +154,7 @@ class Attention(nnx.Module):
         self.k_proj = _linear(h, config.num_kv_heads * d, col, tensor_parallel, dtype, rngs, bias)
         self.v_proj = _linear(h, config.num_kv_heads * d, col, tensor_parallel, dtype, rngs, bias)
         self.o_proj = _linear(config.num_heads * d, h, row, tensor_parallel, dtype, rngs)
+        self.qkv_proj = nnx.data(None)  # q/k/v as one layer after jaxq.nn.fuse_projections
 
     def __call__(self, x, cache: LayerCache | None = None, start=0):
         """``x [B, T, hidden]`` at positions ``start..start+T-1``. Without a cache, T positions attend to
@@ -163,9 +164,10 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         positions = start + jnp.arange(t)
         inverse_frequencies = _inverse_frequencies(c)
-        q = _rope(self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim), positions, inverse_frequencies)
-        k = _rope(self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim), positions, inverse_frequencies)
-        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        q, k, v = self.qkv_proj(x) if self.qkv_proj is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = _rope(q.reshape(b, t, c.num_heads, c.head_dim), positions, inverse_frequencies)
+        k = _rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions, inverse_frequencies)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         if cache is None:
             key_positions = positions
         else:
@@ -191,9 +193,11 @@ class MLP(nnx.Module):
         self.gate_proj = _linear(h, i, col, tensor_parallel, dtype, rngs)
         self.up_proj = _linear(h, i, col, tensor_parallel, dtype, rngs)
         self.down_proj = _linear(i, h, row, tensor_parallel, dtype, rngs)
+        self.gate_up_proj = nnx.data(None)  # gate/up as one layer after jaxq.nn.fuse_projections
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):

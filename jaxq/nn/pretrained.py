@@ -20,8 +20,9 @@ jaxq layer its ``quantization_config`` names, or stays an ``nnx.Linear``:
 
 As vLLM does, AWQ, GPTQ and FP8 leave ``lm_head`` in its float type unless their config says ``lm_head:
 true``. The model is built without initialising any weight (``nnx.eval_shape``); every tensor is then read
-from the memory-mapped files one at a time and, with a ``mesh``, each module is sharded as soon as it is
-filled, so host memory holds about one tensor beyond what stays on the host.
+from the files one at a time and, with a ``mesh``, each module is sharded as soon as it is filled, so host
+memory holds about one tensor beyond what stays on the host. Then, unless ``fuse=False``, each layer's q/k/v
+and gate/up projections are fused into one GEMM each (:func:`~jaxq.nn.fuse_projections`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import sys
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxq.nn.fuse import fuse_projections
 from jaxq.nn.checkpoint import SafetensorsFiles, fill_model, read_quantization_config, stores_group_index
 from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, NVFP4Linear, sharding_axes
 from jaxq.nn.llama import LlamaConfig, LlamaForCausalLM
@@ -128,7 +130,7 @@ def _progress_bar(total: int):
 
 
 def from_pretrained(path: str, *, dtype=jnp.bfloat16, mesh=None, backend: str | None = None,
-                    strict: bool = True) -> LlamaForCausalLM:
+                    strict: bool = True, fuse: bool = True) -> LlamaForCausalLM:
     """A :class:`~jaxq.nn.llama.LlamaForCausalLM` filled from the Hugging Face checkpoint directory ``path``
     (module docstring: architectures, quantization formats, memory use).
 
@@ -142,6 +144,8 @@ def from_pretrained(path: str, *, dtype=jnp.bfloat16, mesh=None, backend: str | 
         through ``marlin_gemm`` (repacked at load); None keeps ``awq_gemm`` / ``gptq_gemm``.
       strict: fail when the files hold tensors no module reads (tied ``lm_head.weight`` and old rotary
         ``inv_freq`` buffers are always allowed).
+      fuse: once loaded, fuse each layer's q/k/v and gate/up projections into one GEMM each
+        (:func:`jaxq.nn.fuse_projections`: same outputs, fewer kernels; tensor-parallel layers stay apart).
 
     Raises ``FileNotFoundError`` without ``config.json`` or safetensors files, ``ValueError`` for an
     architecture, rope scaling or quantization config this model does not implement, and the loader's
@@ -180,4 +184,6 @@ def from_pretrained(path: str, *, dtype=jnp.bfloat16, mesh=None, backend: str | 
                    progress=update, who="from_pretrained")
     finally:
         close()
+    if fuse:
+        fuse_projections(model)
     return model
