@@ -165,3 +165,26 @@ def test_per_channel_marlin_layers_fuse(bits):
     for part, back in zip(parts, split_outputs(fused, (192, 64, 128))):
         for name, value in part.checkpoint_tensors().items():
             np.testing.assert_array_equal(back.checkpoint_tensors()[name], value, err_msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme,options", [case for case in SCHEMES  # the schemes that run jaxq's kernels
+                                            if case[0] is not None and case[1].get("backend") != "dequantize"])
+def test_gpu_fused_model_runs_fewer_kernels_with_the_same_outputs(scheme, options):
+    """On the CUDA kernels: fused and separate projections agree to the kernels' rounding (a wider layer may
+    split K differently), and the fused program calls fewer jaxq kernels."""
+    device = jax.devices("cuda")[0]
+
+    def run(model):
+        graphdef, state = nnx.split(model)
+        state, tokens = jax.device_put((state, TOKENS), device)
+        program = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+        return program(state, tokens), program.lower(state, tokens).as_text().count("custom_call @jaxq_")
+
+    want, separate_calls = run(_model(scheme, options))
+    model = _model(scheme, options)
+    qnn.fuse_projections(model)
+    got, fused_calls = run(model)
+    assert np.all(np.isfinite(np.asarray(got)))
+    assert _relative(got, want) <= 1e-2
+    assert 0 < fused_calls < separate_calls, (fused_calls, separate_calls)

@@ -139,12 +139,16 @@ def test_compressed_tensors_config_groups_and_ignore(tmp_path):
     _write(tmp_path / "ckpt", _hf_config(config, "LlamaForCausalLM", quantization_config=quantization),
            read_safetensors(str(saved)))
     loaded = qnn.from_pretrained(str(tmp_path / "ckpt"), backend="marlin")
-    assert isinstance(loaded.model.layers[1].self_attn.k_proj, qnn.GPTQLinear)
-    assert loaded.model.layers[1].self_attn.k_proj.backend == "marlin"
+    fused = loaded.model.layers[1].self_attn.qkv_proj.layer  # q/k/v fused at load
+    assert isinstance(fused, qnn.GPTQLinear) and fused.backend == "marlin" and fused.out_features == 512
+    assert isinstance(loaded.model.layers[1].mlp.gate_up_proj.layer, qnn.GPTQLinear)
     assert isinstance(loaded.lm_head, nnx.Linear)
+    separate = qnn.from_pretrained(str(tmp_path / "ckpt"), backend="marlin", fuse=False)
+    assert isinstance(separate.model.layers[1].self_attn.k_proj, qnn.GPTQLinear)
+    assert separate.model.layers[1].self_attn.qkv_proj is None
     reference = model(TOKENS)
-    got = loaded(TOKENS)
-    assert float(jnp.linalg.norm(got - reference) / jnp.linalg.norm(reference)) < 1e-2
+    for got in (loaded(TOKENS), separate(TOKENS)):
+        assert float(jnp.linalg.norm(got - reference) / jnp.linalg.norm(reference)) < 1e-2
 
 
 def test_errors_name_the_setting_tensor_and_file(tmp_path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The project's GPU checks, the same every session: build, GPU tests, compute-sanitizer, benchmark.
+# The project's GPU checks, the same every time: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
-#   stages: tests sanitizer bench nn ncu ncu_gemm sweep (default: tests sanitizer bench). The build runs first
+#   stages: tests sanitizer bench nn layer ncu ncu_gemm sweep (default: tests sanitizer bench). The build runs first
 #   every time (BUILD=0 skips it).
 #   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin), SANITIZER_TOOLS and BENCH_ARGS
 #   narrow a run. BUILD=0 reuses the package a previous call installed on a still-warm machine (same tree).
@@ -109,8 +109,8 @@ for stage in $stages; do
        --print-source sass --csv python3 "$REPO/tools/one_gemm.py" gptq 4 1 8192 28672 2>&1) > "$OUT/ncu_gemm_sass_gptq_1.csv"
     echo "sass listing: $(wc -l < "$OUT/ncu_gemm_sass_gptq_1.csv") lines" ;;
   nn)
-    echo "=== jaxq.nn: GPU tests, transformers equivalence on the kernels, the demo, the Llama-3-8B layer per scheme"
-    (cd /tmp && python3 -m pytest -m gpu -q -p no:cacheprovider "$REPO/tests/test_nn.py" 2>&1) | tee "$OUT/nn_gpu_tests.log" | tail -5
+    echo "=== jaxq.nn: GPU tests, transformers equivalence on the kernels, the demo"
+    (cd /tmp && python3 -m pytest -m gpu -q -p no:cacheprovider "$REPO/tests/test_nn.py" "$REPO/tests/test_fuse.py" 2>&1) | tee "$OUT/nn_gpu_tests.log" | tail -5
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     # from_pretrained models on the GPU (their layers on the CUDA kernels) against transformers (the
     # compressed-tensors cases skip unless its wheels were carried, see above).
@@ -118,8 +118,12 @@ for stage in $stages; do
     (cd /tmp && python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_transformers.py" 2>&1) | tail -3
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     (cd /tmp && python3 -m jaxq.demo --qlora 2>&1) | tee "$OUT/demo.log" | grep -v Warning
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    (cd /tmp && python3 -m jaxq.bench --ops decoder_layer 2>&1) | tee "$OUT/bench_layer.log" | tail -25 ;;
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+  layer)
+    echo "=== the Llama-3-8B decoder layer per scheme, separate and fused projections, qwix's beside them"
+    # LAYER_VARIANTS (comma-separated, e.g. "gptq,gptq marlin fused") and LAYER_ROWS narrow the run.
+    (cd /tmp && python3 -m jaxq.bench --ops decoder_layer ${LAYER_VARIANTS:+--layer-variants "$LAYER_VARIANTS"} \
+       ${LAYER_ROWS:+--layer-rows "$LAYER_ROWS"} --markdown "$OUT/bench_layer.md" 2>&1) | tee "$OUT/bench_layer.log" | tail -40 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
