@@ -381,7 +381,7 @@ def _marlin_weight(q_type: str, k: int, n: int, i: int, dtype=jnp.bfloat16) -> t
 def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list[dict]:
     """marlin_gemm per type and shape: its kernel's time and share of the copy bandwidth (weight bytes over
     time), against XLA's bf16 dot on a [N, K] weight, the original Marlin kernel (float16; `peer_times` from
-    jaxq.bench_torch) and, for 4-bit, jaxq's gptq_gemm; at M >= 128 also its dequantize + dot path, to place
+    jaxq.bench_torch) and, for 4-bit, jaxq's gptq_gemm; from M = 32 also its dequantize + dot path, to place
     the crossover; up to 8 rows also the kernel under batch_invariant(), what that mode costs."""
     from jaxq.ops import marlin
 
@@ -430,7 +430,7 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list
             if bits == 4 and not fp4 and m <= 64 and dtype == jnp.bfloat16:
                 g = _time_per_call(gptq.ours, lambda i, m=m, gptq=gptq: (make_input(i)[0], *gptq.make_weight(i)), moved)
                 row.update(gptq_us=g * 1e6, vs_gptq=g / t)
-            if m >= 128:
+            if m >= 32:
                 # marlin_gemm's path above MARLIN_KERNEL_MAX_M rows: the dequantize kernel, then XLA's dot.
                 row["dequant_dot_us"] = _time_per_call(
                     lambda x, q, s, z, q_type=q_type: marlin._product(x, marlin._dequantize_weight(
