@@ -399,8 +399,8 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list
                 return jaxq.marlin_gemm(x, q, s, b_q_type="float4_e2m1f", global_scale=z)
             return jaxq.marlin_gemm(x, q, s, b_q_type=q_type, b_zeros=z)
 
-        def kernel(*args):  # the kernel at every M: above its default rows only batch_invariant() runs it
-            with marlin.batch_invariant(args[0].shape[0] > marlin.MARLIN_KERNEL_MAX_M):
+        def kernel(*args, k=k, n=n):  # the kernel at every M: above its default rows only batch_invariant() runs it
+            with marlin.batch_invariant(args[0].shape[0] > marlin.kernel_max_rows(k, n)):
                 return ours(*args)
 
         def invariant(*args):
@@ -431,7 +431,7 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list
                 g = _time_per_call(gptq.ours, lambda i, m=m, gptq=gptq: (make_input(i)[0], *gptq.make_weight(i)), moved)
                 row.update(gptq_us=g * 1e6, vs_gptq=g / t)
             if m >= 32:
-                # marlin_gemm's path above MARLIN_KERNEL_MAX_M rows: the dequantize kernel, then XLA's dot.
+                # marlin_gemm's path above kernel_max_rows(k, n) rows: the dequantize kernel, then XLA's dot.
                 row["dequant_dot_us"] = _time_per_call(
                     lambda x, q, s, z, q_type=q_type: marlin._product(x, marlin._dequantize_weight(
                         [q, s] + ([z] if q_type == "uint4" else []), x.dtype, b_q_type=q_type,

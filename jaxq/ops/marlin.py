@@ -74,12 +74,20 @@ def _form(b_q_type: str, scales_dtype) -> str:
 def _bits(form: str) -> int:
     return 4 if form in ("nvfp4", "mxfp4") else SCALAR_TYPES[form][0]
 
-# Rows of ``a`` up to which marlin_gemm runs its kernel; above, the dequantize kernel + XLA's dot. Inside the
-# kernel's range a row's result never depends on the batch. Measured on the H200 (benchmarks/RESULTS.md,
-# 2026-12-03): the kernel grows about 2.8 µs per row at K8192 N28672 (362 µs at M128, 710 µs at M256); the
-# dequantize kernel's path was not timed yet, so the crossover is still to place (its floor is writing and
-# reading the 470 MB bf16 weight, ~0.2 ms, plus the dot).
-MARLIN_KERNEL_MAX_M = 1024
+# Rows of ``a`` up to which marlin_gemm runs its kernel, by the weight's size (K * N at least the first entry);
+# above, the dequantize kernel + XLA's dot. Measured on the H200 (benchmarks/RESULTS.md, 2026-12-03; uint4b8 G128,
+# bf16; kernel against dequantize + dot, µs): K8192 N28672 M32 112 vs 272, M64 199 vs 269, M96 347 vs 271;
+# K28672 N8192 M64 262 vs 270; K4096 N14336 M32 54 vs 76, M64 109 vs 79; K4096 N4096 M32 29 vs 20; K4096 N1024
+# M32 16 vs 9. The 8-bit, fp8 and FP4 weights cross where the 4-bit ones do.
+_KERNEL_ROWS_BY_WEIGHT = ((1 << 27, 64), (1 << 25, 32), (0, 16))
+MARLIN_KERNEL_MAX_M = 64  # no weight runs the kernel above this many rows (outside batch_invariant())
+
+
+def kernel_max_rows(k: int, n: int) -> int:
+    """The most rows of ``a`` with which ``marlin_gemm`` runs its kernel on a ``[k, n]`` weight."""
+    rows = next(rows for weights, rows in _KERNEL_ROWS_BY_WEIGHT if k * n >= weights)
+    return min(rows, MARLIN_KERNEL_MAX_M)
+
 
 _batch_invariant = contextvars.ContextVar("jaxq_batch_invariant", default=False)
 
@@ -89,8 +97,8 @@ def batch_invariant(enabled: bool = True):
     """Within this context (at trace time), ``marlin_gemm`` runs one kernel form for every M, so that a row's
     result is bit-identical whatever batch it is computed in (vLLM's batch-invariant mode). It costs speed at
     both ends: up to 8 rows the faster form (group scales folded in float32) is not used, and above
-    ``MARLIN_KERNEL_MAX_M`` rows the kernel reads the weight once per 64 rows (benchmarks/RESULTS.md has the
-    figures)."""
+    :func:`kernel_max_rows` rows the kernel reads the weight once per 64 rows, where dequantize + dot would be
+    faster (benchmarks/RESULTS.md has the figures)."""
     token = _batch_invariant.set(bool(enabled))
     try:
         yield
@@ -634,16 +642,17 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
       use_fp32_reduce: accepted for vLLM's signature; partial sums are always added in float32.
       is_zp_float: float zero points are not supported yet (a ValueError says so).
 
-    Returns ``[..., N]`` in ``a``'s dtype. Up to ``MARLIN_KERNEL_MAX_M`` rows (all rows inside
-    :func:`batch_invariant`) the CUDA kernel runs, deterministic, in two numerical forms: up to 8 rows of an
-    integer or fp8 weight without act-order it multiplies the integer codes (fp8 values) unscaled and applies
-    each group's scales and zero points to the float32 sums; otherwise (from 9 rows, always for FP4 and
-    act-order, and inside :func:`batch_invariant`) it multiplies W rounded to ``a``'s dtype, as the reference
-    does. Within each form a row's output is bit-identical in any batch (rows 1-8 share one,
-    9-``MARLIN_KERNEL_MAX_M`` the other; FP4 has one for all): every row is summed in the same order whatever M
-    is (the K split depends on K, N and the GPU only). Above ``MARLIN_KERNEL_MAX_M`` rows, W is dequantized
-    once (a CUDA kernel, bit-identical to the W the second form multiplies by) and multiplied by XLA's dot.
-    Differentiable with respect to ``a`` only.
+    Returns ``[..., N]`` in ``a``'s dtype. Up to ``kernel_max_rows(K, N)`` rows (16 for a weight under 2**25
+    elements, 32 under 2**27, else 64: where the kernel beats dequantize + dot on the H200) and for all rows
+    inside :func:`batch_invariant`, the CUDA kernel runs, deterministic, in two numerical forms: up to 8 rows
+    of an integer or fp8 weight without act-order it multiplies the integer codes (fp8 values) unscaled and
+    applies each group's scales and zero points to the float32 sums; otherwise (from 9 rows, always for FP4
+    and act-order, and inside :func:`batch_invariant`) it multiplies W rounded to ``a``'s dtype, as the
+    reference does. Within each form a row's output is bit-identical in any batch (rows 1-8 share one,
+    9-``kernel_max_rows`` the other; FP4 has one for all): every row is summed in the same order whatever M is
+    (the K split depends on K, N and the GPU only). Above ``kernel_max_rows`` rows, W is dequantized once (a
+    CUDA kernel, bit-identical to the W the second form multiplies by) and multiplied by XLA's dot, whose
+    summation order is XLA's choice for each M. Differentiable with respect to ``a`` only.
     """
     fn = "marlin_gemm"
     if b_q_type not in SCALAR_TYPES:
@@ -716,7 +725,7 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     # Which scale order the layout uses is fixed here, on the whole weight: a shard may hold one group.
     per_channel = groups == 1 and not fp4
     params = dict(b_q_type=form, has_zeros=needs_zeros, has_g_idx=act_order)
-    if use_kernel(rows.shape[0]):
+    if use_kernel(rows.shape[0], k, n):
         out = _marlin_gemm(rows, *weight, *true_global_scale, *([b_bias] if b_bias is not None else []), **params,
                            has_bias=b_bias is not None, per_channel=per_channel,
                            batch_invariant=_batch_invariant.get())[0]
@@ -749,6 +758,7 @@ def _check_fp4(fn, a, b_scales, global_scale, act_order, form, k):
         raise ValueError(f"{fn}: global_scale must have shape () or (1,); got {tuple(global_scale.shape)}")
 
 
-def use_kernel(m: int) -> bool:
-    """Whether ``marlin_gemm`` of ``m`` rows runs the kernel (else dequantize + XLA's dot)."""
-    return m <= MARLIN_KERNEL_MAX_M or _batch_invariant.get()
+def use_kernel(m: int, k: int, n: int) -> bool:
+    """Whether ``marlin_gemm`` of ``m`` rows on a ``[k, n]`` weight runs the kernel (else dequantize + XLA's
+    dot)."""
+    return m <= kernel_max_rows(k, n) or _batch_invariant.get()
