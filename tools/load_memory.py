@@ -1,6 +1,6 @@
 """Peak host memory of jaxq.nn.from_pretrained on a generated multi-GB checkpoint.
 
-    python tools/load_memory.py [DIR] [--layers N]
+    python tools/load_memory.py [DIR] [--layers N] [--no-fuse]
 
 Writes (once) a bf16 Llama-shaped checkpoint of random weights in transformers' names to DIR (default
 /tmp/jaxq_load_memory), sharded in 4 files with an index, then loads it with from_pretrained in a fresh
@@ -61,13 +61,13 @@ def write_checkpoint(directory: str, layers: int) -> int:
     return sum(t.nbytes for t in tensors.values())
 
 
-def load(directory: str) -> None:
+def load(directory: str, fuse: bool) -> None:
     import jax
 
     import jaxq.nn as qnn
     from flax import nnx
 
-    model = qnn.from_pretrained(directory)
+    model = qnn.from_pretrained(directory, fuse=fuse)
     leaves = jax.tree.leaves(nnx.state(model))
     jax.block_until_ready(leaves)
     on_device = sum(x.nbytes for x in leaves)
@@ -81,10 +81,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", nargs="?", default="/tmp/jaxq_load_memory")
     parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up apart (from_pretrained's fuse)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        load(args.directory)
+        load(args.directory, fuse=not args.no_fuse)
         return
     if not os.path.exists(os.path.join(args.directory, "config.json")):
         size = write_checkpoint(args.directory, args.layers)
@@ -92,7 +93,8 @@ def main():
     baseline = subprocess.run([sys.executable, "-c", "import jax, jaxq.nn, resource; jax.devices(); "
                                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
                               capture_output=True, text=True, check=True)
-    result = json.loads(subprocess.run([sys.executable, __file__, args.directory, "--child"], capture_output=True,
+    child = [sys.executable, __file__, args.directory, "--child"] + (["--no-fuse"] if args.no_fuse else [])
+    result = json.loads(subprocess.run(child, capture_output=True,
                                        text=True, check=True).stdout.strip().splitlines()[-1])
     files = sum(os.path.getsize(os.path.join(args.directory, f)) for f in os.listdir(args.directory)
                 if f.endswith(".safetensors"))
