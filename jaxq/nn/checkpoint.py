@@ -64,7 +64,7 @@ from safetensors.numpy import save_file
 from jaxq import formats
 from jaxq.nn.fuse import FusedProjections
 from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, NVFP4Linear, QuantizedLinear
-from jaxq.nn.quantize import iter_modules, module_path
+from jaxq.nn.quantize import iter_modules, module_at, module_path
 
 _DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F16": np.float16, "F32": np.float32,
            "F64": np.float64, "I8": np.int8, "U8": np.uint8, "I16": np.int16, "U16": np.uint16, "I32": np.int32,
@@ -347,16 +347,23 @@ def _float_entries(module) -> dict[str, tuple[str, bool]]:
 def _modules(model: nnx.Module):
     """(checkpoint prefix, module) of every module that owns checkpoint tensors. ``base_module`` path
     components (``nnx.LoRA``) are dropped so a wrapped layer keeps its name; fused projections
-    (:func:`jaxq.nn.fuse_projections`) give their parts, rebuilt, under the original names."""
-    modules = list(iter_modules(model))
-    fused = [path for path, module in modules if isinstance(module, FusedProjections)]
-    for path, module in modules:
+    (:func:`jaxq.nn.fuse_projections`) give their parts, rebuilt, under the original names. Modules are looked up
+    as they are reached (by path), so a caller may replace modules already given (as from_pretrained fuses
+    them) without this holding on to the old ones."""
+    paths, fused = [], []
+    for path, module in iter_modules(model):
+        if isinstance(module, FusedProjections):
+            fused.append(path)
+        if isinstance(module, (FusedProjections, QuantizedLinear)) or _float_entries(module):
+            paths.append(path)
+    for path in paths:
         if any(path[:len(f)] == f and path != f for f in fused):
             continue
+        module = module_at(model, path)
         if isinstance(module, FusedProjections):
             for name, part in module.parts().items():
                 yield module_path((*path[:-1], name)), part
-        elif isinstance(module, QuantizedLinear) or _float_entries(module):
+        elif module is not None:
             yield module_path(tuple(p for p in path if p != "base_module")), module
 
 
@@ -368,11 +375,11 @@ def _join(prefix, name):
 
 
 def fill_model(model: nnx.Module, files: SafetensorsFiles, layer_config: Callable[[str], dict | None], *,
-               strict: bool = True, allowed_unused=(), place: Callable[[nnx.Module], None] | None = None,
+               strict: bool = True, allowed_unused=(), place: Callable[[str, nnx.Module], None] | None = None,
                progress=None, who: str = "load_quantized") -> nnx.Module:
     """Fills every quantized layer and float module of ``model`` from ``files``, one tensor at a time (only
     it in host memory). ``layer_config(path)`` is the quantization config a quantized layer is checked
-    against (None: none); ``place(module)`` runs on each module once it is filled (e.g. to shard it);
+    against (None: none); ``place(prefix, module)`` runs on each module once it is filled (e.g. to shard it);
     ``progress(bytes)`` is told how many checkpoint bytes each module read. Errors name the tensor and the
     file; with ``strict``, tensors no module reads (other than ``allowed_unused``) are an error too."""
     if any(isinstance(module, FusedProjections) for _, module in iter_modules(model)):
@@ -416,7 +423,7 @@ def fill_model(model: nnx.Module, files: SafetensorsFiles, layer_config: Callabl
             raise type(error)(f"{message} (reading {', '.join(sources)})") from error
         if read:
             if place is not None:
-                place(module)
+                place(prefix, module)
             if progress is not None:
                 progress(sum(files.nbytes(name) for name in read))
     unused = sorted(set(files) - used - set(allowed_unused))

@@ -134,29 +134,36 @@ def split_outputs(layer, sizes) -> list:
     return parts
 
 
+def fusable_groups(module) -> tuple[str, tuple[str, ...]] | None:
+    """(fused attribute, projection names) of an attention or MLP module, else None."""
+    return next(((name, parts) for cls, name, parts in FUSED_GROUPS if isinstance(module, cls)), None)
+
+
+def fuse_module(module) -> bool:
+    """Fuses one attention's q/k/v (or one MLP's gate/up) in place, as :func:`fuse_projections` does; returns
+    whether it did."""
+    fused_name, names = fusable_groups(module)
+    projections = [getattr(module, name) for name in names]
+    if any(p is None for p in projections):
+        return False  # already fused
+    fused = concatenate_outputs(projections)
+    if fused is None:
+        return False
+    setattr(module, fused_name, FusedProjections(fused, names, tuple(p.out_features for p in projections)))
+    for name in names:
+        setattr(module, name, None)
+    return True
+
+
 def fuse_projections(model: nnx.Module) -> list[str]:
     """Fuses, in place, each attention's q/k/v projections into ``qkv_proj`` and each MLP's gate/up
     projections into ``gate_up_proj`` (:class:`FusedProjections`) where they can be fused (module
     docstring); the originals become None. The weights stay the same values (outputs may differ in the last
-    bits: see the module docstring); a layer runs 4 GEMMs instead of 7. :func:`jaxq.nn.save_quantized` writes a fused model under the original names; load checkpoints
-    into an unfused model, then fuse (:func:`jaxq.nn.from_pretrained` does). Returns the dotted paths of the
-    fused modules."""
-    done = []
-    targets = [(path, module) for path, module in iter_modules(model)
-               for cls, _, _ in FUSED_GROUPS if isinstance(module, cls)]
-    for path, module in targets:
-        fused_name, names = next((name, parts) for cls, name, parts in FUSED_GROUPS if isinstance(module, cls))
-        projections = [getattr(module, name) for name in names]
-        if any(p is None for p in projections):
-            continue  # already fused
-        fused = concatenate_outputs(projections)
-        if fused is None:
-            continue
-        setattr(module, fused_name, FusedProjections(fused, names, tuple(p.out_features for p in projections)))
-        for name in names:
-            setattr(module, name, None)
-        done.append(module_path((*path, fused_name)))
-    return done
+    bits: see the module docstring); a layer runs 4 GEMMs instead of 7. :func:`jaxq.nn.save_quantized` writes
+    a fused model under the original names; load checkpoints into an unfused model, then fuse
+    (:func:`jaxq.nn.from_pretrained` does). Returns the dotted paths of the fused modules."""
+    targets = [(path, module) for path, module in iter_modules(model) if fusable_groups(module) is not None]
+    return [module_path((*path, fusable_groups(module)[0])) for path, module in targets if fuse_module(module)]
 
 
 def unfuse_projections(model: nnx.Module) -> list[str]:

@@ -104,11 +104,19 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
     return model
 
 
+def module_at(model: nnx.Module, path: tuple):
+    """What ``path`` (as ``iter_modules`` gives it) points at in ``model`` now (None where a module was removed)."""
+    node = model
+    for key in path:
+        if node is None:
+            return None
+        node = node[key] if isinstance(key, int) or not hasattr(node, str(key)) else getattr(node, key)
+    return node
+
+
 def replace_module(model: nnx.Module, path: tuple, new: nnx.Module):
     """Puts ``new`` where ``path`` (as ``iter_modules`` gives it) points in ``model``."""
-    parent = model
-    for key in path[:-1]:
-        parent = parent[key] if isinstance(key, int) or not hasattr(parent, str(key)) else getattr(parent, key)
+    parent = module_at(model, path[:-1])
     last = path[-1]
     if isinstance(last, int) or not hasattr(parent, str(last)):
         parent[last] = new
