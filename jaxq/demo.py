@@ -38,7 +38,9 @@ PROMPT, BATCH = 16, 4
 def _kernels(lowered_text: str) -> str:
     names = sorted(set(re.findall(r"custom_call @(jaxq_\w+)", lowered_text)))
     if names:
-        return "CUDA: " + ", ".join(n.removeprefix("jaxq_") for n in names)
+        # A dequantize kernel hands W to XLA's dot (marlin_gemm's path above its kernel's rows).
+        dot = " + XLA dot" if any("dequantize" in n for n in names) else ""
+        return "CUDA: " + ", ".join(n.removeprefix("jaxq_") for n in names) + dot
     return "XLA only (no jaxq kernel)" if jaxq.cuda_available() else "jnp reference"
 
 
@@ -130,6 +132,7 @@ def main(argv=None):
     for scheme in qnn.SCHEMES:
         model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
         replaced = qnn.quantize(model, scheme)
+        qnn.fuse_projections(model)  # q/k/v and gate/up as one GEMM each, as from_pretrained loads them
         logits, generated, rates, kernels = _run(model, tokens, args.new_tokens)
         single[scheme] = logits
         agree = float(np.mean(np.asarray(jnp.argmax(logits, -1)) == ref_top1))

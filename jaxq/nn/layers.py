@@ -57,8 +57,16 @@ _gptq_marlin_repack = jax.jit(marlin.gptq_marlin_repack, static_argnames=("size_
 _awq_marlin_repack = jax.jit(marlin.awq_marlin_repack, static_argnames=("size_k", "size_n", "num_bits"))
 _marlin_permute_scales = jax.jit(marlin.marlin_permute_scales, static_argnames=("size_k", "size_n", "group_size"))
 _awq_to_marlin_zero_points = jax.jit(marlin.awq_to_marlin_zero_points, static_argnames=("size_k", "size_n", "num_bits"))
-_marlin_fp4_repack = jax.jit(marlin.marlin_fp4_repack)
-_nvfp4_marlin_process_scales = jax.jit(marlin.nvfp4_marlin_process_scales)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _nvfp4_marlin_tensors(packed, scale, dtype) -> dict:
+    """compressed-tensors' NVFP4 ``weight_packed [out, in/2]`` and ``weight_scale [out, in/16]`` as vLLM prepares
+    them for marlin_gemm (:func:`jaxq.marlin_fp4_weight`'s steps)."""
+    k, n = 2 * packed.shape[1], packed.shape[0]
+    permuted = marlin.marlin_permute_scales(scale.T.astype(dtype), size_k=k, size_n=n, group_size=NVFP4_BLOCK)
+    return {"weight_packed": marlin.marlin_fp4_repack(packed),
+            "weight_scale": marlin.nvfp4_marlin_process_scales(permuted)}
 
 
 class QuantizedWeight(nnx.Variable):
@@ -767,11 +775,8 @@ class NVFP4Linear(QuantizedLinear):
     def _store(self, checked: dict):
         """Assigns compressed-tensors' tensors, prepared for Marlin under that backend."""
         if self.backend == "marlin":
-            k, n = self.in_features, self.out_features
-            scale = _marlin_permute_scales(checked["weight_scale"].T.astype(self.dtype), size_k=k, size_n=n,
-                                           group_size=NVFP4_BLOCK)
-            checked = dict(checked, weight_packed=_marlin_fp4_repack(checked["weight_packed"]),
-                           weight_scale=_nvfp4_marlin_process_scales(scale))
+            checked = dict(checked, **_nvfp4_marlin_tensors(checked["weight_packed"], checked["weight_scale"],
+                                                            self.dtype))
         for name, value in checked.items():
             self.assign(name, value)
 
@@ -823,14 +828,19 @@ class NVFP4Linear(QuantizedLinear):
         kernel, bias, args = cls._source(linear)
         args["dtype"] = args["dtype"] if dtype is None else dtype
         layer = cls(**args, checkpoint_format=checkpoint_format, backend=backend)
-        w = kernel.T.astype(layer.dtype)  # [out, in]
-        amax = jnp.max(jnp.abs(w.astype(jnp.float32)))
-        global_scale = (448.0 * 6.0 / jnp.maximum(amax, 1e-12)).astype(jnp.float32)
-        packed, swizzled = scaled_fp4_quant(w, global_scale)
-        scale = unswizzle_block_scales(swizzled, w.shape[0], w.shape[1])
-        layer._store({"weight_packed": packed, "weight_scale": scale,
-                      "weight_global_scale": jnp.reshape(global_scale, (1,))})
+        layer._store(_nvfp4_checkpoint(kernel, layer.dtype))
         return layer._fill({}, bias)._follow_promotion(linear)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _nvfp4_checkpoint(kernel, dtype) -> dict:
+    """compressed-tensors' NVFP4 tensors of a float kernel ``[in, out]`` (NVFP4Linear.from_linear)."""
+    w = kernel.T.astype(dtype)  # [out, in]
+    amax = jnp.max(jnp.abs(w.astype(jnp.float32)))
+    global_scale = (448.0 * 6.0 / jnp.maximum(amax, 1e-12)).astype(jnp.float32)
+    packed, swizzled = scaled_fp4_quant(w, global_scale)
+    return {"weight_packed": packed, "weight_scale": unswizzle_block_scales(swizzled, w.shape[0], w.shape[1]),
+            "weight_global_scale": jnp.reshape(global_scale, (1,))}
 
 
 def quantize_int8_per_token(rows, *, asymmetric: bool):
