@@ -106,7 +106,8 @@ def test_what_cannot_fuse_stays_apart():
     # Different settings, classes, or tensors without an output axis that differ.
     assert concatenate_outputs([qnn.AWQLinear.from_linear(linear(128)),
                                 qnn.AWQLinear.from_linear(linear(128), group_size=64)]) is None
-    assert concatenate_outputs([qnn.AWQLinear.from_linear(linear(128)), qnn.GPTQLinear.from_linear(linear(128))]) is None
+    awq, gptq = qnn.AWQLinear.from_linear(linear(128)), qnn.GPTQLinear.from_linear(linear(128))
+    assert concatenate_outputs([awq, gptq]) is None
     assert concatenate_outputs([_gptq_act_order(0), _gptq_act_order(1)]) is None  # different g_idx
     assert concatenate_outputs([_gptq_act_order(0), _gptq_act_order(0)]) is not None
     small, large = qnn.NVFP4Linear.from_linear(linear(128, 0)), qnn.NVFP4Linear.from_linear(linear(128, 1))

@@ -8,9 +8,10 @@ concatenated along their output axis, so its outputs are the parts' outputs side
 
 What fuses: layers of one class with equal settings (bits, group size, backend, dtype, ...) whose tensors
 without an output axis are equal (GPTQ's ``g_idx``/``perm``, NVFP4's global scale) and whose packed output
-axes hold each part in proportion to its outputs (so block-wise fp8 fuses parts of whole 128-row blocks). Layers whose outputs
-are sharded over a mesh axis (tensor parallelism) stay separate: concatenated, each device's shard would no
-longer hold whole heads of q, k and v. Anything else (a LoRA wrapper, different settings) stays separate too.
+axes hold each part in proportion to its outputs (so block-wise fp8 fuses parts of whole 128-row blocks).
+Layers whose outputs are sharded over a mesh axis (tensor parallelism) stay separate: concatenated, each
+device's shard would no longer hold whole heads of q, k and v. Anything else (a LoRA wrapper, different
+settings) stays separate too.
 
 Fusing changes the weights' values in no way; the outputs may differ in the last bits, because a kernel (or
 XLA's dot) may add the float32 products along K in another order for a wider layer (``marlin_gemm`` splits K
@@ -28,7 +29,8 @@ from jaxq.nn.llama import MLP, Attention
 from jaxq.nn.quantize import iter_modules, module_path, replace_module
 
 # (module class, fused attribute, the projections it replaces in output order)
-FUSED_GROUPS = ((Attention, "qkv_proj", ("q_proj", "k_proj", "v_proj")), (MLP, "gate_up_proj", ("gate_proj", "up_proj")))
+FUSED_GROUPS = ((Attention, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                (MLP, "gate_up_proj", ("gate_proj", "up_proj")))
 
 
 class FusedProjections(nnx.Module):
@@ -134,7 +136,7 @@ def split_outputs(layer, sizes) -> list:
     return parts
 
 
-def fusable_groups(module) -> tuple[str, tuple[str, ...]] | None:
+def fusable_group(module) -> tuple[str, tuple[str, ...]] | None:
     """(fused attribute, projection names) of an attention or MLP module, else None."""
     return next(((name, parts) for cls, name, parts in FUSED_GROUPS if isinstance(module, cls)), None)
 
@@ -142,7 +144,7 @@ def fusable_groups(module) -> tuple[str, tuple[str, ...]] | None:
 def fuse_module(module) -> bool:
     """Fuses one attention's q/k/v (or one MLP's gate/up) in place, as :func:`fuse_projections` does; returns
     whether it did."""
-    fused_name, names = fusable_groups(module)
+    fused_name, names = fusable_group(module)
     projections = [getattr(module, name) for name in names]
     if any(p is None for p in projections):
         return False  # already fused
@@ -162,8 +164,8 @@ def fuse_projections(model: nnx.Module) -> list[str]:
     bits: see the module docstring); a layer runs 4 GEMMs instead of 7. :func:`jaxq.nn.save_quantized` writes
     a fused model under the original names; load checkpoints into an unfused model, then fuse
     (:func:`jaxq.nn.from_pretrained` does). Returns the dotted paths of the fused modules."""
-    targets = [(path, module) for path, module in iter_modules(model) if fusable_groups(module) is not None]
-    return [module_path((*path, fusable_groups(module)[0])) for path, module in targets if fuse_module(module)]
+    targets = [(path, module) for path, module in iter_modules(model) if fusable_group(module) is not None]
+    return [module_path((*path, fusable_group(module)[0])) for path, module in targets if fuse_module(module)]
 
 
 def unfuse_projections(model: nnx.Module) -> list[str]:

@@ -36,7 +36,7 @@ import sys
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxq.nn.fuse import fusable_groups, fuse_module
+from jaxq.nn.fuse import fusable_group, fuse_module
 from jaxq.nn.checkpoint import SafetensorsFiles, fill_model, read_quantization_config, stores_group_index
 from jaxq.nn.layers import AWQLinear, Fp8Linear, GPTQLinear, Int8Linear, NVFP4Linear, sharding_axes
 from jaxq.nn.llama import LlamaConfig, LlamaForCausalLM
@@ -181,8 +181,8 @@ def from_pretrained(path: str, *, dtype=jnp.bfloat16, mesh=None, backend: str | 
         allowed.add("lm_head.weight")
     # Each attention's q/k/v (each MLP's gate/up) is fused as soon as its last part is filled: the next layer's
     # parts then reuse the memory this layer's parts leave, and the allocator grows by no more than one group.
-    groups = {module_path(p): (m, set(fusable_groups(m)[1])) for p, m in iter_modules(model)
-              if fuse and fusable_groups(m) is not None}
+    groups = {module_path(p): (m, set(fusable_group(m)[1])) for p, m in iter_modules(model)
+              if fuse and fusable_group(m) is not None}
 
     def place(prefix, module):
         if mesh is not None:
