@@ -587,8 +587,8 @@ DECODER_ROWS = (1, 16, 128, 2048)  # decode (one sequence, batches of 16 and 128
 DECODER_VARIANTS = {"awq marlin": ("awq", {"backend": "marlin"}), "gptq marlin": ("gptq", {"backend": "marlin"})}
 # Variants with q/k/v and gate/up fused into one GEMM each (jaxq.nn.fuse_projections, as from_pretrained loads).
 FUSED = " fused"
-FUSED_VARIANTS = tuple(name + FUSED for name in ("bf16", "gptq marlin", "awq marlin", "nvfp4", "fp8-weight", "fp8",
-                                                 "int8"))
+FUSED_VARIANTS = tuple(name + FUSED for name in ("bf16", "gptq", "awq", "gptq marlin", "awq marlin", "nvfp4",
+                                                 "fp8-weight", "fp8", "fp8-block", "int8", "int8-azp"))
 # A peer JAX users already have: Google's qwix (PTQ of NNX models through XLA), its projections quantized
 # (weight type, activation type or None for weight-only, weight tile along K). A bench-only optional dependency:
 # its rows are skipped when qwix is not installed.
