@@ -43,13 +43,7 @@ std::vector<uint8_t> ScaleBytes(jaxq::MarlinType type, size_t count, std::mt1993
   return bytes;
 }
 
-template <typename X>
-X* Upload(const std::vector<X>& host) {
-  X* device;
-  CHECK(cudaMalloc(&device, host.size() * sizeof(X)));
-  CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(X), cudaMemcpyHostToDevice));
-  return device;
-}
+using tool_timing::Upload;
 
 struct Case {
   const char* name;

@@ -1,6 +1,6 @@
-// What the standalone GPU tools share: bf16/fp16 bits of a float, and timing: CUDA events around 30 calls, best
-// of 5; calls get a rotating index 0..kCopies-1 so that each can use its own copy of the weights and none finds
-// the previous call's in L2.
+// What the standalone GPU tools share: bf16/fp16 bits of a float, uploading a host vector, and timing: CUDA
+// events around 30 calls, best of 5; calls get a rotating index 0..kCopies-1 so that each can use its own copy of
+// the weights and none finds the previous call's in L2.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #define CHECK(call)                                                                      \
   do {                                                                                   \
@@ -69,6 +70,15 @@ inline double CopyBandwidth() {
   CHECK(cudaFree(src));
   CHECK(cudaFree(dst));
   return 2.0 * bytes / (us * 1e-6);
+}
+
+// A device copy of `host` (freed by the caller).
+template <typename X>
+X* Upload(const std::vector<X>& host) {
+  X* device;
+  CHECK(cudaMalloc(&device, host.size() * sizeof(X)));
+  CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(X), cudaMemcpyHostToDevice));
+  return device;
 }
 
 }  // namespace tool_timing

@@ -200,13 +200,7 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaMarlinKernel(Params p) {
     }
 }
 
-template <typename X>
-X* Upload(const std::vector<X>& host) {
-  X* device;
-  CHECK(cudaMalloc(&device, host.size() * sizeof(X)));
-  CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(X), cudaMemcpyHostToDevice));
-  return device;
-}
+using tool_timing::Upload;
 
 std::vector<float> Download(const __nv_bfloat16* device, size_t count) {
   std::vector<__nv_bfloat16> host(count);
