@@ -82,18 +82,24 @@ def main():
     parser.add_argument("directory", nargs="?", default="/tmp/jaxq_load_memory")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up apart (from_pretrained's fuse)")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("load", "write"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.child == "load":
         load(args.directory, fuse=not args.no_fuse)
         return
-    if not os.path.exists(os.path.join(args.directory, "config.json")):
+    if args.child == "write":
         size = write_checkpoint(args.directory, args.layers)
         print(f"wrote {size / 1e9:.2f} GB to {args.directory}")
+        return
+    # Each step in its own process: a child's ru_maxrss starts at its parent's resident size when forked, so this
+    # process stays small (writing the checkpoint here would count its tensors in both measurements).
+    if not os.path.exists(os.path.join(args.directory, "config.json")):
+        subprocess.run([sys.executable, __file__, args.directory, "--child", "write", "--layers", str(args.layers)],
+                       check=True)
     baseline = subprocess.run([sys.executable, "-c", "import jax, jaxq.nn, resource; jax.devices(); "
                                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
                               capture_output=True, text=True, check=True)
-    child = [sys.executable, __file__, args.directory, "--child"] + (["--no-fuse"] if args.no_fuse else [])
+    child = [sys.executable, __file__, args.directory, "--child", "load"] + (["--no-fuse"] if args.no_fuse else [])
     result = json.loads(subprocess.run(child, capture_output=True,
                                        text=True, check=True).stdout.strip().splitlines()[-1])
     files = sum(os.path.getsize(os.path.join(args.directory, f)) for f in os.listdir(args.directory)

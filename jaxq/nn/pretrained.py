@@ -146,8 +146,9 @@ def from_pretrained(path: str, *, dtype=jnp.bfloat16, mesh=None, backend: str | 
         ``inv_freq`` buffers are always allowed).
       fuse: once loaded, fuse each layer's q/k/v and gate/up projections into one GEMM each
         (:func:`jaxq.nn.fuse_projections`: the same weights, fewer kernels; tensor-parallel layers stay
-        apart). Each group is fused as soon as its parts are read, so memory grows by about one group
-        (measured on a CPU, a 1.77 GB model: the loader's peak 702 MB fused, 630 MB with ``fuse=False``).
+        apart). Each group is fused as soon as its parts are read; the allocator still keeps some of the
+        freed parts (measured on a CPU, 2.90 GB model: the loader's peak 1005 MB fused, 750 MB with
+        ``fuse=False``).
 
     Raises ``FileNotFoundError`` without ``config.json`` or safetensors files, ``ValueError`` for an
     architecture, rope scaling or quantization config this model does not implement, and the loader's
