@@ -346,7 +346,7 @@ MARLIN_CASES = [("uint4b8", k, n, "bfloat16") for k, n in WEIGHT_SHAPES] + [("ui
 MARLIN_CASES += [(t, 8192, 28672, "bfloat16") for t in ("uint8b128", "float8_e4m3fn", "nvfp4", "mxfp4")]
 MARLIN_CASES += [("uint4b8", 4096, 4096, "bfloat16"), ("uint4b8", 4096, 1024, "bfloat16")]
 MARLIN_CASES += [("uint4b8", 8192, 28672, "float16")]
-MARLIN_ROWS = (1, 16, 32, 64, 128, 256)
+MARLIN_ROWS = (1, 16, 32, 64, 128, 256, 512, 1024, 4096)
 # The original Marlin (IST-DASLab) on the 4-bit shapes, timed by jaxq.bench_torch.
 MARLIN_PEER_CASES = [("marlin-ist", m, k, n) for q, k, n, _ in MARLIN_CASES if q == "uint4b8" for m in MARLIN_ROWS]
 
@@ -378,15 +378,19 @@ def _marlin_weight(q_type: str, k: int, n: int, i: int, dtype=jnp.bfloat16) -> t
     return q.view(jnp.int32), scales, zeros
 
 
-def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list[dict]:
+def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS, types: set | None = None) -> list[dict]:
     """marlin_gemm per type and shape: its kernel's time and share of the copy bandwidth (weight bytes over
     time), against XLA's bf16 dot on a [N, K] weight, the original Marlin kernel (float16; `peer_times` from
-    jaxq.bench_torch) and, for 4-bit, jaxq's gptq_gemm; from M = 32 also its dequantize + dot path, to place
-    the crossover; up to 8 rows also the kernel under batch_invariant(), what that mode costs."""
+    jaxq.bench_torch) and, for 4-bit, jaxq's gptq_gemm; from M = 32 also its dequantize + dot path, and above
+    kernel_max_rows the Hopper (wgmma) kernel where it takes the weight, at every M, to place the crossovers; up
+    to 8 rows also the kernel under batch_invariant(), what that mode costs. The decode kernel is timed up to
+    M = 256 (beyond, it is far behind both)."""
     from jaxq.ops import marlin
 
     out = []
     for q_type, k, n, dtype_name in MARLIN_CASES:
+        if types is not None and q_type not in types:
+            continue
         dtype = jnp.dtype(dtype_name)
         bits, fp4 = marlin._bits(q_type), q_type in ("nvfp4", "mxfp4")
         groups = k // _marlin_group_size(q_type)
@@ -407,6 +411,12 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list
             with marlin.batch_invariant():
                 return ours(*args)
 
+        def hopper(*args):  # the wgmma kernel at every M above kernel_max_rows
+            with marlin.hopper_max_rows(1 << 30):
+                return ours(*args)
+
+        takes_hopper = marlin.hopper_kernel_takes(q_type, False, k, n, groups)
+
         gptq = WeightCase("gptq", 4, k, n)
         for m in rows:
             def make_input(i, m=m, k=k, dtype=dtype):
@@ -415,18 +425,28 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list
 
             row = dict(op="marlin_gemm", variant=f"{q_type} G{_marlin_group_size(q_type)} {dtype_name}",
                        shape=f"M{m} K{k} N{n}")
-            t = _time_per_call(kernel, make_input, moved)
-            row.update(us=t * 1e6, pct_copy=100 * moved / t / copy, tflops=2 * m * k * n / t / 1e12)
+            if m > 256:
+                t = None
+            else:
+                t = _time_per_call(kernel, make_input, moved)
+                row.update(us=t * 1e6, pct_copy=100 * moved / t / copy, tflops=2 * m * k * n / t / 1e12)
+            if takes_hopper and m > marlin.kernel_max_rows(k, n):
+                h = _time_per_call(hopper, make_input, moved)
+                row.update(hopper_us=h * 1e6, hopper_tflops=2 * m * k * n / h / 1e12)
             if m <= 8 and not fp4:  # FP4 runs one form for every M
                 row["invariant_us"] = _time_per_call(invariant, make_input, moved) * 1e6
             peer = peer_times.get(f"marlin-ist {m} {k} {n}") if q_type == "uint4b8" else None
-            if peer:
+            if peer and t:
                 row.update(peer_us=peer * 1e6, vs_peer=peer / t)
             bf16 = _time_per_call(
                 lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))),
                 lambda i, m=m, k=k, n=n: (make_input(i)[0],
                                           jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)), k * n * 2)
-            row.update(bf16_dot_us=bf16 * 1e6, vs_bf16=bf16 / t)
+            row.update(bf16_dot_us=bf16 * 1e6)
+            if t:
+                row["vs_bf16"] = bf16 / t
+            if "hopper_us" in row:
+                row["hopper_vs_bf16"] = row["hopper_us"] / row["bf16_dot_us"]
             if bits == 4 and not fp4 and m <= 64 and dtype == jnp.bfloat16:
                 g = _time_per_call(gptq.ours, lambda i, m=m, gptq=gptq: (make_input(i)[0], *gptq.make_weight(i)), moved)
                 row.update(gptq_us=g * 1e6, vs_gptq=g / t)
@@ -444,6 +464,8 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS) -> list
                        ("speed-up vs bf16 dot", "vs_bf16", "{:.2f}x"), ("gptq_gemm µs", "gptq_us", "{:.1f}"),
                        ("vs gptq_gemm", "vs_gptq", "{:.2f}x"), ("Marlin (IST, fp16) µs", "peer_us", "{:.1f}"),
                        ("vs Marlin", "vs_peer", "{:.2f}x"), ("dequant+dot µs", "dequant_dot_us", "{:.1f}"),
+                       ("Hopper kernel µs", "hopper_us", "{:.1f}"), ("Hopper TFLOP/s", "hopper_tflops", "{:.0f}"),
+                       ("Hopper / bf16 dot", "hopper_vs_bf16", "{:.2f}x"),
                        ("batch_invariant µs", "invariant_us", "{:.1f}")])
     return out
 
@@ -687,6 +709,8 @@ def main(argv=None):
     parser.add_argument("--sweep", default="16,32,48,64,128", help="M values to time kernel vs dequantize + dot")
     parser.add_argument("--splits", default="", help="K splits to time awq_gemm's kernel with (tuning)")
     parser.add_argument("--marlin-rows", default=",".join(map(str, MARLIN_ROWS)), help="M values (marlin_gemm)")
+    parser.add_argument("--marlin-types", default="", help="comma-separated b_q_type forms (marlin_gemm; default: "
+                        "all)")
     parser.add_argument("--layer-variants", default="", help="comma-separated decoder-layer variants (default: all; "
                         "the bf16 layers always run)")
     parser.add_argument("--layer-rows", default=",".join(map(str, DECODER_ROWS)), help="M values (decoder layer)")
@@ -701,6 +725,7 @@ def main(argv=None):
     marlin_rows = tuple(int(m) for m in args.marlin_rows.split(","))
     if ops is None or "marlin_gemm" in ops:
         peer_cases += [case for case in MARLIN_PEER_CASES if case[1] in marlin_rows]
+    marlin_types = {t.strip() for t in args.marlin_types.split(",") if t.strip()} or None
     torch_times = _torch_peer(peer_cases) if not args.quick and peer_cases else {}
     if ops is None or ops - gemm_ops:
         run(ops - gemm_ops if ops else None, token_counts, hidden, args.quick)
@@ -712,7 +737,7 @@ def main(argv=None):
         run_weight_only(ops & WEIGHT_ONLY_OPS if ops else WEIGHT_ONLY_OPS, [int(m) for m in args.gemm_rows.split(",")],
                         [int(m) for m in args.sweep.split(",")], copy, [int(v) for v in args.splits.split(",") if v])
     if not args.quick and (ops is None or "marlin_gemm" in ops):
-        run_marlin(torch_times, copy, marlin_rows)
+        run_marlin(torch_times, copy, marlin_rows, marlin_types)
     if not args.quick and (ops is None or ops & SCALED_MM_OPS):
         run_scaled_mm(torch_times, copy)
     if not args.quick and (ops is None or ops & DECODER_LAYER_OPS):

@@ -260,6 +260,39 @@ def test_batch_invariant_mode_keeps_the_kernel_for_every_m():
     assert not marlin.use_kernel(marlin.MARLIN_KERNEL_MAX_M + 1, 8192, 28672)
 
 
+def test_hopper_dispatch(monkeypatch):
+    """Which rows run the wgmma kernel, decided at trace time without a GPU: above kernel_max_rows and up to
+    HOPPER_MAX_ROWS, for the weights it takes, outside batch_invariant(); never on other GPUs."""
+    assert marlin.hopper_kernel_takes("uint4b8", False, 1024, 384, 1) == marlin._hopper_gpu()
+    monkeypatch.setattr(marlin, "_hopper_gpu", lambda: True)
+    takes = marlin.hopper_kernel_takes
+    assert takes("uint4b8", False, 1024, 384, 32) and takes("uint4", False, 1024, 384, 1)
+    assert not takes("uint4b8", True, 1024, 384, 8)  # act-order
+    assert not takes("uint8b128", False, 1024, 384, 8) and not takes("float8_e4m3fn", False, 1024, 384, 8)
+    assert not takes("uint4b8", False, 1024, 320, 8)  # N not a multiple of 128
+    assert not takes("uint4b8", False, 1040, 384, 1)  # K not a multiple of 64
+    seen = []
+    gemm = marlin._marlin_gemm
+    monkeypatch.setattr(marlin, "_marlin_gemm", lambda *a, **params: seen.append(params) or gemm(*a, **params))
+    rng = np.random.default_rng(3)
+    w = Weight(rng, "uint4b8", 1024, 384, 128, jnp.bfloat16)
+    rows = marlin.kernel_max_rows(1024, 384)
+    for m, hopper_above in ((rows, rows), (rows + 1, rows), (marlin.HOPPER_MAX_ROWS, rows),
+                            (marlin.HOPPER_MAX_ROWS + 1, None)):
+        seen.clear()
+        out = marlin.marlin_gemm(random_a(rng, (m, 1024), jnp.bfloat16), w.b_q_weight, w.b_scales, **w.kwargs())
+        assert out.shape == (m, 384)
+        assert [p["hopper_above_rows"] for p in seen] == ([] if hopper_above is None else [hopper_above]), m
+    with jaxq.batch_invariant():
+        seen.clear()
+        marlin.marlin_gemm(random_a(rng, (rows + 1, 1024), jnp.bfloat16), w.b_q_weight, w.b_scales, **w.kwargs())
+        assert [p["hopper_above_rows"] for p in seen] == [0]
+    w = Weight(rng, "uint4b8", 1024, 320, 128, jnp.bfloat16)  # the kernel does not take it: dequantize + dot
+    seen.clear()
+    marlin.marlin_gemm(random_a(rng, (rows + 1, 1024), jnp.bfloat16), w.b_q_weight, w.b_scales, **w.kwargs())
+    assert seen == []
+
+
 def test_out_of_range_act_order_indices_are_clamped():
     rng = np.random.default_rng(9)
     w = Weight(rng, "uint4b8", 64, 64, 32, jnp.bfloat16, act_order=True)
@@ -464,7 +497,8 @@ def test_dequantize_kernel_is_the_reference_bit_for_bit_on_gpu(q_type, group_siz
     rng = np.random.default_rng()
     w = Weight(rng, q_type, 512, 192, group_size, dtype, act_order)
     weight = _operands(w, jnp.zeros((1, 512), dtype), None, global_scale=False)[1:]
-    params = {key: value for key, value in _params(w, None).items() if key not in ("has_bias", "batch_invariant")}
+    params = {key: value for key, value in _params(w, None).items()
+              if key not in ("has_bias", "batch_invariant", "hopper_above_rows")}
     params["dtype"] = jnp.dtype(dtype).name
     got = jax.jit(lambda *o: marlin._marlin_dequantize(*o, **params)[0])(*weight)
     cpu = jax.devices("cpu")[0]
@@ -487,7 +521,8 @@ def _operands(w, a, bias, global_scale=True):
 
 def _params(w, bias):
     return dict(b_q_type=w.q_type, has_zeros=w.b_zeros is not None, has_g_idx=w.g_idx is not None,
-                has_bias=bias is not None, per_channel=w.b_scales.shape[0] == 1, batch_invariant=False)
+                has_bias=bias is not None, per_channel=w.b_scales.shape[0] == 1, batch_invariant=False,
+                hopper_above_rows=0)
 
 
 @pytest.mark.gpu
@@ -504,7 +539,7 @@ def test_kernel_rows_are_batch_invariant_on_gpu(q_type):
             np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
         np.testing.assert_array_equal(np.asarray(f(a[5:6])).view(np.uint16), full[5:6])
     # By default rows 1-8 share one kernel (scales folded in float32) and 9-16 another (this weight's
-    # kernel_max_rows); more rows run dequantize + XLA's dot.
+    # kernel_max_rows); more rows run the Hopper kernel (uint4b8) or dequantize + XLA's dot.
     assert marlin.kernel_max_rows(4096, 1024) == 16
     f = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))
     small = np.asarray(f(a[:8])).view(np.uint16)
@@ -515,6 +550,47 @@ def test_kernel_rows_are_batch_invariant_on_gpu(q_type):
     np.testing.assert_array_equal(np.asarray(f(a[5:6])).view(np.uint16), small[5:6])
     for m in (9, 12, 16):
         np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
+
+
+HOPPER_CASES = [(q_type, group_size) for q_type in ("uint4b8", "uint4") for group_size in (32, 64, 128, -1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("q_type,group_size", HOPPER_CASES)
+def test_hopper_kernel_matches_reference_on_gpu(q_type, group_size, dtype):
+    """The wgmma kernel's rows (kernel_max_rows + 1 to HOPPER_MAX_ROWS; tails of its 128-row blocks) against
+    the reference and the oracle, with and without bias; the lowering says which kernel ran."""
+    if not marlin._hopper_gpu():
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    rng = np.random.default_rng()
+    for k, n in ((1024, 384), (4096, 1024)):
+        w = Weight(rng, q_type, k, n, group_size, dtype)
+        f = jax.jit(lambda a, b: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_bias=b, **w.kwargs()))
+        for m in (17, 65, 127, 128, 200, marlin.HOPPER_MAX_ROWS):
+            a = random_a(rng, (m, k), dtype)
+            bias = random_a(rng, (n,), dtype) if m % 2 else None
+            assert "hopper_above_rows = 16" in f.lower(a, bias).as_text(), (k, n, m)
+            got = f(a, bias)
+            want = marlin._reference(*_operands(w, a, bias), **_params(w, bias))[0]
+            assert np.isfinite(np.asarray(got, np.float32)).all(), (k, n, m)
+            assert rel_l2(got, want) < GEMM_TOLERANCE[dtype], (k, n, m, rel_l2(got, want))
+            assert rel_l2(got, w.oracle_gemm(np.asarray(a, np.float64), bias)) < GEMM_TOLERANCE[dtype], (k, n, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_type", ["uint4b8", "uint4"])
+def test_hopper_kernel_rows_are_batch_invariant_on_gpu(q_type):
+    if not marlin._hopper_gpu():
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    rng = np.random.default_rng()
+    w = Weight(rng, q_type, 4096, 1024, 128, jnp.bfloat16)
+    a = random_a(rng, (marlin.HOPPER_MAX_ROWS, 4096), jnp.bfloat16)
+    f = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))
+    full = np.asarray(f(a)).view(np.uint16)
+    for m in (17, 100, 128, 129, 200):
+        np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
+    np.testing.assert_array_equal(np.asarray(f(a[60:160])).view(np.uint16), full[60:160])
 
 
 @pytest.mark.gpu

@@ -6,7 +6,9 @@ compute-sanitizer.
   (with and without act-order g_idx).
 * ``marlin``: marlin_gemm for every weight type (FP4: NVFP4 and MXFP4), dtype, row bucket (M 1 in both kernel forms, 12, 20, 40,
   64, 130), grouped and per-channel scales, act-order (with corrupt g_idx entries, which the kernel must
-  clamp), bias, K split over a cluster (N = 64) and not (N = 4096).
+  clamp), bias, K split over a cluster (N = 64) and not (N = 4096); then the Hopper kernel's rows (17, 130,
+  256) and past them.
+* ``marlin_hopper``: the Hopper kernel's variants alone (the ``marlin`` set runs them too).
 * ``scaled_mm``: int8 and fp8 W8A8 GEMMs in every M-bucket tile configuration, both output dtypes, scalar
   and vector scales, bias, both zero-point forms, fp8 fast accumulation; fp8 with block-wise scales in both
   of its tiles.
@@ -104,9 +106,13 @@ def marlin():
                         with ops.batch_invariant(invariant):
                             jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
                                 a, q, s, b_bias=bias, **kw))(a, q, s, bias))
-                    # Past the kernel's rows: the dequantize kernel, then XLA's dot.
-                    a = jnp.asarray(rng.standard_normal((ops.MARLIN_KERNEL_MAX_M + 1, k)), dtype)
-                    jax.block_until_ready(jax.jit(lambda a, q, s: jaxq.marlin_gemm(a, q, s, **kw))(a, q, s))
+                    # Past the decode kernel's rows: the Hopper kernel where it takes the weight (a tail block,
+                    # two blocks, its last row count), then the dequantize kernel and XLA's dot.
+                    for m in (17, 130, ops.HOPPER_MAX_ROWS, ops.HOPPER_MAX_ROWS + 1):
+                        a = jnp.asarray(rng.standard_normal((m, k)), dtype)
+                        bias = jnp.asarray(rng.standard_normal((n,)), dtype) if m % 2 == 0 else None
+                        jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
+                            a, q, s, b_bias=bias, **kw))(a, q, s, bias))
     print("ran every marlin kernel variant")
 
 
@@ -145,4 +151,23 @@ def scaled_mm():
     print("ran every scaled_mm kernel variant")
 
 
-{"weight_only": weight_only, "scaled_mm": scaled_mm, "marlin": marlin}[sys.argv[1]]()
+def marlin_hopper():
+    """The Hopper (wgmma) kernel alone: its two types, both dtypes, grouped (32 and 128 rows) and per-channel
+    scales, a tail block and whole ones, bias."""
+    from jaxq.ops import marlin as ops
+
+    rng = np.random.default_rng(0)
+    for dtype in [jnp.dtype(d) for d in sys.argv[2:]] or (jnp.float16, jnp.bfloat16):
+        for k, n, groups in ((512, 8704, 4), (256, 384, 8), (256, 4096, 1)):
+            for q, s, weight_kw, _ in _marlin_weights(rng, k, n, groups, dtype):
+                if weight_kw.get("b_q_type") not in ("uint4b8", "uint4"):
+                    continue
+                for m in (17, 130, ops.HOPPER_MAX_ROWS):
+                    a = jnp.asarray(rng.standard_normal((m, k)), dtype)
+                    bias = jnp.asarray(rng.standard_normal((n,)), dtype) if m % 2 == 0 else None
+                    jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
+                        a, q, s, b_bias=bias, **weight_kw))(a, q, s, bias))
+    print("ran every marlin Hopper kernel variant")
+
+
+{"weight_only": weight_only, "scaled_mm": scaled_mm, "marlin": marlin, "marlin_hopper": marlin_hopper}[sys.argv[1]]()

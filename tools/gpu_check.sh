@@ -120,10 +120,10 @@ for stage in $stages; do
     (cd /tmp && python3 -m jaxq.demo --qlora 2>&1) | tee "$OUT/demo.log" | grep -v Warning
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
   wgmma_probe)
-    echo "=== the Hopper tensor-core prototype on the Marlin layout (tools/wgmma_probe), both descriptor conventions"
+    echo "=== the Hopper tensor-core prototype on the Marlin layout (tools/wgmma_probe): host check, then timing"
     bash "$REPO/tools/wgmma_probe/run.sh" build > "$OUT/wgmma_probe_build.log" 2>&1 || { tail -20 "$OUT/wgmma_probe_build.log"; status=1; }
-    (cd /tmp && timeout 240 bash "$REPO/tools/wgmma_probe/run.sh" run 2>&1; \
-     WGMMA_PROBE_SWAP_OFFSETS=1 timeout 120 bash "$REPO/tools/wgmma_probe/run.sh" run 2>&1) | tee "$OUT/wgmma_probe.log" ;;
+    (cd /tmp && WGMMA_PROBE_DIAGNOSE=1 timeout 120 bash "$REPO/tools/wgmma_probe/run.sh" run 2>&1 | grep "max |error|"; \
+     timeout 240 bash "$REPO/tools/wgmma_probe/run.sh" run 2>&1) | tee "$OUT/wgmma_probe.log" ;;
   layer)
     echo "=== the Llama-3-8B decoder layer per scheme, separate and fused projections, qwix's beside them"
     # LAYER_VARIANTS (comma-separated, e.g. "gptq,gptq marlin fused") and LAYER_ROWS narrow the run.

@@ -84,9 +84,44 @@ MARLIN_KERNEL_MAX_M = 64  # no weight runs the kernel above this many rows (outs
 
 
 def kernel_max_rows(k: int, n: int) -> int:
-    """The most rows of ``a`` with which ``marlin_gemm`` runs its kernel on a ``[k, n]`` weight."""
+    """The most rows of ``a`` with which ``marlin_gemm`` runs its decode (mma.sync) kernel on a ``[k, n]``
+    weight."""
     rows = next(rows for weights, rows in _KERNEL_ROWS_BY_WEIGHT if k * n >= weights)
     return min(rows, MARLIN_KERNEL_MAX_M)
+
+
+# Above kernel_max_rows and up to this many rows, a Hopper GPU runs the wgmma kernel where it takes the weight
+# (hopper_kernel_takes); above, dequantize + XLA's dot. Measured on the H200 (benchmarks/RESULTS.md, 2026-12-03,
+# K8192 N28672 uint4b8 G128 bf16, µs, wgmma kernel against dequantize + dot): M128 144 vs ~272, M256 283 vs
+# ~336, M512 501 vs ~473.
+HOPPER_MAX_ROWS = 256
+_HOPPER_FORMS = ("uint4b8", "uint4")
+_hopper_max_rows = contextvars.ContextVar("jaxq_hopper_max_rows", default=HOPPER_MAX_ROWS)
+
+
+@contextlib.contextmanager
+def hopper_max_rows(rows: int):
+    """Within this context (at trace time), the wgmma kernel runs up to ``rows`` rows instead of
+    :data:`HOPPER_MAX_ROWS`: for measuring where it stops beating dequantize + dot (``jaxq.bench``)."""
+    token = _hopper_max_rows.set(int(rows))
+    try:
+        yield
+    finally:
+        _hopper_max_rows.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_gpu() -> bool:
+    """Whether JAX's default device is an sm_90 GPU (the wgmma kernel's)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def hopper_kernel_takes(form: str, act_order: bool, k: int, n: int, groups: int) -> bool:
+    """Whether the Hopper (wgmma) kernel takes this weight: uint4b8 or uint4 codes without act-order, N a multiple
+    of 128, K of 64, groups of 32 rows or more (or one), on an sm_90 GPU."""
+    return (form in _HOPPER_FORMS and not act_order and n % 128 == 0 and k % 64 == 0
+            and (groups == 1 or (k % groups == 0 and (k // groups) % 32 == 0)) and _hopper_gpu())
 
 
 _batch_invariant = contextvars.ContextVar("jaxq_batch_invariant", default=False)
@@ -484,7 +519,7 @@ def _product(a, w, bias, global_scale=None):
     return out.astype(a.dtype)
 
 
-def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant):
+def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant, hopper_above_rows):
     a, b_q_weight, b_scales, zeros, g_idx, global_scale, bias = _unpack_operands(args, b_q_type, has_zeros,
                                                                                  has_g_idx, has_bias)
     w = marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type, size_k=a.shape[1],
@@ -565,7 +600,8 @@ def _dequantize_weight(weight, dtype, *, b_q_type, has_zeros, has_g_idx, per_cha
                               per_channel=per_channel, dtype=jnp.dtype(dtype).name)[0]
 
 
-def _vjp(args, cotangents, *, b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant):
+def _vjp(args, cotangents, *, b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant,
+         hopper_above_rows):
     a, b_q_weight, b_scales, zeros, g_idx, global_scale, bias = _unpack_operands(args, b_q_type, has_zeros,
                                                                                  has_g_idx, has_bias)
     (dy,) = cotangents
@@ -585,9 +621,11 @@ _marlin_gemm = Op(
     reference=_reference,
     sharding_rule=_sharding_rule,
     ffi_target="jaxq_marlin_gemm",
-    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant: dict(
+    ffi_attributes=lambda b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant,
+    hopper_above_rows: dict(
         b_q_type=np.int32(_TYPE_IDS[b_q_type]), has_zeros=bool(has_zeros), has_g_idx=bool(has_g_idx),
-        has_bias=bool(has_bias), per_channel=bool(per_channel), batch_invariant=bool(batch_invariant)),
+        has_bias=bool(has_bias), per_channel=bool(per_channel), batch_invariant=bool(batch_invariant),
+        hopper_above_rows=np.int64(hopper_above_rows)),
     batching_rule=wo.gemm_batching,
     vjp=_vjp,
     operand_names=("a", "b_q_weight", "b_scales", "b_zeros", "g_idx", "global_scale", "b_bias"),
@@ -650,9 +688,12 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     and act-order, and inside :func:`batch_invariant`) it multiplies W rounded to ``a``'s dtype, as the
     reference does. Within each form a row's output is bit-identical in any batch (rows 1-8 share one,
     9-``kernel_max_rows`` the other; FP4 has one for all): every row is summed in the same order whatever M is
-    (the K split depends on K, N and the GPU only). Above ``kernel_max_rows`` rows, W is dequantized once (a
-    CUDA kernel, bit-identical to the W the second form multiplies by) and multiplied by XLA's dot, whose
-    summation order is XLA's choice for each M. Differentiable with respect to ``a`` only.
+    (the K split depends on K, N and the GPU only). On an sm_90 GPU, from ``kernel_max_rows + 1`` to
+    :data:`HOPPER_MAX_ROWS` rows, weights the wgmma kernel takes (:func:`hopper_kernel_takes`: uint4b8 and uint4
+    without act-order) run it: W rounded to ``a``'s dtype on Hopper's tensor cores with float32 sums, one
+    configuration for all those M, so a row's output is bit-identical in any batch of that range too. Above,
+    W is dequantized once (a CUDA kernel, bit-identical to the W the second form multiplies by) and multiplied
+    by XLA's dot, whose summation order is XLA's choice for each M. Differentiable with respect to ``a`` only.
     """
     fn = "marlin_gemm"
     if b_q_type not in SCALAR_TYPES:
@@ -725,10 +766,14 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     # Which scale order the layout uses is fixed here, on the whole weight: a shard may hold one group.
     per_channel = groups == 1 and not fp4
     params = dict(b_q_type=form, has_zeros=needs_zeros, has_g_idx=act_order)
-    if use_kernel(rows.shape[0], k, n):
+    m = rows.shape[0]
+    hopper_above_rows = 0
+    if not _batch_invariant.get() and hopper_kernel_takes(form, act_order, k, n, groups):
+        hopper_above_rows = kernel_max_rows(k, n)
+    if use_kernel(m, k, n) or (hopper_above_rows and m <= _hopper_max_rows.get()):
         out = _marlin_gemm(rows, *weight, *true_global_scale, *([b_bias] if b_bias is not None else []), **params,
                            has_bias=b_bias is not None, per_channel=per_channel,
-                           batch_invariant=_batch_invariant.get())[0]
+                           batch_invariant=_batch_invariant.get(), hopper_above_rows=hopper_above_rows)[0]
     else:
         w = _dequantize_weight(weight, a.dtype, **params, per_channel=per_channel)
         out = _product(rows, w, b_bias, *true_global_scale)
