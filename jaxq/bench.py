@@ -411,8 +411,8 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS, types: 
             with marlin.batch_invariant():
                 return ours(*args)
 
-        def hopper(*args):  # the wgmma kernel at every M above kernel_max_rows
-            with marlin.hopper_max_rows(1 << 30):
+        def hopper(*args):  # the wgmma kernel at every M above kernel_max_rows, whatever its grid
+            with marlin.hopper_limits(min_blocks=1, max_rows=1 << 30):
                 return ours(*args)
 
         takes_hopper = marlin.hopper_kernel_takes(q_type, False, k, n, groups)

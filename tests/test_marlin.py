@@ -261,10 +261,19 @@ def test_batch_invariant_mode_keeps_the_kernel_for_every_m():
 
 
 def test_hopper_dispatch(monkeypatch):
-    """Which rows run the wgmma kernel, decided at trace time without a GPU: above kernel_max_rows and up to
-    HOPPER_MAX_ROWS, for the weights it takes, outside batch_invariant(); never on other GPUs."""
+    """Which rows run the wgmma kernel, decided at trace time without a GPU: above kernel_max_rows, from enough
+    128-row blocks, up to HOPPER_MAX_ROWS, for the weights it takes, outside batch_invariant(); never on other
+    GPUs."""
     assert marlin.hopper_kernel_takes("uint4b8", False, 1024, 384, 1) == marlin._hopper_gpu()
+    # The bench's shapes (benchmarks/RESULTS.md): 224 and 112 column blocks fill the GPU from the first rows past
+    # the decode kernel; 64 from two row blocks; 32 and 8 never within HOPPER_MAX_ROWS.
+    first = {(8192, 28672): 65, (4096, 14336): 33, (28672, 8192): 129, (4096, 4096): 257, (4096, 1024): 1409}
+    for (k, n), rows in first.items():
+        assert marlin.hopper_first_rows(k, n) == rows, (k, n)
     monkeypatch.setattr(marlin, "_hopper_gpu", lambda: True)
+    monkeypatch.setattr(marlin, "_HOPPER_MIN_BLOCKS", 1)  # this small weight's 3 column blocks
+    with marlin.hopper_limits(min_blocks=96, max_rows=512):
+        assert marlin.hopper_first_rows(4096, 4096) == 257
     takes = marlin.hopper_kernel_takes
     assert takes("uint4b8", False, 1024, 384, 32) and takes("uint4", False, 1024, 384, 1)
     assert not takes("uint4b8", True, 1024, 384, 8)  # act-order
@@ -566,12 +575,18 @@ def test_hopper_kernel_matches_reference_on_gpu(q_type, group_size, dtype):
     rng = np.random.default_rng()
     for k, n in ((1024, 384), (4096, 1024)):
         w = Weight(rng, q_type, k, n, group_size, dtype)
-        f = jax.jit(lambda a, b: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_bias=b, **w.kwargs()))
+
+        def f(a, b, w=w):  # small weights, to keep the test short: the kernel whatever its grid
+            with marlin.hopper_limits(min_blocks=1, max_rows=marlin.HOPPER_MAX_ROWS):
+                return jax.jit(lambda a, b: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_bias=b,
+                                                               **w.kwargs())).lower(a, b)
+
         for m in (17, 65, 127, 128, 200, marlin.HOPPER_MAX_ROWS):
             a = random_a(rng, (m, k), dtype)
             bias = random_a(rng, (n,), dtype) if m % 2 else None
-            assert "hopper_above_rows = 16" in f.lower(a, bias).as_text(), (k, n, m)
-            got = f(a, bias)
+            lowered = f(a, bias)
+            assert "hopper_above_rows = 16" in lowered.as_text(), (k, n, m)
+            got = lowered.compile()(a, bias)
             want = marlin._reference(*_operands(w, a, bias), **_params(w, bias))[0]
             assert np.isfinite(np.asarray(got, np.float32)).all(), (k, n, m)
             assert rel_l2(got, want) < GEMM_TOLERANCE[dtype], (k, n, m, rel_l2(got, want))
@@ -586,7 +601,11 @@ def test_hopper_kernel_rows_are_batch_invariant_on_gpu(q_type):
     rng = np.random.default_rng()
     w = Weight(rng, q_type, 4096, 1024, 128, jnp.bfloat16)
     a = random_a(rng, (marlin.HOPPER_MAX_ROWS, 4096), jnp.bfloat16)
-    f = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))
+
+    def f(a):  # traced in the context: every row count here runs the kernel
+        with marlin.hopper_limits(min_blocks=1, max_rows=marlin.HOPPER_MAX_ROWS):
+            return jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs())).lower(a).compile()(a)
+
     full = np.asarray(f(a)).view(np.uint16)
     for m in (17, 100, 128, 129, 200):
         np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])

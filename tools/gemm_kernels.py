@@ -111,8 +111,9 @@ def marlin():
                     for m in (17, 130, ops.HOPPER_MAX_ROWS, ops.HOPPER_MAX_ROWS + 1):
                         a = jnp.asarray(rng.standard_normal((m, k)), dtype)
                         bias = jnp.asarray(rng.standard_normal((n,)), dtype) if m % 2 == 0 else None
-                        jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
-                            a, q, s, b_bias=bias, **kw))(a, q, s, bias))
+                        with ops.hopper_limits(min_blocks=1, max_rows=ops.HOPPER_MAX_ROWS):  # small weights
+                            jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
+                                a, q, s, b_bias=bias, **kw))(a, q, s, bias))
     print("ran every marlin kernel variant")
 
 
@@ -165,8 +166,9 @@ def marlin_hopper():
                 for m in (17, 130, ops.HOPPER_MAX_ROWS):
                     a = jnp.asarray(rng.standard_normal((m, k)), dtype)
                     bias = jnp.asarray(rng.standard_normal((n,)), dtype) if m % 2 == 0 else None
-                    jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
-                        a, q, s, b_bias=bias, **weight_kw))(a, q, s, bias))
+                    with ops.hopper_limits(min_blocks=1, max_rows=ops.HOPPER_MAX_ROWS):  # small weights
+                        jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
+                            a, q, s, b_bias=bias, **weight_kw))(a, q, s, bias))
     print("ran every marlin Hopper kernel variant")
 
 

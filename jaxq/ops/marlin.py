@@ -91,23 +91,28 @@ def kernel_max_rows(k: int, n: int) -> int:
 
 
 # Above kernel_max_rows and up to this many rows, a Hopper GPU runs the wgmma kernel where it takes the weight
-# (hopper_kernel_takes); above, dequantize + XLA's dot. Measured on the H200 (benchmarks/RESULTS.md, 2026-12-03,
-# K8192 N28672 uint4b8 G128 bf16, µs, wgmma kernel against dequantize + dot): M128 144 vs ~272, M256 283 vs
-# ~336, M512 501 vs ~473.
+# (hopper_kernel_takes) and its grid has at least _HOPPER_MIN_BLOCKS blocks (128 columns x 128 rows each): with
+# fewer, a block's serial pass over K (about 0.7 µs per 64 rows of K) dominates. Elsewhere, dequantize + XLA's
+# dot. Measured on the H200 (benchmarks/RESULTS.md, 2026-12-03, uint4b8 G128 bf16, µs, wgmma kernel against
+# dequantize + dot): K8192 N28672 M128 146 vs 271, M256 291 vs 339, M512 512 vs 494; K4096 N14336 M64 45 vs 79
+# (decode kernel 108), M512 147 vs 138; K28672 N8192 (64 blocks at M128) M128 300 vs 273, M256 303 vs 317;
+# K4096 N4096 (32 blocks at M128) M128 46 vs 25.
 HOPPER_MAX_ROWS = 256
+_HOPPER_MIN_BLOCKS = 96
 _HOPPER_FORMS = ("uint4b8", "uint4")
-_hopper_max_rows = contextvars.ContextVar("jaxq_hopper_max_rows", default=HOPPER_MAX_ROWS)
+_hopper_limits = contextvars.ContextVar("jaxq_hopper_limits", default=None)
 
 
 @contextlib.contextmanager
-def hopper_max_rows(rows: int):
-    """Within this context (at trace time), the wgmma kernel runs up to ``rows`` rows instead of
-    :data:`HOPPER_MAX_ROWS`: for measuring where it stops beating dequantize + dot (``jaxq.bench``)."""
-    token = _hopper_max_rows.set(int(rows))
+def hopper_limits(min_blocks: int, max_rows: int):
+    """Within this context (at trace time), the wgmma kernel runs from ``min_blocks`` blocks up to ``max_rows``
+    rows instead of ``_HOPPER_MIN_BLOCKS`` and :data:`HOPPER_MAX_ROWS`: for measuring where it wins
+    (``jaxq.bench``) and for running it on small weights (tests, compute-sanitizer)."""
+    token = _hopper_limits.set((int(min_blocks), int(max_rows)))
     try:
         yield
     finally:
-        _hopper_max_rows.reset(token)
+        _hopper_limits.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,6 +120,15 @@ def _hopper_gpu() -> bool:
     """Whether JAX's default device is an sm_90 GPU (the wgmma kernel's)."""
     device = jax.devices()[0]
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def hopper_first_rows(k: int, n: int) -> int:
+    """The fewest rows of ``a`` with which ``marlin_gemm`` runs the Hopper kernel on a ``[k, n]`` weight it
+    takes: above :func:`kernel_max_rows`, and enough 128-row blocks for ``_HOPPER_MIN_BLOCKS`` (the range ends
+    at :data:`HOPPER_MAX_ROWS`; past it, none)."""
+    min_blocks = (_hopper_limits.get() or (_HOPPER_MIN_BLOCKS,))[0]
+    row_blocks = -(-min_blocks // max(1, n // 128))
+    return max(kernel_max_rows(k, n) + 1, (row_blocks - 1) * 128 + 1)
 
 
 def hopper_kernel_takes(form: str, act_order: bool, k: int, n: int, groups: int) -> bool:
@@ -688,7 +702,7 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     and act-order, and inside :func:`batch_invariant`) it multiplies W rounded to ``a``'s dtype, as the
     reference does. Within each form a row's output is bit-identical in any batch (rows 1-8 share one,
     9-``kernel_max_rows`` the other; FP4 has one for all): every row is summed in the same order whatever M is
-    (the K split depends on K, N and the GPU only). On an sm_90 GPU, from ``kernel_max_rows + 1`` to
+    (the K split depends on K, N and the GPU only). On an sm_90 GPU, from :func:`hopper_first_rows` to
     :data:`HOPPER_MAX_ROWS` rows, weights the wgmma kernel takes (:func:`hopper_kernel_takes`: uint4b8 and uint4
     without act-order) run it: W rounded to ``a``'s dtype on Hopper's tensor cores with float32 sums, one
     configuration for all those M, so a row's output is bit-identical in any batch of that range too. Above,
@@ -769,8 +783,9 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     m = rows.shape[0]
     hopper_above_rows = 0
     if not _batch_invariant.get() and hopper_kernel_takes(form, act_order, k, n, groups):
-        hopper_above_rows = kernel_max_rows(k, n)
-    if use_kernel(m, k, n) or (hopper_above_rows and m <= _hopper_max_rows.get()):
+        hopper_above_rows = hopper_first_rows(k, n) - 1
+    hopper_max_rows = (_hopper_limits.get() or (None, HOPPER_MAX_ROWS))[1]
+    if use_kernel(m, k, n) or (hopper_above_rows and hopper_above_rows < m <= hopper_max_rows):
         out = _marlin_gemm(rows, *weight, *true_global_scale, *([b_bias] if b_bias is not None else []), **params,
                            has_bias=b_bias is not None, per_channel=per_channel,
                            batch_invariant=_batch_invariant.get(), hopper_above_rows=hopper_above_rows)[0]
