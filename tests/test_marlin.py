@@ -236,6 +236,39 @@ def test_leading_dims_vmap_and_jit_agree(q_type, group_size):
     assert rel_l2(whole, w.oracle_gemm(a.reshape(6, 128)).reshape(3, 2, 64)) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("group_size", [64, 128, -1])
+def test_float_zero_points_match_the_oracle(group_size, dtype):
+    """is_zp_float (HQQ): W = q * s - round(z * s), rounded once, as vLLM's kernel's fused multiply-add; the
+    oracle computes it in float64 from the checkpoint's natural-order tensors."""
+    rng = np.random.default_rng()
+    k, n = 256, 192
+    groups = 1 if group_size == -1 else k // group_size
+    q = rng.integers(0, 16, (k, n))
+    np_dtype = _np_dtype(dtype)
+    scales = (rng.uniform(0.5, 2.0, (groups, n)) * 2.0**-6).astype(np_dtype)
+    zeros = rng.uniform(0.5, 15.0, (groups, n)).astype(np_dtype)
+    size_group = group_size if groups > 1 else -1
+    b_q_weight = marlin.gptq_marlin_repack(formats.pack_gptq(q, 4, axis=0), jnp.zeros((0,), jnp.int32), size_k=k,
+                                           size_n=n, num_bits=4)
+    b_scales = marlin.marlin_permute_scales(jnp.asarray(scales), size_k=k, size_n=n, group_size=size_group)
+    b_zeros = marlin.marlin_permute_scales(jnp.asarray(zeros), size_k=k, size_n=n, group_size=size_group)
+    rows = np.arange(k) // (k // groups)
+    s64, z64 = scales.astype(np.float64)[rows], zeros.astype(np.float64)[rows]
+    zero_scaled = (z64 * s64).astype(np_dtype).astype(np.float64)  # z * s is exact in float64, then rounded to T
+    w_oracle = (q * s64 - zero_scaled).astype(np_dtype)  # one rounding, as the fused multiply-add
+    w = marlin.marlin_dequantize(b_q_weight, b_scales, b_zeros, b_q_type="uint4", size_k=k)
+    np.testing.assert_array_equal(np.asarray(w).view(np.uint16), w_oracle.view(np.uint16))
+    a = random_a(rng, (5, k), dtype)
+    bias = random_a(rng, (n,), dtype)
+    out = jax.jit(lambda a: marlin.marlin_gemm(a, b_q_weight, b_scales, b_q_type="uint4", b_zeros=b_zeros,
+                                               b_bias=bias, is_zp_float=True))(a)
+    want = np.asarray(a, np.float64) @ w_oracle.astype(np.float64) + np.asarray(bias, np.float64)
+    assert rel_l2(out, want) < GEMM_TOLERANCE[dtype]
+    with pytest.raises(ValueError, match=r"must be \[groups, N\]"):
+        marlin.marlin_gemm(a, b_q_weight, b_scales, b_q_type="uint4", b_zeros=b_zeros[:, :64], is_zp_float=True)
+
+
 def test_gradient_with_respect_to_a_and_frozen_scales():
     rng = np.random.default_rng(8)
     w = Weight(rng, "uint4b8", 128, 64, 128, jnp.float16, act_order=True)
@@ -368,8 +401,10 @@ def test_errors_name_the_argument():
         call(b_q_type="float4_e2m1f")
     with pytest.raises(ValueError, match="global_scale"):
         call(global_scale=jnp.ones(()))
-    with pytest.raises(ValueError, match="is_zp_float"):
-        call(is_zp_float=True)
+    with pytest.raises(ValueError, match="is_zp_float .*'uint4'"):
+        call(b_q_type="uint4b8", b_zeros=None, is_zp_float=True)
+    with pytest.raises(TypeError, match="b_zeros must be bfloat16; got int32"):
+        call(is_zp_float=True)  # integer zero points
     with pytest.raises(ValueError, match="needs b_zeros"):
         call(b_zeros=None)
     with pytest.raises(ValueError, match="takes no b_zeros"):

@@ -502,6 +502,13 @@ def marlin_dequantize(b_q_weight, b_scales, b_zeros=None, g_idx=None, *, b_q_typ
         # Unfold the bias from the scales, not the codes: codes times 2**-120 are float32 denormals, which XLA
         # may flush to zero.
         scales = scales * 2.0 ** -FP8_EXPONENT_BIAS[jnp.dtype(b_scales.dtype)]
+    elif b_zeros is not None and jnp.issubdtype(b_zeros.dtype, jnp.floating):
+        # HQQ's float zero points (is_zp_float), as vLLM's kernel applies them: q * s - z * s, z * s rounded to
+        # the scales' type and the rest rounded once (a fused multiply-add). In float32, q * s and z * s are
+        # exact; their difference is too unless |z * s| < 2**-14 |q * s| (a zero point far below one code step).
+        zeros = _permute_columns(b_zeros, single=per_channel, inverse=True).astype(jnp.float32)
+        zero_scaled = (zeros * scales).astype(b_scales.dtype).astype(jnp.float32)
+        return (q.astype(jnp.float32) * scales[rows] - zero_scaled[rows]).astype(dtype)
     elif b_zeros is not None:
         values = (q - marlin_unpack_zero_points(b_zeros, bits)[rows]).astype(jnp.float32)
     else:
@@ -680,7 +687,8 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
         :func:`mxfp4_marlin_process_scales`, one per 32 rows (:func:`marlin_fp4_weight` makes both).
       b_q_type: ``"uint4b8"``, ``"uint4"`` (needs ``b_zeros``), ``"uint8b128"``, ``"float8_e4m3fn"`` or
         ``"float4_e2m1f"``.
-      b_zeros: int32 ``[groups, N/8]`` from :func:`marlin_zero_points` / :func:`awq_to_marlin_zero_points`.
+      b_zeros: int32 ``[groups, N/8]`` from :func:`marlin_zero_points` / :func:`awq_to_marlin_zero_points`
+        (with ``is_zp_float``: float ``[groups, N]`` from :func:`marlin_permute_scales`).
       g_idx, perm: act-order (integer weights): int32 ``[K]`` each, ``perm = argsort(checkpoint g_idx)``
         (applied by the repack) and ``g_idx`` the checkpoint's groups in that order (``g_idx[perm]``). Both or
         neither.
@@ -692,7 +700,10 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
       is_k_full: False for a row-parallel shard of an act-order layer. jaxq's kernel reads every row's group
         from ``g_idx`` either way, so this only relaxes the check that ``g_idx`` covers this shard's K.
       use_fp32_reduce: accepted for vLLM's signature; partial sums are always added in float32.
-      is_zp_float: float zero points are not supported yet (a ValueError says so).
+      is_zp_float: ``b_zeros`` are float zero points in ``a``'s dtype, ``[groups, N]`` permuted as the scales
+        (HQQ, ``uint4`` only, no act-order): ``W = q * s - round(z * s)`` as vLLM's kernel computes it. This form
+        runs through XLA on every platform (W dequantized in jnp, then XLA's dot): jaxq's kernels read integer
+        zero points only. Differentiable with respect to ``a``, ``b_scales`` and ``b_zeros``.
 
     Returns ``[..., N]`` in ``a``'s dtype. Up to ``kernel_max_rows(K, N)`` rows (16 for a weight under 2**25
     elements, 32 under 2**27, else 64: where the kernel beats dequantize + dot on the H200) and for all rows
@@ -712,8 +723,8 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     fn = "marlin_gemm"
     if b_q_type not in SCALAR_TYPES:
         raise ValueError(f"{fn}: b_q_type must be one of {sorted(SCALAR_TYPES)}; got {b_q_type!r}")
-    if is_zp_float:
-        raise ValueError(f"{fn}: is_zp_float=True (float zero points) is not supported yet")
+    if is_zp_float and b_q_type != "uint4":
+        raise ValueError(f"{fn}: is_zp_float (HQQ's float zero points) goes with b_q_type 'uint4'; got {b_q_type!r}")
     bits, _, needs_zeros = SCALAR_TYPES[b_q_type]
     if not hasattr(a, "dtype") or jnp.dtype(a.dtype) not in wo.ACTIVATION_DTYPES:
         raise TypeError(f"{fn}: a must be a float16 or bfloat16 array; got {getattr(a, 'dtype', type(a).__name__)}")
@@ -757,7 +768,14 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
                              f"{[g for g in GROUP_SIZES if g > 0]} (or one group: per-channel)")
     if needs_zeros != (not _empty(b_zeros)):
         raise ValueError(f"{fn}: b_q_type {b_q_type!r} " + ("needs b_zeros" if needs_zeros else "takes no b_zeros"))
-    if needs_zeros:
+    if needs_zeros and is_zp_float:
+        _check_array(fn, "b_zeros", b_zeros, [a.dtype], 2)
+        if tuple(b_zeros.shape) != (groups, n):
+            raise ValueError(f"{fn}: float b_zeros (is_zp_float) must be [groups, N] = {(groups, n)}, permuted as "
+                             f"the scales; got {tuple(b_zeros.shape)}")
+        if act_order:
+            raise ValueError(f"{fn}: is_zp_float takes no act-order (g_idx, perm), as vLLM's kernel")
+    elif needs_zeros:
         _check_array(fn, "b_zeros", b_zeros, [jnp.int32], 2)
         if tuple(b_zeros.shape) != (groups, n * bits // 32):
             raise ValueError(f"{fn}: b_zeros must have shape {(groups, n * bits // 32)}; got {tuple(b_zeros.shape)}")
@@ -767,6 +785,10 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
             raise ValueError(f"{fn}: b_bias must have N={n} entries; got {b_bias.shape[0]}")
 
     rows = a.reshape(-1, k)
+    if is_zp_float:  # XLA's path on every platform: jaxq's kernels read integer zero points only
+        w = marlin_dequantize(b_q_weight, b_scales, b_zeros, b_q_type="uint4", size_k=k, per_channel=groups == 1,
+                              dtype=a.dtype)
+        return _product(rows, w, b_bias).reshape(*a.shape[:-1], n)
     if act_order:
         # The barrier keeps XLA:CPU from fusing the gather into the dot, whose bf16 x bf16 -> f32 form it
         # cannot run then (jaxlib 0.10); on GPU the gather is its own kernel either way.
