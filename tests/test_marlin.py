@@ -265,6 +265,9 @@ def test_float_zero_points_match_the_oracle(group_size, dtype):
                                                b_bias=bias, is_zp_float=True))(a)
     want = np.asarray(a, np.float64) @ w_oracle.astype(np.float64) + np.asarray(bias, np.float64)
     assert rel_l2(out, want) < GEMM_TOLERANCE[dtype]
+    batched = jax.vmap(lambda a: marlin.marlin_gemm(a, b_q_weight, b_scales, b_q_type="uint4", b_zeros=b_zeros,
+                                                    b_bias=bias, is_zp_float=True))(a.reshape(5, 1, k))
+    assert rel_l2(batched.reshape(5, n), want) < GEMM_TOLERANCE[dtype]
     with pytest.raises(ValueError, match=r"must be \[groups, N\]"):
         marlin.marlin_gemm(a, b_q_weight, b_scales, b_q_type="uint4", b_zeros=b_zeros[:, :64], is_zp_float=True)
 

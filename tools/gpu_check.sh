@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The project's GPU checks, the same every time: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
-#   stages: tests sanitizer bench nn layer wgmma_probe ncu ncu_gemm sweep (default: tests sanitizer bench). The
+#   stages: tests sanitizer bench nn layer ncu ncu_gemm sweep (default: tests sanitizer bench). The
 #   build runs first every time (BUILD=0 skips it).
-#   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin), SANITIZER_TOOLS and BENCH_ARGS
-#   narrow a run. BUILD=0 reuses the package a previous call installed on a still-warm machine (same tree).
+#   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin; marlin_hopper alone),
+#   SANITIZER_TOOLS and BENCH_ARGS narrow a run. BUILD=0 reuses the package a previous call installed on a still-warm machine (same tree).
 # Logs go to $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
 REPO=$PWD
@@ -119,11 +119,6 @@ for stage in $stages; do
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     (cd /tmp && python3 -m jaxq.demo --qlora 2>&1) | tee "$OUT/demo.log" | grep -v Warning
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
-  wgmma_probe)
-    echo "=== the Hopper tensor-core prototype on the Marlin layout (tools/wgmma_probe): host check, then timing"
-    bash "$REPO/tools/wgmma_probe/run.sh" build > "$OUT/wgmma_probe_build.log" 2>&1 || { tail -20 "$OUT/wgmma_probe_build.log"; status=1; }
-    (cd /tmp && WGMMA_PROBE_DIAGNOSE=1 timeout 120 bash "$REPO/tools/wgmma_probe/run.sh" run 2>&1 | grep "max |error|"; \
-     timeout 240 bash "$REPO/tools/wgmma_probe/run.sh" run 2>&1) | tee "$OUT/wgmma_probe.log" ;;
   layer)
     echo "=== the Llama-3-8B decoder layer per scheme, separate and fused projections, qwix's beside them"
     # LAYER_VARIANTS (comma-separated, e.g. "gptq,gptq marlin fused") and LAYER_ROWS narrow the run.

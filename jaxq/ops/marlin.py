@@ -716,9 +716,11 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     (the K split depends on K, N and the GPU only). On an sm_90 GPU, from :func:`hopper_first_rows` to
     :data:`HOPPER_MAX_ROWS` rows, weights the wgmma kernel takes (:func:`hopper_kernel_takes`: uint4b8 and uint4
     without act-order) run it: W rounded to ``a``'s dtype on Hopper's tensor cores with float32 sums, one
-    configuration for all those M, so a row's output is bit-identical in any batch of that range too. Above,
-    W is dequantized once (a CUDA kernel, bit-identical to the W the second form multiplies by) and multiplied
-    by XLA's dot, whose summation order is XLA's choice for each M. Differentiable with respect to ``a`` only.
+    configuration for all those M, so a row's output is bit-identical in any batch of that range too (a
+    tensor-parallel shard it does not take, e.g. N not a multiple of 128, runs the decode kernel's second form
+    there). Elsewhere above ``kernel_max_rows``, W is dequantized once (a CUDA kernel, bit-identical to the W
+    the second form multiplies by) and multiplied by XLA's dot, whose summation order is XLA's choice for each
+    M. Differentiable with respect to ``a`` only (``is_zp_float``: also ``b_scales`` and ``b_zeros``).
     """
     fn = "marlin_gemm"
     if b_q_type not in SCALAR_TYPES:

@@ -1,5 +1,5 @@
-// A/B timing of two versions of kernels/marlin.cu outside JAX, as ab.cu does for weight_only.cu (run.sh builds one
-// binary per version): LaunchMarlinGemm on the same fixed inputs for the cases below, each output written to
+// A/B timing of two versions of kernels/marlin.cu (with marlin_hopper.cu, the Hopper kernel it hands many rows to)
+// outside JAX, as ab.cu does for weight_only.cu (run.sh builds one binary per version): LaunchMarlinGemm on the same fixed inputs for the cases below, each output written to
 // TAG_CASE.bin for compare.py, its time (CUDA events, best of 5 x 30 calls on three rotated weight copies) and its
 // share of the copy bandwidth measured in the same process (codes, scales and zero points read once).
 // JAXQ_MARLIN_PLAN="tiles,splits" forces a launch plan, as in the package; MARLIN_AB_CASE="u4b8 M1" runs that case
@@ -50,6 +50,7 @@ struct Case {
   jaxq::MarlinType type;
   bool bf16;
   int m, k, n, group;  // group -1: one group (FP4: 16 for NVFP4, 32 for MXFP4)
+  int64_t hopper_above_rows = 0;  // as marlin_gemm sets it: rows above it run the Hopper kernel where it applies
 };
 
 void Run(const char* tag, const Case& c, double bandwidth) {
@@ -102,6 +103,7 @@ void Run(const char* tag, const Case& c, double bandwidth) {
   p.n = c.n;
   p.groups = groups;
   p.per_channel = groups == 1;
+  p.hopper_above_rows = c.hopper_above_rows;
   auto run = [&](int i) {
     p.b_q = codes[i];
     CHECK(jaxq::LaunchMarlinGemm(p, nullptr));
@@ -265,6 +267,13 @@ int main(int argc, char** argv) {
       {"u4b8 M16 K4096 N4096", MarlinType::kU4B8, true, 16, 4096, 4096, 128},
       {"u4b8 M1 K4096 N1024", MarlinType::kU4B8, true, 1, 4096, 1024, 128},
       {"u4b8 M16 K4096 N1024", MarlinType::kU4B8, true, 16, 4096, 1024, 128},
+      // The Hopper kernel (marlin_hopper.cu), where marlin_gemm runs it.
+      {"hopper u4b8 M128", MarlinType::kU4B8, true, 128, 8192, 28672, 128, 64},
+      {"hopper u4b8 M256", MarlinType::kU4B8, true, 256, 8192, 28672, 128, 64},
+      {"hopper u4b8 M200 fp16 g32", MarlinType::kU4B8, false, 200, 8192, 28672, 32, 64},
+      {"hopper u4 M128", MarlinType::kU4, true, 128, 8192, 28672, 128, 64},
+      {"hopper u4b8 M64 K4096 N14336", MarlinType::kU4B8, true, 64, 4096, 14336, 128, 32},
+      {"hopper u4b8 M256 K28672 N8192", MarlinType::kU4B8, true, 256, 28672, 8192, 128, 128},
   };
   const double bandwidth = tool_timing::CopyBandwidth();
   std::printf("[%s] copy %.0f GB/s\n", tag, bandwidth / 1e9);

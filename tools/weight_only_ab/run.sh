@@ -23,14 +23,19 @@ build)
   git -C "$REPO" show "${3:-HEAD}:csrc/kernels/$kernel.cu" > "$base/kernels/$kernel.cu"
   cp "$REPO"/csrc/kernels/{$kernel.h,sm_count.h,types.h,device_utils.cuh} "$base/kernels/"
   flags=(-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr)
-  sources=("$REPO/csrc/kernels/sm_count.cu")
-  if [ "$kernel" = marlin ]; then  # marlin.cu hands many rows to the Hopper kernel, which shares its fragments
-    cp "$REPO"/csrc/kernels/marlin_fragments.cuh "$base/kernels/"
-    sources+=("$REPO/csrc/kernels/marlin_hopper.cu")
+  base_sources=("$REPO/csrc/kernels/sm_count.cu") new_sources=("$REPO/csrc/kernels/sm_count.cu")
+  if [ "$kernel" = marlin ]; then
+    # marlin.cu hands many rows to the Hopper kernel, which shares its fragment helpers: both from BASE where
+    # it has them (a BASE from before them has neither).
+    for file in marlin_fragments.cuh marlin_hopper.cu; do
+      git -C "$REPO" show "${3:-HEAD}:csrc/kernels/$file" > "$base/kernels/$file" 2>/dev/null || rm -f "$base/kernels/$file"
+    done
+    [ -f "$base/kernels/marlin_hopper.cu" ] && base_sources+=("$base/kernels/marlin_hopper.cu")
+    new_sources+=("$REPO/csrc/kernels/marlin_hopper.cu")
   fi
-  nvcc "${flags[@]}" -I"$base" "$driver" "${sources[@]}" -o "$BIN/${kernel}_base" &
+  nvcc "${flags[@]}" -I"$base" "$driver" "${base_sources[@]}" -o "$BIN/${kernel}_base" &
   base_build=$!
-  nvcc "${flags[@]}" -I"$REPO/csrc" "$driver" "${sources[@]}" -o "$BIN/${kernel}_new"
+  nvcc "${flags[@]}" -I"$REPO/csrc" "$driver" "${new_sources[@]}" -o "$BIN/${kernel}_new"
   wait "$base_build" ;;  # a bare `wait` would not report the background build's failure
 run)
   cd "$BIN"
