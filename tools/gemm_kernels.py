@@ -106,15 +106,24 @@ def marlin():
                         with ops.batch_invariant(invariant):
                             jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
                                 a, q, s, b_bias=bias, **kw))(a, q, s, bias))
-                    # Past the decode kernel's rows: the Hopper kernel where it takes the weight (a tail block,
-                    # two blocks, its last row count), then the dequantize kernel and XLA's dot.
-                    for m in (17, 130, ops.HOPPER_MAX_ROWS, ops.HOPPER_MAX_ROWS + 1):
-                        a = jnp.asarray(rng.standard_normal((m, k)), dtype)
-                        bias = jnp.asarray(rng.standard_normal((n,)), dtype) if m % 2 == 0 else None
-                        with ops.hopper_limits(min_blocks=1, max_rows=ops.HOPPER_MAX_ROWS):  # small weights
-                            jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
-                                a, q, s, b_bias=bias, **kw))(a, q, s, bias))
+                    # Past the decode kernel's rows: the Hopper kernel where it takes the weight, then the
+                    # dequantize kernel and XLA's dot.
+                    _past_the_decode_rows(rng, q, s, kw, dtype, (17, 130, ops.HOPPER_MAX_ROWS, ops.HOPPER_MAX_ROWS + 1))
     print("ran every marlin kernel variant")
+
+
+def _past_the_decode_rows(rng, q, s, kw, dtype, rows):
+    """marlin_gemm with the Hopper kernel taking small weights too (a tail block, two blocks, its last row
+    count); bias on even row counts."""
+    from jaxq.ops import marlin as ops
+
+    k, n = q.shape[0] * 16, s.shape[1]
+    for m in rows:
+        a = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        bias = jnp.asarray(rng.standard_normal((n,)), dtype) if m % 2 == 0 else None
+        with ops.hopper_limits(min_blocks=1, max_rows=ops.HOPPER_MAX_ROWS):
+            jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
+                a, q, s, b_bias=bias, **kw))(a, q, s, bias))
 
 
 def scaled_mm():
@@ -163,12 +172,7 @@ def marlin_hopper():
             for q, s, weight_kw, _ in _marlin_weights(rng, k, n, groups, dtype):
                 if weight_kw.get("b_q_type") not in ("uint4b8", "uint4"):
                     continue
-                for m in (17, 130, ops.HOPPER_MAX_ROWS):
-                    a = jnp.asarray(rng.standard_normal((m, k)), dtype)
-                    bias = jnp.asarray(rng.standard_normal((n,)), dtype) if m % 2 == 0 else None
-                    with ops.hopper_limits(min_blocks=1, max_rows=ops.HOPPER_MAX_ROWS):  # small weights
-                        jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
-                            a, q, s, b_bias=bias, **weight_kw))(a, q, s, bias))
+                _past_the_decode_rows(rng, q, s, weight_kw, dtype, (17, 130, ops.HOPPER_MAX_ROWS))
     print("ran every marlin Hopper kernel variant")
 
 
