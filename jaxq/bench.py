@@ -322,8 +322,9 @@ def _write_markdown(path: str, argv, copy: float | None):
         except OSError:
             return ""
 
-    commit = (git("rev-parse", "--short", "HEAD") or "unknown") + (" with uncommitted changes" if git(
-        "status", "--porcelain", "--untracked-files=no") else "")
+    # An installed package (the device's copy of the tree has no .git either) is named by JAXQ_COMMIT.
+    commit = (git("rev-parse", "--short", "HEAD") or os.environ.get("JAXQ_COMMIT") or "unknown") + (
+        " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
     device = jax.devices()[0]
     header = [f"# `python -m jaxq.bench {' '.join(argv)}`".rstrip(), "",
               f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}",
