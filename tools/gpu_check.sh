@@ -5,7 +5,8 @@
 #   build runs first every time (BUILD=0 skips it).
 #   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin; marlin_hopper alone),
 #   SANITIZER_TOOLS and BENCH_ARGS narrow a run. JAXQ_COMMIT (the caller's `git rev-parse --short HEAD`) names
-#   the tree in the bench's markdown: the device's copy has no .git. BUILD=0 reuses the package a previous call installed on a still-warm machine (same tree).
+#   the tree in the bench's markdown: the device's copy has no .git. BUILD=0 reuses the package a previous
+#   call installed on a still-warm machine (same tree).
 # Logs go to $OUT (the device tool's output folder) or ./gpu-out.
 set -uo pipefail
 REPO=$PWD
