@@ -389,6 +389,35 @@ def test_sharded_equals_unsharded(layout, q_type, group_size, act_order, path, m
     assert rel_l2(whole, w.oracle_gemm(a, bias)) < 1e-2
 
 
+@pytest.mark.parametrize("layout", ["column", "row", "tokens"])
+def test_float_zero_points_sharded_equal_unsharded(layout):
+    """is_zp_float on 8 virtual devices: N sharded (scales and float zeros with it), K sharded, rows sharded."""
+    rng = np.random.default_rng(12)
+    k, n, m = 512, 512, 16
+    q = rng.integers(0, 16, (k, n))
+    scales = jnp.asarray(rng.uniform(0.5, 2.0, (k // 64, n)) * 2.0**-6, jnp.bfloat16)
+    zeros = jnp.asarray(rng.uniform(0.5, 15.0, (k // 64, n)), jnp.bfloat16)
+    b_q_weight = marlin.gptq_marlin_repack(formats.pack_gptq(q, 4, axis=0), jnp.zeros((0,), jnp.int32), size_k=k,
+                                           size_n=n, num_bits=4)
+    b_scales = marlin.marlin_permute_scales(scales, size_k=k, size_n=n, group_size=64)
+    b_zeros = marlin.marlin_permute_scales(zeros, size_k=k, size_n=n, group_size=64)
+    a = random_a(rng, (m, k), jnp.bfloat16)
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec_a = {"column": P(), "row": P(None, "x"), "tokens": P("x", None)}[layout]
+    spec_q = {"column": P(None, "x"), "row": P("x", None), "tokens": P()}[layout]
+    spec_s = {"column": P(None, "x"), "row": P("x", None), "tokens": P()}[layout]
+
+    def f(a, q, s, z):
+        return marlin.marlin_gemm(a, q, s, b_q_type="uint4", b_zeros=z, is_zp_float=True)
+
+    whole = jax.jit(f)(a, b_q_weight, b_scales, b_zeros)
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    sharded = jax.jit(f)(put(a, spec_a), put(b_q_weight, spec_q), put(b_scales, spec_s), put(b_zeros, spec_s))
+    assert rel_l2(sharded, whole) <= (1e-2 if layout == "row" else 0)
+    w = marlin.marlin_dequantize(b_q_weight, b_scales, b_zeros, b_q_type="uint4", size_k=k)
+    assert rel_l2(whole, np.asarray(a, np.float64) @ np.asarray(w, np.float64)) < GEMM_TOLERANCE[jnp.bfloat16]
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 
