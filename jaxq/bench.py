@@ -379,18 +379,19 @@ def _marlin_weight(q_type: str, k: int, n: int, i: int, dtype=jnp.bfloat16) -> t
     return q.view(jnp.int32), scales, zeros
 
 
-def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS, types: set | None = None) -> list[dict]:
-    """marlin_gemm per type and shape: its kernel's time and share of the copy bandwidth (weight bytes over
-    time), against XLA's bf16 dot on a [N, K] weight, the original Marlin kernel (float16; `peer_times` from
-    jaxq.bench_torch) and, for 4-bit, jaxq's gptq_gemm; from M = 32 also its dequantize + dot path, and above
-    kernel_max_rows the Hopper (wgmma) kernel where it takes the weight, at every M, to place the crossovers; up
-    to 8 rows also the kernel under batch_invariant(), what that mode costs. The decode kernel is timed up to
-    M = 256 (beyond, it is far behind both)."""
+def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS, types: set | None = None,
+               shapes: set | None = None) -> list[dict]:
+    """marlin_gemm per type and shape: its time (the path it picks for that M) and share of the copy bandwidth
+    (weight bytes over time), against XLA's bf16 dot on a [N, K] weight, the original Marlin kernel (float16;
+    `peer_times` from jaxq.bench_torch) and, for 4-bit, jaxq's gptq_gemm; each of its paths forced at every M,
+    to place the crossovers: the decode (mma.sync) kernel up to M = 256 (beyond, it is far behind), the Hopper
+    (wgmma) kernel where it takes the weight, and from M = 32 dequantize + dot; up to 8 rows also the kernel
+    under batch_invariant(), what that mode costs."""
     from jaxq.ops import marlin
 
     out = []
     for q_type, k, n, dtype_name in MARLIN_CASES:
-        if types is not None and q_type not in types:
+        if (types is not None and q_type not in types) or (shapes is not None and (k, n) not in shapes):
             continue
         dtype = jnp.dtype(dtype_name)
         bits, fp4 = marlin._bits(q_type), q_type in ("nvfp4", "mxfp4")
@@ -404,16 +405,17 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS, types: 
                 return jaxq.marlin_gemm(x, q, s, b_q_type="float4_e2m1f", global_scale=z)
             return jaxq.marlin_gemm(x, q, s, b_q_type=q_type, b_zeros=z)
 
-        def kernel(*args, k=k, n=n):  # the kernel at every M: above its default rows only batch_invariant() runs it
-            with marlin.batch_invariant(args[0].shape[0] > marlin.kernel_max_rows(k, n)):
+        def decode(*args, k=k, n=n):  # above its default rows only batch_invariant() runs it
+            with marlin.hopper_limits(first_rows=1 << 30, max_rows=1 << 30), \
+                    marlin.batch_invariant(args[0].shape[0] > marlin.kernel_max_rows(k, n)):
                 return ours(*args)
 
         def invariant(*args):
             with marlin.batch_invariant():
                 return ours(*args)
 
-        def hopper(*args):  # the wgmma kernel at every M above kernel_max_rows, whatever its grid
-            with marlin.hopper_limits(min_blocks=1, max_rows=1 << 30):
+        def hopper(*args):
+            with marlin.hopper_limits(first_rows=1, max_rows=1 << 30):
                 return ours(*args)
 
         takes_hopper = marlin.hopper_kernel_takes(q_type, False, k, n, groups)
@@ -426,26 +428,23 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS, types: 
 
             row = dict(op="marlin_gemm", variant=f"{q_type} G{_marlin_group_size(q_type)} {dtype_name}",
                        shape=f"M{m} K{k} N{n}")
-            if m > 256:
-                t = None
-            else:
-                t = _time_per_call(kernel, make_input, moved)
-                row.update(us=t * 1e6, pct_copy=100 * moved / t / copy, tflops=2 * m * k * n / t / 1e12)
-            if takes_hopper and m > marlin.kernel_max_rows(k, n):
+            t = _time_per_call(ours, make_input, moved)
+            row.update(us=t * 1e6, pct_copy=100 * moved / t / copy, tflops=2 * m * k * n / t / 1e12)
+            if m <= 256:
+                row["decode_us"] = _time_per_call(decode, make_input, moved) * 1e6
+            if takes_hopper:
                 h = _time_per_call(hopper, make_input, moved)
                 row.update(hopper_us=h * 1e6, hopper_tflops=2 * m * k * n / h / 1e12)
             if m <= 8 and not fp4:  # FP4 runs one form for every M
                 row["invariant_us"] = _time_per_call(invariant, make_input, moved) * 1e6
             peer = peer_times.get(f"marlin-ist {m} {k} {n}") if q_type == "uint4b8" else None
-            if peer and t:
+            if peer:
                 row.update(peer_us=peer * 1e6, vs_peer=peer / t)
             bf16 = _time_per_call(
                 lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))),
                 lambda i, m=m, k=k, n=n: (make_input(i)[0],
                                           jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)), k * n * 2)
-            row.update(bf16_dot_us=bf16 * 1e6)
-            if t:
-                row["vs_bf16"] = bf16 / t
+            row.update(bf16_dot_us=bf16 * 1e6, vs_bf16=bf16 / t)
             if "hopper_us" in row:
                 row["hopper_vs_bf16"] = row["hopper_us"] / row["bf16_dot_us"]
             if bits == 4 and not fp4 and m <= 64 and dtype == jnp.bfloat16:
@@ -460,11 +459,12 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS, types: 
                         *([z.reshape(1).astype(jnp.float32)] if q_type == "nvfp4" else [])), make_input, moved) * 1e6
             out.append(row)
             print(row, flush=True)
-    _print_table(out, [("kernel µs", "us", "{:.1f}"), ("% of copy BW", "pct_copy", "{:.1f}%"),
+    _print_table(out, [("µs", "us", "{:.1f}"), ("% of copy BW", "pct_copy", "{:.1f}%"),
                        ("TFLOP/s", "tflops", "{:.0f}"), ("bf16 dot µs", "bf16_dot_us", "{:.1f}"),
                        ("speed-up vs bf16 dot", "vs_bf16", "{:.2f}x"), ("gptq_gemm µs", "gptq_us", "{:.1f}"),
                        ("vs gptq_gemm", "vs_gptq", "{:.2f}x"), ("Marlin (IST, fp16) µs", "peer_us", "{:.1f}"),
-                       ("vs Marlin", "vs_peer", "{:.2f}x"), ("dequant+dot µs", "dequant_dot_us", "{:.1f}"),
+                       ("vs Marlin", "vs_peer", "{:.2f}x"), ("decode kernel µs", "decode_us", "{:.1f}"),
+                       ("dequant+dot µs", "dequant_dot_us", "{:.1f}"),
                        ("Hopper kernel µs", "hopper_us", "{:.1f}"), ("Hopper TFLOP/s", "hopper_tflops", "{:.0f}"),
                        ("Hopper / bf16 dot", "hopper_vs_bf16", "{:.2f}x"),
                        ("batch_invariant µs", "invariant_us", "{:.1f}")])
@@ -712,6 +712,8 @@ def main(argv=None):
     parser.add_argument("--marlin-rows", default=",".join(map(str, MARLIN_ROWS)), help="M values (marlin_gemm)")
     parser.add_argument("--marlin-types", default="", help="comma-separated b_q_type forms (marlin_gemm; default: "
                         "all)")
+    parser.add_argument("--marlin-shapes", default="", help="comma-separated KxN weights, e.g. 8192x28672 "
+                        "(marlin_gemm; default: all)")
     parser.add_argument("--layer-variants", default="", help="comma-separated decoder-layer variants (default: all; "
                         "the bf16 layers always run)")
     parser.add_argument("--layer-rows", default=",".join(map(str, DECODER_ROWS)), help="M values (decoder layer)")
@@ -725,8 +727,10 @@ def main(argv=None):
     peer_cases = list(SCALED_MM_CASES) if ops is None or ops & SCALED_MM_OPS else []
     marlin_rows = tuple(int(m) for m in args.marlin_rows.split(","))
     if ops is None or "marlin_gemm" in ops:
-        peer_cases += [case for case in MARLIN_PEER_CASES if case[1] in marlin_rows]
+        peer_cases += [case for case in MARLIN_PEER_CASES
+                       if case[1] in marlin_rows and (not marlin_shapes or case[2:] in marlin_shapes)]
     marlin_types = {t.strip() for t in args.marlin_types.split(",") if t.strip()} or None
+    marlin_shapes = {tuple(int(v) for v in s.strip().split("x")) for s in args.marlin_shapes.split(",") if s.strip()}
     torch_times = _torch_peer(peer_cases) if not args.quick and peer_cases else {}
     if ops is None or ops - gemm_ops:
         run(ops - gemm_ops if ops else None, token_counts, hidden, args.quick)
@@ -738,7 +742,7 @@ def main(argv=None):
         run_weight_only(ops & WEIGHT_ONLY_OPS if ops else WEIGHT_ONLY_OPS, [int(m) for m in args.gemm_rows.split(",")],
                         [int(m) for m in args.sweep.split(",")], copy, [int(v) for v in args.splits.split(",") if v])
     if not args.quick and (ops is None or "marlin_gemm" in ops):
-        run_marlin(torch_times, copy, marlin_rows, marlin_types)
+        run_marlin(torch_times, copy, marlin_rows, marlin_types, marlin_shapes or None)
     if not args.quick and (ops is None or ops & SCALED_MM_OPS):
         run_scaled_mm(torch_times, copy)
     if not args.quick and (ops is None or ops & DECODER_LAYER_OPS):

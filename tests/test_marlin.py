@@ -297,19 +297,19 @@ def test_batch_invariant_mode_keeps_the_kernel_for_every_m():
 
 
 def test_hopper_dispatch(monkeypatch):
-    """Which rows run the wgmma kernel, decided at trace time without a GPU: above kernel_max_rows, from enough
-    128-row blocks, up to HOPPER_MAX_ROWS, for the weights it takes, outside batch_invariant(); never on other
-    GPUs."""
+    """Which rows run the wgmma kernel, decided at trace time without a GPU: from hopper_first_rows up to
+    HOPPER_MAX_ROWS, for the weights it takes, outside batch_invariant(); never on other GPUs."""
     assert marlin.hopper_kernel_takes("uint4b8", False, 1024, 384, 1) == marlin._hopper_gpu()
-    # The bench's shapes (benchmarks/RESULTS.md): 224 and 112 column blocks fill the GPU from the first rows past
-    # the decode kernel; 64 from two row blocks; 32 and 8 never within HOPPER_MAX_ROWS.
-    first = {(8192, 28672): 65, (4096, 14336): 33, (28672, 8192): 129, (4096, 4096): 257, (4096, 1024): 1409}
-    for (k, n), rows in first.items():
-        assert marlin.hopper_first_rows(k, n) == rows, (k, n)
+    for k, n in ((8192, 28672), (4096, 14336), (28672, 8192), (4096, 4096), (4096, 1024)):
+        assert marlin.hopper_first_rows(k, n) == marlin.HOPPER_FIRST_ROWS == 17, (k, n)
+    with marlin.hopper_limits(first_rows=1, max_rows=512):
+        assert marlin.hopper_first_rows(4096, 4096) == 1 and marlin.hopper_max_rows() == 512
+    assert marlin.hopper_max_rows() == marlin.HOPPER_MAX_ROWS
+    for first_rows, max_rows in ((0, 4), (5, 4)):
+        with pytest.raises(ValueError, match="first_rows"):
+            with marlin.hopper_limits(first_rows, max_rows):
+                pass
     monkeypatch.setattr(marlin, "_hopper_gpu", lambda: True)
-    monkeypatch.setattr(marlin, "_HOPPER_MIN_BLOCKS", 1)  # this small weight's 3 column blocks
-    with marlin.hopper_limits(min_blocks=96, max_rows=512):
-        assert marlin.hopper_first_rows(4096, 4096) == 257
     takes = marlin.hopper_kernel_takes
     assert takes("uint4b8", False, 1024, 384, 32) and takes("uint4", False, 1024, 384, 1)
     assert not takes("uint4b8", True, 1024, 384, 8)  # act-order
@@ -322,16 +322,23 @@ def test_hopper_dispatch(monkeypatch):
     rng = np.random.default_rng(3)
     w = Weight(rng, "uint4b8", 1024, 384, 128, jnp.bfloat16)
     rows = marlin.kernel_max_rows(1024, 384)
-    for m, hopper_above in ((rows, rows), (rows + 1, rows), (marlin.HOPPER_MAX_ROWS, rows),
-                            (marlin.HOPPER_MAX_ROWS + 1, None)):
+    # The kernel gets the first Hopper row with every call within the Hopper rows (it dispatches by m); past
+    # HOPPER_MAX_ROWS the call is dequantize + dot.
+    for m, hopper_from in ((rows, rows + 1), (rows + 1, rows + 1), (marlin.HOPPER_MAX_ROWS, rows + 1),
+                           (marlin.HOPPER_MAX_ROWS + 1, None)):
         seen.clear()
         out = marlin.marlin_gemm(random_a(rng, (m, 1024), jnp.bfloat16), w.b_q_weight, w.b_scales, **w.kwargs())
         assert out.shape == (m, 384)
-        assert [p["hopper_above_rows"] for p in seen] == ([] if hopper_above is None else [hopper_above]), m
+        assert [p["hopper_from_rows"] for p in seen] == ([] if hopper_from is None else [hopper_from]), m
+    with marlin.hopper_limits(first_rows=1, max_rows=8):
+        for m, hopper_from in ((1, 1), (8, 1), (9, 0)):  # 9: the decode kernel's rows, past the Hopper ones
+            seen.clear()
+            marlin.marlin_gemm(random_a(rng, (m, 1024), jnp.bfloat16), w.b_q_weight, w.b_scales, **w.kwargs())
+            assert [p["hopper_from_rows"] for p in seen] == [hopper_from], m
     with jaxq.batch_invariant():
         seen.clear()
         marlin.marlin_gemm(random_a(rng, (rows + 1, 1024), jnp.bfloat16), w.b_q_weight, w.b_scales, **w.kwargs())
-        assert [p["hopper_above_rows"] for p in seen] == [0]
+        assert [p["hopper_from_rows"] for p in seen] == [0]
     w = Weight(rng, "uint4b8", 1024, 320, 128, jnp.bfloat16)  # the kernel does not take it: dequantize + dot
     seen.clear()
     marlin.marlin_gemm(random_a(rng, (rows + 1, 1024), jnp.bfloat16), w.b_q_weight, w.b_scales, **w.kwargs())
@@ -574,7 +581,7 @@ def test_dequantize_kernel_is_the_reference_bit_for_bit_on_gpu(q_type, group_siz
     w = Weight(rng, q_type, 512, 192, group_size, dtype, act_order)
     weight = _operands(w, jnp.zeros((1, 512), dtype), None, global_scale=False)[1:]
     params = {key: value for key, value in _params(w, None).items()
-              if key not in ("has_bias", "batch_invariant", "hopper_above_rows")}
+              if key not in ("has_bias", "batch_invariant", "hopper_from_rows")}
     params["dtype"] = jnp.dtype(dtype).name
     got = jax.jit(lambda *o: marlin._marlin_dequantize(*o, **params)[0])(*weight)
     cpu = jax.devices("cpu")[0]
@@ -598,7 +605,7 @@ def _operands(w, a, bias, global_scale=True):
 def _params(w, bias):
     return dict(b_q_type=w.q_type, has_zeros=w.b_zeros is not None, has_g_idx=w.g_idx is not None,
                 has_bias=bias is not None, per_channel=w.b_scales.shape[0] == 1, batch_invariant=False,
-                hopper_above_rows=0)
+                hopper_from_rows=0)
 
 
 @pytest.mark.gpu
@@ -635,24 +642,25 @@ HOPPER_CASES = [(q_type, group_size) for q_type in ("uint4b8", "uint4") for grou
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("q_type,group_size", HOPPER_CASES)
 def test_hopper_kernel_matches_reference_on_gpu(q_type, group_size, dtype):
-    """The wgmma kernel's rows (kernel_max_rows + 1 to HOPPER_MAX_ROWS; tails of its 128-row blocks) against
-    the reference and the oracle, with and without bias; the lowering says which kernel ran."""
+    """The wgmma kernel forced at every row count up to HOPPER_MAX_ROWS (each of its 16-, 32-, 64- and 128-row
+    blocks, tails included) against the reference and the oracle, with and without bias, on weights it runs
+    whole and with K split over clusters of 2 and 8 blocks; the lowering says which kernel ran."""
     if not marlin._hopper_gpu():
         pytest.skip("the wgmma kernel needs an sm_90 GPU")
     rng = np.random.default_rng()
-    for k, n in ((1024, 384), (4096, 1024)):
+    for k, n in ((256, 4096), (1024, 384), (4096, 1024)):
         w = Weight(rng, q_type, k, n, group_size, dtype)
 
-        def f(a, b, w=w):  # small weights, to keep the test short: the kernel whatever its grid
-            with marlin.hopper_limits(min_blocks=1, max_rows=marlin.HOPPER_MAX_ROWS):
+        def f(a, b, w=w):
+            with marlin.hopper_limits(first_rows=1, max_rows=marlin.HOPPER_MAX_ROWS):
                 return jax.jit(lambda a, b: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_bias=b,
                                                                **w.kwargs())).lower(a, b)
 
-        for m in (17, 65, 127, 128, 200, marlin.HOPPER_MAX_ROWS):
+        for m in (1, 16, 17, 33, 64, 65, 127, 128, 200, marlin.HOPPER_MAX_ROWS):
             a = random_a(rng, (m, k), dtype)
             bias = random_a(rng, (n,), dtype) if m % 2 else None
             lowered = f(a, bias)
-            assert "hopper_above_rows = 16" in lowered.as_text(), (k, n, m)
+            assert "hopper_from_rows = 1 " in lowered.as_text(), (k, n, m)
             got = lowered.compile()(a, bias)
             want = marlin._reference(*_operands(w, a, bias), **_params(w, bias))[0]
             assert np.isfinite(np.asarray(got, np.float32)).all(), (k, n, m)
@@ -663,20 +671,25 @@ def test_hopper_kernel_matches_reference_on_gpu(q_type, group_size, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_type", ["uint4b8", "uint4"])
 def test_hopper_kernel_rows_are_batch_invariant_on_gpu(q_type):
+    """A row's output is bit-identical whatever the batch, across the kernel's row blocks (16 to 128 rows), with
+    and without a K split."""
     if not marlin._hopper_gpu():
         pytest.skip("the wgmma kernel needs an sm_90 GPU")
     rng = np.random.default_rng()
-    w = Weight(rng, q_type, 4096, 1024, 128, jnp.bfloat16)
-    a = random_a(rng, (marlin.HOPPER_MAX_ROWS, 4096), jnp.bfloat16)
+    for k, n in ((256, 4096), (4096, 1024)):
+        w = Weight(rng, q_type, k, n, 128, jnp.bfloat16)
+        a = random_a(rng, (marlin.HOPPER_MAX_ROWS, k), jnp.bfloat16)
 
-    def f(a):  # traced in the context: every row count here runs the kernel
-        with marlin.hopper_limits(min_blocks=1, max_rows=marlin.HOPPER_MAX_ROWS):
-            return jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs())).lower(a).compile()(a)
+        def f(a, w=w):  # traced in the context: every row count here runs the kernel
+            with marlin.hopper_limits(first_rows=1, max_rows=marlin.HOPPER_MAX_ROWS):
+                return jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs())).lower(
+                    a).compile()(a)
 
-    full = np.asarray(f(a)).view(np.uint16)
-    for m in (17, 100, 128, 129, 200):
-        np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
-    np.testing.assert_array_equal(np.asarray(f(a[60:160])).view(np.uint16), full[60:160])
+        full = np.asarray(f(a)).view(np.uint16)
+        for m in (1, 5, 16, 17, 32, 33, 64, 100, 128, 129, 200):
+            np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m], err_msg=f"{k} {n} {m}")
+        for lo, hi in ((60, 160), (7, 8), (40, 60)):
+            np.testing.assert_array_equal(np.asarray(f(a[lo:hi])).view(np.uint16), full[lo:hi])
 
 
 @pytest.mark.gpu
@@ -691,7 +704,7 @@ def test_kernel_clamps_corrupt_act_order_indices_on_gpu():
     clamped = jnp.clip(g_idx, 0, w.b_scales.shape[0] - 1)
     want = marlin._reference(jnp.take(a, kw["perm"], axis=1), w.b_q_weight, w.b_scales, clamped, b_q_type="uint4b8",
                              has_zeros=False, has_g_idx=True, has_bias=False, per_channel=False,
-                             batch_invariant=False, hopper_above_rows=0)[0]
+                             batch_invariant=False, hopper_from_rows=0)[0]
     assert rel_l2(got, want) < GEMM_TOLERANCE[jnp.float16]
 
 

@@ -106,22 +106,22 @@ def marlin():
                         with ops.batch_invariant(invariant):
                             jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
                                 a, q, s, b_bias=bias, **kw))(a, q, s, bias))
-                    # Past the decode kernel's rows: the Hopper kernel where it takes the weight, then the
-                    # dequantize kernel and XLA's dot.
-                    _past_the_decode_rows(rng, q, s, kw, dtype, (17, 130, ops.HOPPER_MAX_ROWS, ops.HOPPER_MAX_ROWS + 1))
+                    # The Hopper kernel where it takes the weight, then (past its rows) the dequantize kernel
+                    # and XLA's dot.
+                    _hopper_rows(rng, q, s, kw, dtype, (1, 17, 130, ops.HOPPER_MAX_ROWS, ops.HOPPER_MAX_ROWS + 1))
     print("ran every marlin kernel variant")
 
 
-def _past_the_decode_rows(rng, q, s, kw, dtype, rows):
-    """marlin_gemm with the Hopper kernel taking small weights too (a tail block, two blocks, its last row
-    count); bias on even row counts."""
+def _hopper_rows(rng, q, s, kw, dtype, rows):
+    """marlin_gemm with the Hopper kernel forced from one row (its row blocks, tails, its last row count); bias on
+    even row counts."""
     from jaxq.ops import marlin as ops
 
     k, n = q.shape[0] * 16, s.shape[1]
     for m in rows:
         a = jnp.asarray(rng.standard_normal((m, k)), dtype)
         bias = jnp.asarray(rng.standard_normal((n,)), dtype) if m % 2 == 0 else None
-        with ops.hopper_limits(min_blocks=1, max_rows=ops.HOPPER_MAX_ROWS):
+        with ops.hopper_limits(first_rows=1, max_rows=ops.HOPPER_MAX_ROWS):
             jax.block_until_ready(jax.jit(lambda a, q, s, bias: jaxq.marlin_gemm(
                 a, q, s, b_bias=bias, **kw))(a, q, s, bias))
 
@@ -163,16 +163,16 @@ def scaled_mm():
 
 def marlin_hopper():
     """The Hopper (wgmma) kernel alone: its two types, both dtypes, grouped (32 and 128 rows) and per-channel
-    scales, a tail block and whole ones, bias."""
+    scales, each row block (16 to 128 rows) with tails, K split over clusters of 2 and 8 blocks and not, bias."""
     from jaxq.ops import marlin as ops
 
     rng = np.random.default_rng(0)
     for dtype in [jnp.dtype(d) for d in sys.argv[2:]] or (jnp.float16, jnp.bfloat16):
-        for k, n, groups in ((512, 8704, 4), (256, 384, 8), (256, 4096, 1)):
+        for k, n, groups in ((512, 8704, 4), (256, 384, 8), (256, 4096, 1), (1024, 384, 8), (4096, 128, 32)):
             for q, s, weight_kw, _ in _marlin_weights(rng, k, n, groups, dtype):
                 if weight_kw.get("b_q_type") not in ("uint4b8", "uint4"):
                     continue
-                _past_the_decode_rows(rng, q, s, weight_kw, dtype, (17, 130, ops.HOPPER_MAX_ROWS))
+                _hopper_rows(rng, q, s, weight_kw, dtype, (1, 16, 20, 33, 64, 130, ops.HOPPER_MAX_ROWS))
     print("ran every marlin Hopper kernel variant")
 
 

@@ -71,7 +71,8 @@ for stage in $stages; do
         else
           cmd=(python3 "$REPO/tools/gemm_kernels.py" $set)
           # racecheck over every weight-only variant outlasts a 10-minute device call: one dtype.
-          [ $tool = racecheck ] && { [ $set = weight_only ] || [ $set = marlin ]; } && cmd+=(bfloat16)
+          [ $tool = racecheck ] && { [ $set = weight_only ] || [ $set = marlin ] || [ $set = marlin_hopper ]; } &&
+            cmd+=(bfloat16)
         fi
         (cd /tmp && XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool $tool --target-processes all \
            --print-limit 20 "${cmd[@]}" 2>&1) > "$OUT/sanitizer_${tool}_$set.log"

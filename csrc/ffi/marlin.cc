@@ -104,11 +104,11 @@ ffi::Error BindWeight(MarlinParams& p, const char* op, int32_t b_q_type, ffi::Da
 ffi::Error MarlinGemm(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b_q, ffi::AnyBuffer scales,
                       ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> out, int32_t b_q_type,
                       bool has_zeros, bool has_g_idx, bool has_bias, bool per_channel, bool batch_invariant,
-                      int64_t hopper_above_rows) {
+                      int64_t hopper_from_rows) {
   MarlinParams p;
   p.per_channel = per_channel;
   p.batch_invariant = batch_invariant;
-  p.hopper_above_rows = hopper_above_rows;
+  p.hopper_from_rows = hopper_from_rows;
   size_t next = 0;
   if (auto err = BindWeight(p, "marlin_gemm", b_q_type, a.element_type(), b_q, scales, optional, next, has_zeros,
                             has_g_idx, true, has_bias);
@@ -167,7 +167,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqMarlinGemm, jaxq::MarlinGemm,
                                   .Attr<bool>("has_bias")
                                   .Attr<bool>("per_channel")
                                   .Attr<bool>("batch_invariant")
-                                  .Attr<int64_t>("hopper_above_rows"),
+                                  .Attr<int64_t>("hopper_from_rows"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqMarlinDequantize, jaxq::MarlinDequantize,

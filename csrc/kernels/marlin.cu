@@ -389,19 +389,8 @@ cudaError_t Launch(const MarlinParams& p, int splits, cudaStream_t stream) {
   const int k_tiles = p.k / kTileK;
   const int per_split = (k_tiles + splits - 1) / splits;
   const int64_t row_blocks = (p.m + kMBlocks * 16 - 1) / (kMBlocks * 16);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(row_blocks), p.n / (kTiles * kTileN), splits);
-  config.blockDim = dim3(kWarps * 32);
-  config.dynamicSmemBytes = kShared;
-  config.stream = stream;
-  cudaLaunchAttribute cluster[1];
-  cluster[0].id = cudaLaunchAttributeClusterDimension;
-  cluster[0].val.clusterDim.x = 1;
-  cluster[0].val.clusterDim.y = 1;
-  cluster[0].val.clusterDim.z = splits;
-  config.attrs = cluster;
-  config.numAttrs = splits > 1 ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, p, per_split);
+  return LaunchKSplit(kernel, dim3(static_cast<unsigned>(row_blocks), p.n / (kTiles * kTileN), splits),
+                      kWarps * 32, kShared, stream, p, per_split);
 }
 
 // Rows per block and tiles per block, as many as the accumulators allow (128 floats per lane: the scaled sums
@@ -562,7 +551,7 @@ cudaError_t LaunchMarlinGemm(const MarlinParams& p, cudaStream_t stream) {
       plan = MarlinPlan{tiles, splits};
     }
   }
-  if (major == 9 && p.hopper_above_rows > 0 && p.m > p.hopper_above_rows && MarlinHopperSupports(p)) {
+  if (major == 9 && p.hopper_from_rows > 0 && p.m >= p.hopper_from_rows && MarlinHopperSupports(p)) {
     return LaunchMarlinGemmHopper(p, stream);
   }
   if (major < 9) plan.splits = 1;  // K splits meet in a cluster's shared memory

@@ -31,9 +31,9 @@ struct MarlinParams {
   // One kernel configuration for every m (vLLM's batch-invariant mode): up to 8 rows no longer fold the scales in
   // float32 (faster, but a row's result then differs between at most 8 and more rows).
   bool batch_invariant = false;
-  // m above this many rows runs the Hopper kernel (LaunchMarlinGemmHopper) where it supports the weight and the
+  // m from this many rows runs the Hopper kernel (LaunchMarlinGemmHopper) where it supports the weight and the
   // GPU is an sm_90; 0: never. marlin_gemm's Python side sets it, so that the dispatch buckets are its own.
-  int64_t hopper_above_rows = 0;
+  int64_t hopper_from_rows = 0;
 };
 
 int MarlinBits(MarlinType t);
@@ -56,9 +56,10 @@ cudaError_t LaunchMarlinDequantize(const MarlinParams& p, cudaStream_t stream);
 // Needs sm_90 for K splits (their partial sums meet in a thread-block cluster's shared memory).
 cudaError_t LaunchMarlinGemm(const MarlinParams& p, cudaStream_t stream);
 
-// The wgmma kernel (sm_90a) for many rows: 4-bit integer weights (uint4b8, uint4 with zero points) without
-// act-order, N a multiple of 128, K of 64, groups of 32 rows or more (or one), float16 or bfloat16. W rounded to
-// a's type as in LaunchMarlinGemm's second form, float32 sums, one configuration for every m (no K split).
+// The wgmma kernel (sm_90a): 4-bit integer weights (uint4b8, uint4 with zero points) without act-order, N a
+// multiple of 128, K of 64, groups of 32 rows or more (or one), float16 or bfloat16. W rounded to a's type as in
+// LaunchMarlinGemm's second form, float32 sums; a row's result is the same for every m (its K split is a
+// function of K, N and the SM count).
 bool MarlinHopperSupports(const MarlinParams& p);
 cudaError_t LaunchMarlinGemmHopper(const MarlinParams& p, cudaStream_t stream);
 

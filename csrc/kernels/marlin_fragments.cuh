@@ -296,5 +296,25 @@ __device__ __forceinline__ void TileFactors(const void* tile_scales, size_t scal
   }
 }
 
+// Launches `kernel(p, per_split)` on `grid`, whose grid.z blocks that share an output tile split K: a thread-block
+// cluster (sm_90) when there are several, so that their partial sums meet in shared memory.
+template <typename Kernel>
+cudaError_t LaunchKSplit(Kernel kernel, dim3 grid, int threads, int shared_bytes, cudaStream_t stream,
+                         const MarlinParams& p, int per_split) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = 1;
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = grid.z;
+  config.attrs = cluster;
+  config.numAttrs = grid.z > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, p, per_split);
+}
+
 }  // namespace
 }  // namespace jaxq

@@ -1,39 +1,60 @@
-// marlin_gemm on Hopper's tensor cores (wgmma, sm_90a) for the rows where the mma.sync kernel (marlin.cu) falls
-// behind: 4-bit integer weights (uint4b8, uint4 with zero points) in the Marlin layout as it is stored, so that
-// one copy of the weight serves decode and prefill.
+// marlin_gemm on Hopper's tensor cores (wgmma, sm_90a): 4-bit integer weights (uint4b8, uint4 with zero points) in
+// the Marlin layout as it is stored, so that one copy of the weight serves every M.
 //
-// out^T = W^T a^T. A block is two warpgroups, one 64-column Marlin tile each, and 128 rows of a; W^T is wgmma's A
-// operand from registers (warp w of a warpgroup takes word w of each lane's 16-byte vector: that word holds the
-// lane's register A fragment, marlin_fragments.cuh), dequantized there and rounded to T as the reference does;
-// a^T is the B operand, 128 rows x 64 k per stage in shared memory with the 128-byte swizzle (without it the
-// wgmmas ran at half the rate on the H200). All 256 threads copy a stage (codes, a, the scales and zero points of
-// its two 32-row halves, since group 32 changes within it) with cp.async into a ring of kStages, kStages - 2
-// stages ahead. Each k-step's wgmma is its own commit group with at most three in flight, and a k-step's A
-// registers are written after the wait that retires the wgmma that last read them (ptxas serializes the wgmmas
-// otherwise). Each row is summed in the same order whatever m is: no K split, the same configuration for every m.
+// out^T = W^T a^T. A block is two warpgroups, one 64-column Marlin tile each, and kRows (16, 32, 64 or 128) rows of
+// a, the fewest that hold m; W^T is wgmma's A operand from registers (warp w of a warpgroup takes word w of each
+// lane's 16-byte vector: that word holds the lane's register A fragment, marlin_fragments.cuh), dequantized there
+// and rounded to T as the reference does; a^T is the B operand, kRows rows x 64 k per stage in shared memory with
+// the 128-byte swizzle (without it the wgmmas ran at half the rate on the H200). All 256 threads copy a stage
+// (codes, a, the scales and zero points of its two 32-row halves, since group 32 changes within it) with cp.async
+// into a ring, kStages - 2 stages ahead. Each k-step's wgmma is its own commit group with at most three in
+// flight, and a k-step's A registers are written after the wait that retires the wgmma that last read them
+// (ptxas serializes the wgmmas otherwise).
+//
+// A weight with too few 128-column blocks to fill the GPU splits K over the blocks of a thread-block cluster
+// (HopperSplits: a function of K, N and the SM count only); the blocks' float32 sums meet in shared memory and are
+// added in rank order. Each row is summed in the same order whatever m is: wgmma's sums of a column do not depend
+// on how many rows share the instruction, so every kRows gives a row the same result.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/device_utils.cuh"
 #include "kernels/marlin.h"
 #include "kernels/marlin_fragments.cuh"
+#include "kernels/sm_count.h"
+
+namespace cg = cooperative_groups;
 
 namespace jaxq {
 namespace {
 
-constexpr int kThreads = 256;                         // two warpgroups
-constexpr int kBlockCols = 2 * kTileN;                // one tile per warpgroup
-constexpr int kRows = 128;                            // rows of a per block: wgmma's N
-constexpr int kStageK = 64;                           // four k-steps of 16
-constexpr int kStages = 5;                            // two blocks per SM
-constexpr int kA = 0;                                 // 1024-aligned: the swizzle repeats every 8 rows of 128 bytes
-constexpr int kCodes = kA + kRows * kStageK * 2;      // 4 slabs x 2 tiles x 512 bytes
-constexpr int kScales = kCodes + kStageK / kTileK * 2 * 512;  // 2 halves x 128 scales
-constexpr int kZeros = kScales + 2 * kBlockCols * 2;          // 2 halves x 16 words (uint4 only)
-constexpr int kStageBytes = (kZeros + 2 * kBlockCols / 8 * 4 + 1023) / 1024 * 1024;
-constexpr int kSharedBytes = kStages * kStageBytes;
+constexpr int kThreads = 256;           // two warpgroups
+constexpr int kBlockCols = 2 * kTileN;  // one tile per warpgroup
+constexpr int kStageK = 64;             // four k-steps of 16
+constexpr int kMaxHopperSplits = 8;     // the portable cluster size
+constexpr int kMinSplitStages = 8;      // a split's pipeline needs a few stages to fill
+
+// One ring slot's layout for blocks of kRows rows of a, and the ring: about 100 KB per block (two per SM), so
+// that fewer rows buy more stages in flight (the weight's bytes are what small m waits for).
+template <int kRows>
+struct Ring {
+  static constexpr int kA = 0;  // 1024-aligned: the swizzle repeats every 8 rows of 128 bytes
+  static constexpr int kCodes = kA + kRows * kStageK * 2;           // 4 slabs x 2 tiles x 512 bytes
+  static constexpr int kScales = kCodes + kStageK / kTileK * 2 * 512;  // 2 halves x 128 scales
+  static constexpr int kZeros = kScales + 2 * kBlockCols * 2;          // 2 halves x 16 words (uint4 only)
+  static constexpr int kStageBytes = (kZeros + 2 * kBlockCols / 8 * 4 + 1023) / 1024 * 1024;
+  static constexpr int kStages = kRows == 128 ? 5 : kRows == 64 ? 7 : kRows == 32 ? 10 : 12;
+  static constexpr int kSharedBytes = kStages * kStageBytes;
+  // The block's float32 sums once the ring is drained, rows padded by 4 floats: the lanes of a warp that write
+  // one register (8 columns, 4 row pairs) then hit 32 banks.
+  static constexpr int kSumStride = kBlockCols + 4;
+  static_assert(kRows * kSumStride * 4 <= kSharedBytes, "the sums reuse the ring");
+};
 
 // Byte offset of a's element (row r, k) in a stage: a row's 64 k are 128 contiguous bytes whose 16-byte pieces
 // are permuted by the row's index mod 8 (the 128-byte swizzle).
@@ -49,36 +70,39 @@ __device__ __forceinline__ uint64_t Descriptor(uint32_t tile, int step) {
          (uint64_t{1} << 62);
 }
 
-// d (64 weight columns x 128 rows of a, float32, wgmma's layout) += A (64 x 16 in T, registers) * B (16 x 128
-// in T, shared memory at `desc`); with accumulate false, d = A * B.
-#define JAXQ_WGMMA_M64N128K16(TYPE)                                                                                  \
-  asm volatile(                                                                                                      \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                                   \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                               \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                       \
-      " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"                             \
-      " %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"                             \
-      " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                            \
-      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                                  \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),             \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),       \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),     \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),     \
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),     \
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),     \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),     \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])      \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(static_cast<int>(accumulate)))
+// d (64 weight columns x kN rows of a, float32, wgmma's layout) += A (64 x 16 in T, registers) * B (16 x kN in
+// T, shared memory at `desc`); with accumulate false, d = A * B. The operand lists of each shape:
+#define JAXQ_D8(i)                                                                                                 \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+      "+f"(d[i + 7])
+#define JAXQ_WGMMA(N, TYPE, D, A, DESC, PRED, ...)                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE \
+               "." TYPE " " D ", " A ", " DESC ", p, 1, 1, 0;\n}\n"                                                    \
+               : __VA_ARGS__                                                                                        \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(static_cast<int>(accumulate)))
+#define JAXQ_WGMMA_ROWS(TYPE) \
+  if constexpr (kN == 16) {                                                                             \
+    JAXQ_WGMMA(16, TYPE, "{%0, %1, %2, %3, %4, %5, %6, %7}", "{%8, %9, %10, %11}", "%12", "%13", JAXQ_D8(0)); \
+  } else if constexpr (kN == 32) {                                                                             \
+    JAXQ_WGMMA(32, TYPE, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}", "{%16, %17, %18, %19}", "%20", "%21", JAXQ_D8(0), JAXQ_D8(8)); \
+  } else if constexpr (kN == 64) {                                                                             \
+    JAXQ_WGMMA(64, TYPE, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}", "{%32, %33, %34, %35}", "%36", "%37", JAXQ_D8(0), JAXQ_D8(8), JAXQ_D8(16), JAXQ_D8(24)); \
+  } else if constexpr (kN == 128) {                                                                             \
+    JAXQ_WGMMA(128, TYPE, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}", "{%64, %65, %66, %67}", "%68", "%69", JAXQ_D8(0), JAXQ_D8(8), JAXQ_D8(16), JAXQ_D8(24), JAXQ_D8(32), JAXQ_D8(40), JAXQ_D8(48), JAXQ_D8(56)); \
+  }
 
-template <typename T>
-__device__ __forceinline__ void Wgmma(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
+template <typename T, int kN>
+__device__ __forceinline__ void Wgmma(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
+  static_assert(kN == 16 || kN == 32 || kN == 64 || kN == 128);
   if constexpr (std::is_same_v<T, half>) {
-    JAXQ_WGMMA_M64N128K16("f16");
+    JAXQ_WGMMA_ROWS("f16");
   } else {
-    JAXQ_WGMMA_M64N128K16("bf16");
+    JAXQ_WGMMA_ROWS("bf16");
   }
 }
-#undef JAXQ_WGMMA_M64N128K16
+#undef JAXQ_WGMMA_ROWS
+#undef JAXQ_WGMMA
+#undef JAXQ_D8
 
 __device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void WgmmaCommit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -89,8 +113,10 @@ __device__ __forceinline__ void WgmmaWait() {
 // Keeps the compiler from moving reads or writes of `r` across the asynchronous wgmmas.
 __device__ __forceinline__ void Pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-template <typename T, MarlinType kType>
-__global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p) {
+template <typename T, MarlinType kType, int kRows>
+__global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p, int stages_per_split) {
+  using R = Ring<kRows>;
+  constexpr int kStages = R::kStages;
   constexpr bool kHasZeros = kType == MarlinType::kU4;
   extern __shared__ __align__(1024) char shared[];
   const uint32_t shared_at = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
@@ -98,7 +124,8 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * kBlockCols;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows;
-  const int stages = p.k / kStageK;
+  const int splits = gridDim.z, first = blockIdx.z * stages_per_split;  // this block's stages of K
+  const int stages = min(p.k / kStageK - first, stages_per_split);      // at least one (HopperSplits)
   const int group_size = p.k / p.groups;
   const size_t slab_bytes = static_cast<size_t>(p.n / kTileN) * 512;  // one 16-row slab of the whole weight
   const T* a = static_cast<const T*>(p.a);
@@ -106,29 +133,32 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
 
   auto issue = [&](int s) {
     if (s < stages) {
-      const uint32_t stage = shared_at + (s % kStages) * kStageBytes;
+      const uint32_t stage = shared_at + (s % kStages) * R::kStageBytes;
+      const int ks = first + s;
       {  // codes: 4 slabs x the block's two tiles, 16 bytes per thread
         const int slab = tid >> 6, piece = tid & 63;
-        const char* src = reinterpret_cast<const char*>(p.b_q) + (static_cast<size_t>(s) * 4 + slab) * slab_bytes +
+        const char* src = reinterpret_cast<const char*>(p.b_q) + (static_cast<size_t>(ks) * 4 + slab) * slab_bytes +
                           static_cast<size_t>(n0 / kTileN) * 512 + piece * 16;
-        CopyAsync<16, true>(stage + kCodes + slab * 1024 + piece * 16, src, 16);
+        CopyAsync<16, true>(stage + R::kCodes + slab * 1024 + piece * 16, src, 16);
       }
 #pragma unroll
-      for (int i = 0; i < kRows * 8 / kThreads; ++i) {  // a: 128 rows x 8 pieces of 8 k; rows past m are zeros
+      for (int i = 0; i < (kRows * 8 + kThreads - 1) / kThreads; ++i) {  // a: kRows x 8 pieces of 8 k
         const int c = tid + i * kThreads, r = c >> 3, q = c & 7;
-        const bool valid = m0 + r < p.m;
-        const T* src = a + (valid ? m0 + r : 0) * p.k + s * kStageK + q * 8;
-        CopyAsync<16, false>(stage + kA + AOffset(r, q * 8), src, valid ? 16 : 0);
+        if (kRows * 8 % kThreads == 0 || c < kRows * 8) {
+          const bool valid = m0 + r < p.m;  // rows past m are zeros
+          const T* src = a + (valid ? m0 + r : 0) * p.k + ks * kStageK + q * 8;
+          CopyAsync<16, false>(stage + R::kA + AOffset(r, q * 8), src, valid ? 16 : 0);
+        }
       }
       const int half = (tid >> 4) & 1;  // the 32-row half of the stage whose group this thread copies
-      const size_t group = (s * kStageK + half * 32) / group_size;
+      const size_t group = (ks * kStageK + half * 32) / group_size;
       if (tid < 32) {
-        CopyAsync<16, false>(stage + kScales + tid * 16, scales + group * p.n + n0 + (tid & 15) * 8, 16);
+        CopyAsync<16, false>(stage + R::kScales + tid * 16, scales + group * p.n + n0 + (tid & 15) * 8, 16);
       } else if (kHasZeros && tid < 40) {
         const int piece = tid - 32, zero_half = piece >> 2;
-        const size_t zero_group = (s * kStageK + zero_half * 32) / group_size;
-        CopyAsync<16, false>(stage + kZeros + piece * 16, p.zeros + zero_group * (p.n / 8) + n0 / 8 + (piece & 3) * 4,
-                             16);
+        const size_t zero_group = (ks * kStageK + zero_half * 32) / group_size;
+        CopyAsync<16, false>(stage + R::kZeros + piece * 16,
+                             p.zeros + zero_group * (p.n / 8) + n0 / 8 + (piece & 3) * 4, 16);
       }
     }
     CommitAsync();  // empty groups too, so that every wait counts the same stages
@@ -145,10 +175,10 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async's writes, seen by wgmma
     __syncthreads();
     issue(s + kStages - 2);  // into the slot of stage s - 2, whose wgmmas both warpgroups have retired
-    stage = shared + (s % kStages) * kStageBytes;
+    stage = shared + (s % kStages) * R::kStageBytes;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const T* row = reinterpret_cast<const T*>(stage + kScales) + half * kBlockCols + half_block * kTileN;
+      const T* row = reinterpret_cast<const T*>(stage + R::kScales) + half * kBlockCols + half_block * kTileN;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         // vLLM's grouped permutation puts column 16w + 8h + g of a tile at 8g + 2w + h; its per-channel one
@@ -158,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
         scale[half][h] = T2<T>{s_value, s_value};
         float offset = kType == MarlinType::kU4B8 ? 8.0f : 0.0f;
         if constexpr (kHasZeros) {
-          const uint32_t word = reinterpret_cast<const uint32_t*>(stage + kZeros)[half * 16 + half_block * 8 + g];
+          const uint32_t word = reinterpret_cast<const uint32_t*>(stage + R::kZeros)[half * 16 + half_block * 8 + g];
           offset = static_cast<float>(ZeroNibble(word, 2 * warp + h));
         }
         T2<T> unused;
@@ -168,7 +198,8 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
   };
   auto dequantize = [&](int step) {
     uint4 codes;  // the warp's word of the lane's vector, where RawFragments reads word 0
-    codes.x = *reinterpret_cast<const uint32_t*>(stage + kCodes + step * 1024 + half_block * 512 + lane * 16 + warp * 4);
+    codes.x =
+        *reinterpret_cast<const uint32_t*>(stage + R::kCodes + step * 1024 + half_block * 512 + lane * 16 + warp * 4);
     const int half = step >> 1;
     uint32_t b[2][2];
 #pragma unroll
@@ -187,11 +218,11 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
   begin_stage(0);
   dequantize(0);
   for (int s = 0; s < stages; ++s) {
-    const uint32_t tile = shared_at + (s % kStages) * kStageBytes + kA;
+    const uint32_t tile = shared_at + (s % kStages) * R::kStageBytes + R::kA;
 #pragma unroll
     for (int step = 0; step < 4; ++step) {
       WgmmaFence();
-      Wgmma<T>(acc, frag[step], Descriptor(tile, step), s > 0 || step > 0);
+      Wgmma<T, kRows>(acc, frag[step], Descriptor(tile, step), s > 0 || step > 0);
       WgmmaCommit();
       WgmmaWait<3>();
       if (step < 3) {
@@ -207,36 +238,88 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
 #pragma unroll
   for (int i = 0; i < kRows / 2; ++i) Pin(acc[i]);
 
+  // The sums through shared memory (the drained ring): rows leave whole, and a K split's blocks add theirs.
   // acc[4b + c]: a weight column 16w + g (c < 2) or + 8 of the warpgroup's tile, a row 8b + 2t + (c & 1).
-  T* out = static_cast<T*>(p.out);
-  const T* bias = static_cast<const T*>(p.bias);
-  const int col = n0 + half_block * kTileN + 16 * warp + g;
-  const float bias_lo = bias != nullptr ? ToFloat(bias[col]) : 0.0f;
-  const float bias_hi = bias != nullptr ? ToFloat(bias[col + 8]) : 0.0f;
+  __syncthreads();  // every wgmma of both warpgroups has read its stage
+  float* sums = reinterpret_cast<float*>(shared);
+  const int tile_col = half_block * kTileN + 16 * warp + g;
 #pragma unroll
   for (int b = 0; b < kRows / 8; ++b)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int64_t row = m0 + 8 * b + 2 * t + (c & 1);
-      if (row < p.m) out[row * p.n + col + 8 * (c >> 1)] = FromFloat<T>(acc[4 * b + c] + (c < 2 ? bias_lo : bias_hi));
+    for (int c = 0; c < 4; ++c) sums[(8 * b + 2 * t + (c & 1)) * R::kSumStride + tile_col + 8 * (c >> 1)] = acc[4 * b + c];
+  cg::cluster_group cluster = cg::this_cluster();
+  if (splits > 1) {
+    cluster.sync();
+  } else {
+    __syncthreads();
+  }
+  const int rank = splits > 1 ? static_cast<int>(cluster.block_rank()) : 0;
+  const float* first_sums = splits > 1 ? cluster.map_shared_rank(sums, 0) : sums;
+  T* out = static_cast<T*>(p.out);
+  const T* bias = static_cast<const T*>(p.bias);
+  const int live = static_cast<int>(p.m - m0 < kRows ? p.m - m0 : kRows) * (kBlockCols / 2);  // column pairs of rows < m
+  for (int i = rank * kThreads + tid; i < live; i += splits * kThreads) {  // each rank writes its share
+    const int r = i / (kBlockCols / 2), col = 2 * (i % (kBlockCols / 2)), at = r * R::kSumStride + col;
+    float2 sum = *reinterpret_cast<const float2*>(first_sums + at);
+    for (int q = 1; q < splits; ++q) {  // rank order, whichever block adds
+      const float2 more = *reinterpret_cast<const float2*>(cluster.map_shared_rank(sums, q) + at);
+      sum.x += more.x;
+      sum.y += more.y;
     }
+    if (bias != nullptr) {
+      sum.x += ToFloat(bias[n0 + col]);
+      sum.y += ToFloat(bias[n0 + col + 1]);
+    }
+    *reinterpret_cast<T2<T>*>(out + (m0 + r) * p.n + n0 + col) = MakePair<T>(sum.x, sum.y);
+  }
+  if (splits > 1) cluster.sync();  // the other blocks read this block's sums until here
 }
 
-template <typename T, MarlinType kType>
-cudaError_t Launch(const MarlinParams& p, cudaStream_t stream) {
-  auto kernel = MarlinHopperKernel<T, kType>;
+// How many blocks share each 128-column block's K (a cluster): the fewest that give about 1.5 blocks per SM,
+// with at least kMinSplitStages stages each. A function of K, N and the SM count only, so that a row's result
+// never depends on m.
+int HopperSplits(int n, int k, int sm_count) {
+  const int col_blocks = n / kBlockCols, stages = k / kStageK;
+  const int wanted = (3 * sm_count + 1) / 2;
+  int splits = 1;
+  while (col_blocks * splits < wanted && splits < kMaxHopperSplits && stages / (splits + 1) >= kMinSplitStages) {
+    ++splits;
+  }
+  // Tuning only (marlin_ab times split counts side by side): JAXQ_HOPPER_SPLITS replaces the count where it fits.
+  if (const char* forced = std::getenv("JAXQ_HOPPER_SPLITS")) {
+    int wanted_splits = 0;
+    if (std::sscanf(forced, "%d", &wanted_splits) == 1 && wanted_splits >= 1 && wanted_splits <= kMaxHopperSplits &&
+        stages / wanted_splits >= kMinSplitStages) {
+      splits = wanted_splits;
+    }
+  }
+  return splits;
+}
+
+template <typename T, MarlinType kType, int kRows>
+cudaError_t Launch(const MarlinParams& p, int splits, cudaStream_t stream) {
+  auto kernel = MarlinHopperKernel<T, kType, kRows>;
   static const cudaError_t configured =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ring<kRows>::kSharedBytes);
   if (configured != cudaSuccess) return configured;
-  const dim3 grid(p.n / kBlockCols, static_cast<unsigned>((p.m + kRows - 1) / kRows));
-  kernel<<<grid, kThreads, kSharedBytes, stream>>>(p);
-  return cudaGetLastError();
+  const int stages = p.k / kStageK;
+  return LaunchKSplit(kernel, dim3(p.n / kBlockCols, static_cast<unsigned>((p.m + kRows - 1) / kRows), splits),
+                      kThreads, Ring<kRows>::kSharedBytes, stream, p, (stages + splits - 1) / splits);
+}
+
+// The fewest rows per block that hold m.
+template <typename T, MarlinType kType>
+cudaError_t LaunchRows(const MarlinParams& p, int splits, cudaStream_t stream) {
+  if (p.m <= 16) return Launch<T, kType, 16>(p, splits, stream);
+  if (p.m <= 32) return Launch<T, kType, 32>(p, splits, stream);
+  if (p.m <= 64) return Launch<T, kType, 64>(p, splits, stream);
+  return Launch<T, kType, 128>(p, splits, stream);
 }
 
 template <typename T>
-cudaError_t DispatchType(const MarlinParams& p, cudaStream_t stream) {
-  if (p.weight == MarlinType::kU4B8) return Launch<T, MarlinType::kU4B8>(p, stream);
-  return Launch<T, MarlinType::kU4>(p, stream);
+cudaError_t DispatchType(const MarlinParams& p, int splits, cudaStream_t stream) {
+  if (p.weight == MarlinType::kU4B8) return LaunchRows<T, MarlinType::kU4B8>(p, splits, stream);
+  return LaunchRows<T, MarlinType::kU4>(p, splits, stream);
 }
 
 }  // namespace
@@ -251,8 +334,11 @@ bool MarlinHopperSupports(const MarlinParams& p) {
 cudaError_t LaunchMarlinGemmHopper(const MarlinParams& p, cudaStream_t stream) {
   if (!MarlinHopperSupports(p)) return cudaErrorInvalidValue;
   if (p.m == 0) return cudaSuccess;
-  if (p.type == FloatType::kF16) return DispatchType<half>(p, stream);
-  return DispatchType<__nv_bfloat16>(p, stream);
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  const int splits = HopperSplits(p.n, p.k, CachedSmCount(device));
+  if (p.type == FloatType::kF16) return DispatchType<half>(p, splits, stream);
+  return DispatchType<__nv_bfloat16>(p, splits, stream);
 }
 
 }  // namespace jaxq

@@ -90,25 +90,28 @@ def kernel_max_rows(k: int, n: int) -> int:
     return min(rows, MARLIN_KERNEL_MAX_M)
 
 
-# Above kernel_max_rows and up to this many rows, a Hopper GPU runs the wgmma kernel where it takes the weight
-# (hopper_kernel_takes) and its grid has at least _HOPPER_MIN_BLOCKS blocks (128 columns x 128 rows each): with
-# fewer, a block's serial pass over K (about 0.7 µs per 64 rows of K) dominates. Elsewhere, dequantize + XLA's
-# dot. Measured on the H200 (benchmarks/RESULTS.md, 2026-12-03, uint4b8 G128 bf16, µs, wgmma kernel against
-# dequantize + dot): K8192 N28672 M128 146 vs 271, M256 291 vs 339, M512 512 vs 494; K4096 N14336 M64 45 vs 79
-# (decode kernel 108), M512 147 vs 138; K28672 N8192 (64 blocks at M128) M128 300 vs 273, M256 303 vs 317;
-# K4096 N4096 (32 blocks at M128) M128 46 vs 25.
+# From HOPPER_FIRST_ROWS to HOPPER_MAX_ROWS rows, a Hopper GPU runs the wgmma kernel where it takes the weight
+# (hopper_kernel_takes): its blocks hold 16, 32, 64 or 128 rows (the fewest that hold M), and a weight with few
+# 128-column blocks splits K over a cluster, so every weight fills the GPU. Up to 16 rows the decode kernel
+# streams the weight faster; past 256 rows dequantize + XLA's dot catches up. Measured (benchmarks/RESULTS.md,
+# uint4b8 G128 bf16, µs): on the H100 (2026-12-07, tools/weight_only_ab), wgmma against the decode kernel,
+# K8192 N28672 M16 98 vs 74, M32 106 vs 113, M64 135 vs 199; K28672 N8192 M16 148 vs 83; K4096 N4096 M16 13
+# vs 19; on the H200 (2026-12-03, 128-row blocks without K splits) against dequantize + dot, K8192 N28672 M256
+# 291 vs 339, M512 512 vs 494.
+HOPPER_FIRST_ROWS = 17
 HOPPER_MAX_ROWS = 256
-_HOPPER_MIN_BLOCKS = 96
 _HOPPER_FORMS = ("uint4b8", "uint4")
 _hopper_limits = contextvars.ContextVar("jaxq_hopper_limits", default=None)
 
 
 @contextlib.contextmanager
-def hopper_limits(min_blocks: int, max_rows: int):
-    """Within this context (at trace time), the wgmma kernel runs from ``min_blocks`` blocks up to ``max_rows``
-    rows instead of ``_HOPPER_MIN_BLOCKS`` and :data:`HOPPER_MAX_ROWS`: for measuring where it wins
-    (``jaxq.bench``) and for running it on small weights (tests, compute-sanitizer)."""
-    token = _hopper_limits.set((int(min_blocks), int(max_rows)))
+def hopper_limits(first_rows: int, max_rows: int):
+    """Within this context (at trace time), the wgmma kernel runs from ``first_rows`` up to ``max_rows`` rows
+    on the weights it takes, instead of :func:`hopper_first_rows` and :data:`HOPPER_MAX_ROWS`: for measuring
+    where it wins (``jaxq.bench``) and for testing every row count (tests, compute-sanitizer)."""
+    if first_rows < 1 or max_rows < first_rows:
+        raise ValueError(f"hopper_limits: need 1 <= first_rows <= max_rows; got {first_rows} and {max_rows}")
+    token = _hopper_limits.set((int(first_rows), int(max_rows)))
     try:
         yield
     finally:
@@ -124,11 +127,17 @@ def _hopper_gpu() -> bool:
 
 def hopper_first_rows(k: int, n: int) -> int:
     """The fewest rows of ``a`` with which ``marlin_gemm`` runs the Hopper kernel on a ``[k, n]`` weight it
-    takes: above :func:`kernel_max_rows`, and enough 128-row blocks for ``_HOPPER_MIN_BLOCKS`` (the range ends
-    at :data:`HOPPER_MAX_ROWS`; past it, none)."""
-    min_blocks = (_hopper_limits.get() or (_HOPPER_MIN_BLOCKS,))[0]
-    row_blocks = -(-min_blocks // max(1, n // 128))
-    return max(kernel_max_rows(k, n) + 1, (row_blocks - 1) * 128 + 1)
+    takes (up to :func:`hopper_max_rows`): :data:`HOPPER_FIRST_ROWS`, or past :func:`kernel_max_rows` where the
+    decode kernel stops sooner."""
+    limits = _hopper_limits.get()
+    return limits[0] if limits else min(HOPPER_FIRST_ROWS, kernel_max_rows(k, n) + 1)
+
+
+def hopper_max_rows() -> int:
+    """The most rows of ``a`` with which ``marlin_gemm`` runs the Hopper kernel: :data:`HOPPER_MAX_ROWS`
+    (outside :func:`hopper_limits`)."""
+    limits = _hopper_limits.get()
+    return limits[1] if limits else HOPPER_MAX_ROWS
 
 
 def hopper_kernel_takes(form: str, act_order: bool, k: int, n: int, groups: int) -> bool:
@@ -540,7 +549,7 @@ def _product(a, w, bias, global_scale=None):
     return out.astype(a.dtype)
 
 
-def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant, hopper_above_rows):
+def _reference(*args, b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant, hopper_from_rows):
     a, b_q_weight, b_scales, zeros, g_idx, global_scale, bias = _unpack_operands(args, b_q_type, has_zeros,
                                                                                  has_g_idx, has_bias)
     w = marlin_dequantize(b_q_weight, b_scales, zeros, g_idx, b_q_type=b_q_type, size_k=a.shape[1],
@@ -622,7 +631,7 @@ def _dequantize_weight(weight, dtype, *, b_q_type, has_zeros, has_g_idx, per_cha
 
 
 def _vjp(args, cotangents, *, b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant,
-         hopper_above_rows):
+         hopper_from_rows):
     a, b_q_weight, b_scales, zeros, g_idx, global_scale, bias = _unpack_operands(args, b_q_type, has_zeros,
                                                                                  has_g_idx, has_bias)
     (dy,) = cotangents
@@ -643,10 +652,10 @@ _marlin_gemm = Op(
     sharding_rule=_sharding_rule,
     ffi_target="jaxq_marlin_gemm",
     ffi_attributes=lambda b_q_type, has_zeros, has_g_idx, has_bias, per_channel, batch_invariant,
-    hopper_above_rows: dict(
+    hopper_from_rows: dict(
         b_q_type=np.int32(_TYPE_IDS[b_q_type]), has_zeros=bool(has_zeros), has_g_idx=bool(has_g_idx),
         has_bias=bool(has_bias), per_channel=bool(per_channel), batch_invariant=bool(batch_invariant),
-        hopper_above_rows=np.int64(hopper_above_rows)),
+        hopper_from_rows=np.int64(hopper_from_rows)),
     batching_rule=wo.gemm_batching,
     vjp=_vjp,
     operand_names=("a", "b_q_weight", "b_scales", "b_zeros", "g_idx", "global_scale", "b_bias"),
@@ -713,12 +722,13 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     and act-order, and inside :func:`batch_invariant`) it multiplies W rounded to ``a``'s dtype, as the
     reference does. Within each form a row's output is bit-identical in any batch (rows 1-8 share one,
     9-``kernel_max_rows`` the other; FP4 has one for all): every row is summed in the same order whatever M is
-    (the K split depends on K, N and the GPU only). On an sm_90 GPU, from :func:`hopper_first_rows` to
+    (the K split depends on K, N and the GPU only). On an sm_90 GPU, from :func:`hopper_first_rows` (17) to
     :data:`HOPPER_MAX_ROWS` rows, weights the wgmma kernel takes (:func:`hopper_kernel_takes`: uint4b8 and uint4
-    without act-order) run it: W rounded to ``a``'s dtype on Hopper's tensor cores with float32 sums, one
-    configuration for all those M, so a row's output is bit-identical in any batch of that range too (a
-    tensor-parallel shard it does not take, e.g. N not a multiple of 128, runs the decode kernel's second form
-    there). Elsewhere above ``kernel_max_rows``, W is dequantized once (a CUDA kernel, bit-identical to the W
+    without act-order) run it instead: W rounded to ``a``'s dtype on Hopper's tensor cores with float32 sums,
+    its K split (if any) a function of K, N and the GPU only, so a row's output is bit-identical in any batch of
+    that range too, whichever of its 16- to 128-row blocks runs it (a tensor-parallel shard it does not take,
+    e.g. N not a multiple of 128, runs the decode kernel's second form there). Elsewhere above
+    ``kernel_max_rows``, W is dequantized once (a CUDA kernel, bit-identical to the W
     the second form multiplies by) and multiplied by XLA's dot, whose summation order is XLA's choice for each
     M. Differentiable with respect to ``a`` only (``is_zp_float``: also ``b_scales`` and ``b_zeros``).
     """
@@ -805,14 +815,14 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     per_channel = groups == 1 and not fp4
     params = dict(b_q_type=form, has_zeros=needs_zeros, has_g_idx=act_order)
     m = rows.shape[0]
-    hopper_above_rows = 0
-    if not _batch_invariant.get() and hopper_kernel_takes(form, act_order, k, n, groups):
-        hopper_above_rows = hopper_first_rows(k, n) - 1
-    hopper_max_rows = (_hopper_limits.get() or (None, HOPPER_MAX_ROWS))[1]
-    if use_kernel(m, k, n) or (hopper_above_rows and hopper_above_rows < m <= hopper_max_rows):
+    hopper_from_rows = 0  # the kernel runs the Hopper kernel from this many rows (0: not for this call)
+    if (not _batch_invariant.get() and hopper_kernel_takes(form, act_order, k, n, groups)
+            and m <= hopper_max_rows()):
+        hopper_from_rows = hopper_first_rows(k, n)
+    if use_kernel(m, k, n) or (hopper_from_rows and hopper_from_rows <= m):
         out = _marlin_gemm(rows, *weight, *true_global_scale, *([b_bias] if b_bias is not None else []), **params,
                            has_bias=b_bias is not None, per_channel=per_channel,
-                           batch_invariant=_batch_invariant.get(), hopper_above_rows=hopper_above_rows)[0]
+                           batch_invariant=_batch_invariant.get(), hopper_from_rows=hopper_from_rows)[0]
     else:
         w = _dequantize_weight(weight, a.dtype, **params, per_channel=per_channel)
         out = _product(rows, w, b_bias, *true_global_scale)

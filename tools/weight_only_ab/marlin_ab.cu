@@ -2,8 +2,8 @@
 // outside JAX, as ab.cu does for weight_only.cu (run.sh builds one binary per version): LaunchMarlinGemm on the same fixed inputs for the cases below, each output written to
 // TAG_CASE.bin for compare.py, its time (CUDA events, best of 5 x 30 calls on three rotated weight copies) and its
 // share of the copy bandwidth measured in the same process (codes, scales and zero points read once).
-// JAXQ_MARLIN_PLAN="tiles,splits" forces a launch plan, as in the package; MARLIN_AB_CASE="u4b8 M1" runs that case
-// only (e.g. under ncu); MARLIN_AB_SANITIZE=1 runs every kernel variant once instead (Sanitize, below).
+// JAXQ_MARLIN_PLAN="tiles,splits" forces a launch plan, as in the package; MARLIN_AB_CASE="hopper" runs the cases
+// whose name holds it (e.g. under ncu); MARLIN_AB_SANITIZE=1 runs every kernel variant once instead (Sanitize, below).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -50,8 +50,19 @@ struct Case {
   jaxq::MarlinType type;
   bool bf16;
   int m, k, n, group;  // group -1: one group (FP4: 16 for NVFP4, 32 for MXFP4)
-  int64_t hopper_above_rows = 0;  // as marlin_gemm sets it: rows above it run the Hopper kernel where it applies
+  int64_t hopper_from_rows = 0;  // as marlin_gemm sets it: from these rows the Hopper kernel runs where it applies
 };
+
+// The Hopper rows of a version that names them by their first row, and of one that named the row before it
+// (whose kernel took two rows or more).
+template <typename Params>
+auto SetHopperRows(Params& p, int64_t from_rows, int) -> decltype(p.hopper_from_rows, void()) {
+  p.hopper_from_rows = from_rows;
+}
+template <typename Params>
+void SetHopperRows(Params& p, int64_t from_rows, long) {
+  p.hopper_above_rows = from_rows > 1 ? from_rows - 1 : from_rows;
+}
 
 void Run(const char* tag, const Case& c, double bandwidth) {
   std::mt19937 rng(7);
@@ -103,7 +114,7 @@ void Run(const char* tag, const Case& c, double bandwidth) {
   p.n = c.n;
   p.groups = groups;
   p.per_channel = groups == 1;
-  p.hopper_above_rows = c.hopper_above_rows;
+  SetHopperRows(p, c.hopper_from_rows, 0);
   auto run = [&](int i) {
     p.b_q = codes[i];
     CHECK(jaxq::LaunchMarlinGemm(p, nullptr));
@@ -151,7 +162,9 @@ void Sanitize() {
     for (MarlinType type : {MarlinType::kU4B8, MarlinType::kU4, MarlinType::kU8B128, MarlinType::kFp8E4M3,
                             MarlinType::kNvFp4, MarlinType::kMxFp4}) {
       if (type == MarlinType::kMxFp4 && !bf16) continue;
-      for (auto [k, n, groups] : {std::tuple{1024, 64, 8}, std::tuple{256, 4096, 1}, std::tuple{512, 8704, 4}}) {
+      // The last weight splits K over a cluster of 8 in the Hopper kernel.
+      for (auto [k, n, groups] : {std::tuple{1024, 64, 8}, std::tuple{256, 4096, 1}, std::tuple{512, 8704, 4},
+                                  std::tuple{4096, 128, 32}}) {
         if (IsFp4(type)) groups = k / (type == MarlinType::kNvFp4 ? 16 : 32);
         for (bool act_order : {false, true}) {
           if (act_order && (type == MarlinType::kFp8E4M3 || IsFp4(type) || groups == 1)) continue;
@@ -199,11 +212,16 @@ void Sanitize() {
             CHECK(cudaMemcpy(g_idx, host.data(), k * 4, cudaMemcpyHostToDevice));
           }
           p.g_idx = g_idx;
-          for (auto [m, invariant] : {std::pair{1, false}, std::pair{1, true}, std::pair{7, false}, std::pair{12, false},
-                                      std::pair{20, false}, std::pair{40, false}, std::pair{64, false},
-                                      std::pair{130, false}}) {
+          // (rows, batch_invariant, the Hopper kernel from one row where it takes the weight)
+          for (auto [m, invariant, hopper] :
+               {std::tuple{1, false, false}, std::tuple{1, true, false}, std::tuple{7, false, false},
+                std::tuple{12, false, false}, std::tuple{20, false, false}, std::tuple{40, false, false},
+                std::tuple{64, false, false}, std::tuple{130, false, false}, std::tuple{1, false, true},
+                std::tuple{16, false, true}, std::tuple{20, false, true}, std::tuple{40, false, true},
+                std::tuple{64, false, true}, std::tuple{130, false, true}, std::tuple{256, false, true}}) {
             p.m = m;
             p.batch_invariant = invariant;
+            SetHopperRows(p, hopper ? 1 : 0, 0);
             p.a = halves(static_cast<size_t>(m) * k);
             p.bias = m % 2 == 0 ? halves(n) : nullptr;
             CHECK(cudaMalloc(&p.out, static_cast<size_t>(m) * n * 2));
@@ -267,19 +285,35 @@ int main(int argc, char** argv) {
       {"u4b8 M16 K4096 N4096", MarlinType::kU4B8, true, 16, 4096, 4096, 128},
       {"u4b8 M1 K4096 N1024", MarlinType::kU4B8, true, 1, 4096, 1024, 128},
       {"u4b8 M16 K4096 N1024", MarlinType::kU4B8, true, 16, 4096, 1024, 128},
-      // The Hopper kernel (marlin_hopper.cu), where marlin_gemm runs it.
-      {"hopper u4b8 M128", MarlinType::kU4B8, true, 128, 8192, 28672, 128, 64},
-      {"hopper u4b8 M256", MarlinType::kU4B8, true, 256, 8192, 28672, 128, 64},
-      {"hopper u4b8 M200 fp16 g32", MarlinType::kU4B8, false, 200, 8192, 28672, 32, 64},
-      {"hopper u4 M128", MarlinType::kU4, true, 128, 8192, 28672, 128, 64},
-      {"hopper u4b8 M64 K4096 N14336", MarlinType::kU4B8, true, 64, 4096, 14336, 128, 32},
-      {"hopper u4b8 M256 K28672 N8192", MarlinType::kU4B8, true, 256, 28672, 8192, 128, 128},
+      // The Hopper kernel (marlin_hopper.cu) forced from one row (a version before its row tiles: from two; its
+      // outputs equal the new ones where the new kernel splits no K, if a row's sums do not depend on the tile).
+      {"hopper u4b8 M1", MarlinType::kU4B8, true, 1, 8192, 28672, 128, 1},
+      {"hopper u4b8 M16", MarlinType::kU4B8, true, 16, 8192, 28672, 128, 1},
+      {"hopper u4b8 M32", MarlinType::kU4B8, true, 32, 8192, 28672, 128, 1},
+      {"hopper u4b8 M64", MarlinType::kU4B8, true, 64, 8192, 28672, 128, 1},
+      {"hopper u4b8 M128", MarlinType::kU4B8, true, 128, 8192, 28672, 128, 1},
+      {"hopper u4b8 M256", MarlinType::kU4B8, true, 256, 8192, 28672, 128, 1},
+      {"hopper u4b8 M200 fp16 g32", MarlinType::kU4B8, false, 200, 8192, 28672, 32, 1},
+      {"hopper u4 M16", MarlinType::kU4, true, 16, 8192, 28672, 128, 1},
+      {"hopper u4 M128", MarlinType::kU4, true, 128, 8192, 28672, 128, 1},
+      {"hopper u4b8 M16 K4096 N14336", MarlinType::kU4B8, true, 16, 4096, 14336, 128, 1},
+      {"hopper u4b8 M64 K4096 N14336", MarlinType::kU4B8, true, 64, 4096, 14336, 128, 1},
+      {"hopper u4b8 M128 K4096 N14336", MarlinType::kU4B8, true, 128, 4096, 14336, 128, 1},
+      {"hopper u4b8 M16 K28672 N8192", MarlinType::kU4B8, true, 16, 28672, 8192, 128, 1},
+      {"hopper u4b8 M128 K28672 N8192", MarlinType::kU4B8, true, 128, 28672, 8192, 128, 1},
+      {"hopper u4b8 M256 K28672 N8192", MarlinType::kU4B8, true, 256, 28672, 8192, 128, 1},
+      {"hopper u4b8 M1 K4096 N4096", MarlinType::kU4B8, true, 1, 4096, 4096, 128, 1},
+      {"hopper u4b8 M16 K4096 N4096", MarlinType::kU4B8, true, 16, 4096, 4096, 128, 1},
+      {"hopper u4b8 M128 K4096 N4096", MarlinType::kU4B8, true, 128, 4096, 4096, 128, 1},
+      {"hopper u4b8 M16 K4096 N1024", MarlinType::kU4B8, true, 16, 4096, 1024, 128, 1},
+      {"hopper u4b8 M16 K4096 N6144", MarlinType::kU4B8, true, 16, 4096, 6144, 128, 1},
+      {"hopper u4b8 M16 K14336 N4096", MarlinType::kU4B8, true, 16, 14336, 4096, 128, 1},
   };
   const double bandwidth = tool_timing::CopyBandwidth();
   std::printf("[%s] copy %.0f GB/s\n", tag, bandwidth / 1e9);
   const char* only = std::getenv("MARLIN_AB_CASE");
   for (const Case& c : cases) {
-    if (only == nullptr || std::strcmp(only, c.name) == 0) Run(tag, c, bandwidth);
+    if (only == nullptr || std::strstr(c.name, only) != nullptr) Run(tag, c, bandwidth);
   }
   return 0;
 }

@@ -21,7 +21,9 @@ build)
   base=$BIN/base_$kernel
   mkdir -p "$base/kernels"
   git -C "$REPO" show "${3:-HEAD}:csrc/kernels/$kernel.cu" > "$base/kernels/$kernel.cu"
-  cp "$REPO"/csrc/kernels/{$kernel.h,sm_count.h,types.h,device_utils.cuh} "$base/kernels/"
+  for file in $kernel.h sm_count.h types.h device_utils.cuh; do  # the headers BASE built with
+    git -C "$REPO" show "${3:-HEAD}:csrc/kernels/$file" > "$base/kernels/$file"
+  done
   flags=(-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr)
   base_sources=("$REPO/csrc/kernels/sm_count.cu") new_sources=("$REPO/csrc/kernels/sm_count.cu")
   if [ "$kernel" = marlin ]; then
