@@ -726,11 +726,11 @@ def main(argv=None):
     # torch's times first: its child process must find the GPU's memory before JAX takes it.
     peer_cases = list(SCALED_MM_CASES) if ops is None or ops & SCALED_MM_OPS else []
     marlin_rows = tuple(int(m) for m in args.marlin_rows.split(","))
+    marlin_shapes = {tuple(int(v) for v in s.strip().split("x")) for s in args.marlin_shapes.split(",") if s.strip()}
     if ops is None or "marlin_gemm" in ops:
         peer_cases += [case for case in MARLIN_PEER_CASES
                        if case[1] in marlin_rows and (not marlin_shapes or case[2:] in marlin_shapes)]
     marlin_types = {t.strip() for t in args.marlin_types.split(",") if t.strip()} or None
-    marlin_shapes = {tuple(int(v) for v in s.strip().split("x")) for s in args.marlin_shapes.split(",") if s.strip()}
     torch_times = _torch_peer(peer_cases) if not args.quick and peer_cases else {}
     if ops is None or ops - gemm_ops:
         run(ops - gemm_ops if ops else None, token_counts, hidden, args.quick)
