@@ -93,7 +93,8 @@ def kernel_max_rows(k: int, n: int) -> int:
 # From HOPPER_FIRST_ROWS to HOPPER_MAX_ROWS rows, a Hopper GPU runs the wgmma kernel where it takes the weight
 # (hopper_kernel_takes): its blocks hold 16, 32, 64 or 128 rows (the fewest that hold M), and a weight with few
 # 128-column blocks splits K over a cluster, so every weight fills the GPU. Up to 16 rows the decode kernel
-# streams the weight faster; past 256 rows dequantize + XLA's dot catches up. Measured (benchmarks/RESULTS.md,
+# streams wide weights faster (narrow ones not: K4096 N4096 below; one rule for now); past 256 rows dequantize +
+# XLA's dot catches up. Measured (benchmarks/RESULTS.md,
 # uint4b8 G128 bf16, µs): on the H100 (2026-12-07, tools/weight_only_ab), wgmma against the decode kernel,
 # K8192 N28672 M16 98 vs 74, M32 106 vs 113, M64 135 vs 199; K28672 N8192 M16 148 vs 83; K4096 N4096 M16 13
 # vs 19; on the H200 (2026-12-03, 128-row blocks without K splits) against dequantize + dot, K8192 N28672 M256
