@@ -285,14 +285,14 @@ int HopperSplits(int n, int k, int sm_count) {
   while (col_blocks * splits < wanted && splits < kMaxHopperSplits && stages / (splits + 1) >= kMinSplitStages) {
     ++splits;
   }
-  // Tuning only (marlin_ab times split counts side by side): JAXQ_HOPPER_SPLITS replaces the count where it fits.
-  if (const char* forced = std::getenv("JAXQ_HOPPER_SPLITS")) {
-    int wanted_splits = 0;
-    if (std::sscanf(forced, "%d", &wanted_splits) == 1 && wanted_splits >= 1 && wanted_splits <= kMaxHopperSplits &&
-        stages / wanted_splits >= kMinSplitStages) {
-      splits = wanted_splits;
-    }
-  }
+  // Tuning only (marlin_ab times split counts side by side, one process each): JAXQ_HOPPER_SPLITS, read once,
+  // replaces the count where it fits.
+  static const int forced = [] {
+    const char* text = std::getenv("JAXQ_HOPPER_SPLITS");
+    int value = 0;
+    return text != nullptr && std::sscanf(text, "%d", &value) == 1 ? value : 0;
+  }();
+  if (forced >= 1 && forced <= kMaxHopperSplits && stages / forced >= kMinSplitStages) splits = forced;
   return splits;
 }
 
