@@ -385,6 +385,46 @@ def test_load_symmetric_autogptq_into_marlin_layer(tmp_path, bits, desc_act):
         np.testing.assert_array_equal(read_safetensors(saved)[name], value)
 
 
+def test_act_order_gptq_runs_without_act_order_where_its_groups_are_whole(monkeypatch):
+    """GPTQ's act-order g_idx (groups of group_size rows once sorted) runs marlin_gemm without act-order on the
+    permuted activations, bit for bit what the act-order form gives; a g_idx of uneven groups keeps the act-order
+    form (and the oracle's result), and backend="kernel" (exllama's layout) refuses it."""
+    from jaxq.ops import marlin
+
+    rng = np.random.default_rng(21)
+    g = 64
+    q = rng.integers(0, 16, (K, N))
+    scales = jnp.asarray(rng.random((K // g, N)) * 0.02 + 0.001, jnp.bfloat16)
+    qweight = jnp.asarray(oracle.bitstream_pack(q, 4, 0))
+    qzeros = jnp.asarray(oracle.bitstream_pack(np.full((K // g, N), 7), 4, 1))
+    x = _x((3, K))
+    calls = []
+    gemm = marlin._marlin_gemm
+    monkeypatch.setattr(marlin, "_marlin_gemm", lambda *a, **params: calls.append(params) or gemm(*a, **params))
+    whole = (np.argsort(rng.permutation(K)) // g).astype(np.int32)
+    uneven = np.sort(rng.integers(0, K // g, K)).astype(np.int32)[rng.permutation(K)]
+    assert len(set(np.bincount(uneven))) > 1
+    for g_idx, contiguous in ((whole, True), (uneven, False)):
+        layer = qnn.GPTQLinear(K, N, group_size=g, act_order=True, use_bias=False, backend="marlin")
+        layer.set_checkpoint_tensors(qweight, qzeros, scales, jnp.asarray(g_idx))
+        assert layer.contiguous_groups == contiguous
+        calls.clear()
+        got = layer(x)
+        assert [params["has_g_idx"] for params in calls] == [not contiguous]
+        w = (q - 8) * np.asarray(scales, np.float32)[g_idx]
+        assert _rel(got, np.asarray(x, np.float32) @ w) < 1e-2
+        if contiguous:
+            layer.contiguous_groups = False  # the act-order form
+            np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(got))
+        kernel_layer = qnn.GPTQLinear(K, N, group_size=g, act_order=True, use_bias=False)
+        if contiguous:
+            kernel_layer.set_checkpoint_tensors(qweight, qzeros, scales, jnp.asarray(g_idx))
+            assert _rel(kernel_layer(x), np.asarray(x, np.float32) @ w) < 1e-2
+        else:
+            with pytest.raises(ValueError, match=r"g_idx: act-order group \d+ has \d+ rows, not group_size=64"):
+                kernel_layer.set_checkpoint_tensors(qweight, qzeros, scales, jnp.asarray(g_idx))
+
+
 @pytest.mark.parametrize("symmetric,strategy,actorder", [(True, "group", None), (False, "group", "weight"),
                                                          (True, "channel", "static")])
 def test_load_compressed_tensors_pack_quantized_written_from_the_format(tmp_path, symmetric, strategy, actorder):

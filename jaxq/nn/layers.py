@@ -359,6 +359,12 @@ class GPTQLinear(QuantizedLinear):
     :meth:`set_checkpoint_tensors` / :meth:`checkpoint_tensors` speak AutoGPTQ's layout for both.
     ``v2_format``: zeros stored as they are rather than minus one (AutoGPTQ's ``checkpoint_format``).
     ``symmetric`` only records how the weight was quantized (the checkpoint config's ``sym``).
+    Act-order: GPTQ numbers each row's group by the row's place in its quantization order, so the rows sorted by
+    ``g_idx`` fall into consecutive groups of ``group_size`` rows (``contiguous_groups``, found when the tensors
+    are set). Then ``backend="marlin"`` runs ``marlin_gemm`` without act-order on the activations' columns in
+    ``perm`` order (the same weight and result; its faster forms: scales folded at few rows, the Hopper kernel),
+    as exllama's layout always does; a ``g_idx`` of other group sizes runs ``marlin_gemm``'s act-order form and
+    is refused by ``backend="kernel"`` (exllama's layout cannot hold it).
     ``checkpoint_format``: how :mod:`jaxq.nn.checkpoint` names and lays out the tensors, ``"gptq"``
     (AutoGPTQ) or ``"compressed-tensors"`` (``pack-quantized``: the same integers as ``[out, ...]``
     transposes, stored as signed values offset by ``2**(bits-1)``; its zeros are always v2).
@@ -384,6 +390,7 @@ class GPTQLinear(QuantizedLinear):
         _check_features(name, "out_features", out_features, 32 // np.gcd(32, bits))
         self.bits, self.act_order, self.v2_format = int(bits), bool(act_order), bool(v2_format)
         self.symmetric = bool(symmetric)
+        self.contiguous_groups = False  # until set_checkpoint_tensors finds them (the act-order form is always right)
         self.group_size = _group_size(name, group_size, in_features)
         self.backend = backend
         if backend == "marlin":
@@ -417,7 +424,11 @@ class GPTQLinear(QuantizedLinear):
     def _matmul(self, rows, bias):
         if self.backend == "marlin":
             perm = self.perm[...]
-            act_order = dict(g_idx=self.g_idx[...][perm], perm=perm) if self.act_order else {}
+            act_order = {}
+            if self.act_order and self.contiguous_groups:
+                rows = marlin.permute_columns(rows, perm)  # the weight's row i: input row perm[i], group i // G
+            elif self.act_order:
+                act_order = dict(g_idx=self.g_idx[...][perm], perm=perm)
             out = marlin.marlin_gemm(rows, self.qweight[...], self.scales[...],
                                      b_q_type="uint4b8" if self.bits == 4 else "uint8b128", **act_order)
         else:
@@ -449,10 +460,18 @@ class GPTQLinear(QuantizedLinear):
         g_idx = jnp.asarray(g_idx)
         self.assign("g_idx", g_idx, what=names.get("g_idx"))
         groups = self.in_features // self.group_size
-        bad = np.flatnonzero((np.asarray(g_idx) < 0) | (np.asarray(g_idx) >= groups))
+        rows_group = np.asarray(g_idx)
+        bad = np.flatnonzero((rows_group < 0) | (rows_group >= groups))
         if bad.size:
             raise ValueError(f"{names.get('g_idx', type(self).__name__ + '.g_idx')}: entries must be groups in "
-                             f"[0, {groups}); row {bad[0]} has {int(np.asarray(g_idx)[bad[0]])} ({bad.size} such rows)")
+                             f"[0, {groups}); row {bad[0]} has {int(rows_group[bad[0]])} ({bad.size} such rows)")
+        self.contiguous_groups = bool(np.array_equal(np.sort(rows_group), np.arange(self.in_features) // self.group_size))
+        if self.act_order and not self.contiguous_groups and self.backend == "kernel":
+            sizes = np.bincount(rows_group, minlength=groups)
+            uneven = int(np.flatnonzero(sizes != self.group_size)[0])
+            raise ValueError(f"{names.get('g_idx', type(self).__name__ + '.g_idx')}: act-order group {uneven} has "
+                             f"{sizes[uneven]} rows, not group_size={self.group_size}: exllama's layout "
+                             "(backend='kernel') needs whole groups; backend='marlin' reads any g_idx")
         perm = _argsort(g_idx).astype(jnp.int32) if self.act_order else jnp.zeros((0,), jnp.int32)
         self.assign("perm", perm)
         qweight, _ = self._checked("qweight", qweight, names.get("qweight"), specs["qweight"])  # before the repack

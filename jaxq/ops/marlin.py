@@ -680,6 +680,13 @@ def _empty(x) -> bool:
     return x is None or (hasattr(x, "shape") and x.size == 0)
 
 
+def permute_columns(a, perm) -> jax.Array:
+    """``a[..., perm]``: the activations of an act-order weight, whose row ``i`` is input row ``perm[i]``."""
+    # The barrier keeps XLA:CPU from fusing the gather into the dot, whose bf16 x bf16 -> f32 form it cannot run
+    # then (jaxlib 0.10); on GPU the gather is its own kernel either way.
+    return jax.lax.optimization_barrier(jnp.take(a, perm, axis=-1, mode="clip"))
+
+
 def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=None, perm=None, b_bias=None,
                 global_scale=None, is_k_full: bool = True, use_fp32_reduce: bool = True,
                 is_zp_float: bool = False) -> jax.Array:
@@ -803,9 +810,7 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
                               dtype=a.dtype)
         return _product(rows, w, b_bias).reshape(*a.shape[:-1], n)
     if act_order:
-        # The barrier keeps XLA:CPU from fusing the gather into the dot, whose bf16 x bf16 -> f32 form it
-        # cannot run then (jaxlib 0.10); on GPU the gather is its own kernel either way.
-        rows = jax.lax.optimization_barrier(jnp.take(rows, perm, axis=1, mode="clip"))
+        rows = permute_columns(rows, perm)
     weight = [b_q_weight, b_scales] + ([b_zeros] if needs_zeros else []) + ([g_idx] if act_order else [])
     # The kernel takes the true global scale; vLLM's operand carries e2m1's exponent bias (less 7).
     true_global_scale = []
