@@ -386,9 +386,12 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS, types: 
     `peer_times` from jaxq.bench_torch) and, for 4-bit, jaxq's gptq_gemm; each of its paths forced at every M,
     to place the crossovers: the decode (mma.sync) kernel up to M = 256 (beyond, it is far behind), the Hopper
     (wgmma) kernel where it takes the weight, and from M = 32 dequantize + dot; up to 8 rows also the kernel
-    under batch_invariant(), what that mode costs."""
+    under batch_invariant(), what that mode costs. TFLOP/s also as a share of the bf16 tensor-core rate measured
+    here (the roofline of a kernel that multiplies W converted to bf16)."""
     from jaxq.ops import marlin
 
+    bf16_rate = tensor_core_rates(("bf16",))["bf16"]
+    print(f"measured bf16 tensor-core rate (XLA dot, 8192^3): {bf16_rate / 1e12:.0f} TFLOP/s")
     out = []
     for q_type, k, n, dtype_name in MARLIN_CASES:
         if (types is not None and q_type not in types) or (shapes is not None and (k, n) not in shapes):
@@ -430,11 +433,13 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS, types: 
                        shape=f"M{m} K{k} N{n}")
             t = _time_per_call(ours, make_input, moved)
             row.update(us=t * 1e6, pct_copy=100 * moved / t / copy, tflops=2 * m * k * n / t / 1e12)
+            row["pct_tc"] = 100 * row["tflops"] * 1e12 / bf16_rate
             if m <= 256:
                 row["decode_us"] = _time_per_call(decode, make_input, moved) * 1e6
             if takes_hopper:
                 h = _time_per_call(hopper, make_input, moved)
-                row.update(hopper_us=h * 1e6, hopper_tflops=2 * m * k * n / h / 1e12)
+                row.update(hopper_us=h * 1e6, hopper_tflops=2 * m * k * n / h / 1e12,
+                           hopper_pct_tc=100 * 2 * m * k * n / h / bf16_rate)
             if m <= 8 and not fp4:  # FP4 runs one form for every M
                 row["invariant_us"] = _time_per_call(invariant, make_input, moved) * 1e6
             peer = peer_times.get(f"marlin-ist {m} {k} {n}") if q_type == "uint4b8" else None
@@ -460,12 +465,14 @@ def run_marlin(peer_times: dict, copy: float, rows: tuple = MARLIN_ROWS, types: 
             out.append(row)
             print(row, flush=True)
     _print_table(out, [("µs", "us", "{:.1f}"), ("% of copy BW", "pct_copy", "{:.1f}%"),
-                       ("TFLOP/s", "tflops", "{:.0f}"), ("bf16 dot µs", "bf16_dot_us", "{:.1f}"),
+                       ("TFLOP/s", "tflops", "{:.0f}"), ("% of bf16 TC rate", "pct_tc", "{:.1f}%"),
+                       ("bf16 dot µs", "bf16_dot_us", "{:.1f}"),
                        ("speed-up vs bf16 dot", "vs_bf16", "{:.2f}x"), ("gptq_gemm µs", "gptq_us", "{:.1f}"),
                        ("vs gptq_gemm", "vs_gptq", "{:.2f}x"), ("Marlin (IST, fp16) µs", "peer_us", "{:.1f}"),
                        ("vs Marlin", "vs_peer", "{:.2f}x"), ("decode kernel µs", "decode_us", "{:.1f}"),
                        ("dequant+dot µs", "dequant_dot_us", "{:.1f}"),
                        ("Hopper kernel µs", "hopper_us", "{:.1f}"), ("Hopper TFLOP/s", "hopper_tflops", "{:.0f}"),
+                       ("Hopper % of bf16 TC rate", "hopper_pct_tc", "{:.1f}%"),
                        ("Hopper / bf16 dot", "hopper_vs_bf16", "{:.2f}x"),
                        ("batch_invariant µs", "invariant_us", "{:.1f}")])
     return out
@@ -554,10 +561,10 @@ def _torch_peer(cases) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def tensor_core_rates() -> dict:
+def tensor_core_rates(kinds=("fp8", "fp8-highest", "int8", "bf16")) -> dict:
     """Operations per second of the largest dense products XLA (cuBLASLt) runs, 8192^3, per operand type."""
     rates = {}
-    for kind in ("fp8", "fp8-highest", "int8", "bf16"):
+    for kind in kinds:
         size = 8192
         if kind == "bf16":
             make = lambda i: tuple(jax.random.normal(jax.random.key(i + j), (size, size), jnp.bfloat16) for j in (0, 1))
