@@ -625,6 +625,18 @@ def test_tensor_parallel_layers_equal_unsharded(scheme, options):
     assert "all-reduce" in compiled and not [axes for axes in gathered_axes if "axis_1" in axes], gathered_axes
 
 
+def test_shard_model_names_a_tensor_the_mesh_does_not_divide():
+    """A row-parallel layer with 4 groups of scales on an 8-way model axis: a ValueError naming the tensor."""
+    mesh = jax.make_mesh((1, 8), ("data", MODEL_AXIS), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with nnx.use_eager_sharding(False):
+        init = nnx.with_partitioning(nnx.initializers.normal(0.04), (MODEL_AXIS, None))
+        linear = nnx.Linear(512, 128, kernel_init=init, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    layer = qnn.GPTQLinear.from_linear(linear, group_size=128)
+    with pytest.raises(ValueError, match=r"shard_model: (qzeros|scales) \(4, \d+\) cannot be split 8 ways along its "
+                                         r"dimension 0"):
+        qnn.shard_model(layer, mesh)
+
+
 def test_tensor_parallel_model_equals_unsharded():
     mesh = _mesh()
     tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, TINY.vocab_size, jnp.int32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -96,11 +97,24 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, filter=None) -> li
 
 def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
     """Places every variable of ``model`` on ``mesh`` by its sharding metadata (``nnx.get_partition_spec``;
-    variables without metadata are replicated), in place. Returns ``model``."""
+    variables without metadata are replicated), in place. Returns ``model``. A ``ValueError`` names a variable
+    whose sharded dimension the mesh axes do not divide (e.g. a row-parallel layer with fewer groups of scales
+    than devices on the model axis)."""
     state = nnx.state(model)
     specs = nnx.get_partition_spec(state)
-    nnx.update(model, jax.tree.map(lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec)),
-                                   state, specs))
+
+    def place(path, x, spec):
+        for dim, axes in enumerate(spec):
+            names = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+            ways = math.prod(mesh.shape[name] for name in names)
+            if x.shape[dim] % ways:
+                where = jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
+                raise ValueError(f"shard_model: {where} {tuple(x.shape)} cannot be split {ways} ways along its "
+                                 f"dimension {dim} (mesh axes {names}); use fewer devices on those axes or leave "
+                                 "this layer unsharded")
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(place, state, specs))
     return model
 
 
