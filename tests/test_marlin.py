@@ -313,7 +313,8 @@ def test_hopper_dispatch(monkeypatch):
     takes = marlin.hopper_kernel_takes
     assert takes("uint4b8", False, 1024, 384, 32) and takes("uint4", False, 1024, 384, 1)
     assert not takes("uint4b8", True, 1024, 384, 8)  # act-order
-    assert not takes("uint8b128", False, 1024, 384, 8) and not takes("float8_e4m3fn", False, 1024, 384, 8)
+    assert takes("uint8b128", False, 1024, 384, 8) and takes("float8_e4m3fn", False, 1024, 384, 1)
+    assert not takes("nvfp4", False, 1024, 384, 64) and not takes("mxfp4", False, 1024, 384, 32)
     assert not takes("uint4b8", False, 1024, 320, 8)  # N not a multiple of 128
     assert not takes("uint4b8", False, 1040, 384, 1)  # K not a multiple of 64
     seen = []
@@ -622,7 +623,7 @@ def test_kernel_rows_are_batch_invariant_on_gpu(q_type):
             np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
         np.testing.assert_array_equal(np.asarray(f(a[5:6])).view(np.uint16), full[5:6])
     # By default rows 1-8 share one kernel (scales folded in float32) and 9-16 another (this weight's
-    # kernel_max_rows); more rows run the Hopper kernel (uint4b8) or dequantize + XLA's dot.
+    # kernel_max_rows); more rows run the Hopper kernel (integer and fp8 weights) or dequantize + XLA's dot.
     assert marlin.kernel_max_rows(4096, 1024) == 16
     f = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))
     small = np.asarray(f(a[:8])).view(np.uint16)
@@ -635,7 +636,9 @@ def test_kernel_rows_are_batch_invariant_on_gpu(q_type):
         np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
 
 
-HOPPER_CASES = [(q_type, group_size) for q_type in ("uint4b8", "uint4") for group_size in (32, 64, 128, -1)]
+HOPPER_CASES = ([(q_type, group_size) for q_type in ("uint4b8", "uint4") for group_size in (32, 64, 128, -1)]
+                + [("uint8b128", group_size) for group_size in (32, 128, -1)]
+                + [("float8_e4m3fn", group_size) for group_size in (128, -1)])
 
 
 @pytest.mark.gpu
@@ -669,7 +672,7 @@ def test_hopper_kernel_matches_reference_on_gpu(q_type, group_size, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("q_type", ["uint4b8", "uint4"])
+@pytest.mark.parametrize("q_type", ["uint4b8", "uint4", "uint8b128", "float8_e4m3fn"])
 def test_hopper_kernel_rows_are_batch_invariant_on_gpu(q_type):
     """A row's output is bit-identical whatever the batch, across the kernel's row blocks (16 to 128 rows), with
     and without a K split."""

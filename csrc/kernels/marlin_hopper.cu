@@ -1,10 +1,12 @@
-// marlin_gemm on Hopper's tensor cores (wgmma, sm_90a): 4-bit integer weights (uint4b8, uint4 with zero points) in
-// the Marlin layout as it is stored, so that one copy of the weight serves every M.
+// marlin_gemm on Hopper's tensor cores (wgmma, sm_90a): integer and fp8 weights (uint4b8, uint4 with zero points,
+// uint8b128, float8_e4m3fn) in the Marlin layout as it is stored, so that one copy of the weight serves every M.
 //
 // out^T = W^T a^T. A block is two warpgroups, one 64-column Marlin tile each, and kRows (16, 32, 64 or 128) rows of
 // a, the fewest that hold m; W^T is wgmma's A operand from registers (warp w of a warpgroup takes word w of each
 // lane's 16-byte vector: that word holds the lane's register A fragment, marlin_fragments.cuh), dequantized there
-// and rounded to T as the reference does; a^T is the B operand, kRows rows x 64 k per stage in shared memory with
+// and rounded to T as the reference does (an 8-bit tile's lane holds two vectors: warp w takes words 2w, 2w + 1,
+// and the copy puts the lanes' first vectors before their second ones, so that a warp's reads spread over the
+// banks); a^T is the B operand, kRows rows x 64 k per stage in shared memory with
 // the 128-byte swizzle (without it the wgmmas ran at half the rate on the H200). All 256 threads copy a stage
 // (codes, a, the scales and zero points of its two 32-row halves, since group 32 changes within it) with cp.async
 // into a ring, kStages - 2 stages ahead. Each k-step's wgmma is its own commit group with at most three in
@@ -39,16 +41,19 @@ constexpr int kStageK = 64;             // four k-steps of 16
 constexpr int kMaxHopperSplits = 8;     // the portable cluster size
 constexpr int kMinSplitStages = 8;      // a split's pipeline needs a few stages to fill
 
-// One ring slot's layout for blocks of kRows rows of a, and the ring: about 100 KB per block (two per SM), so
-// that fewer rows buy more stages in flight (the weight's bytes are what small m waits for).
-template <int kRows>
+// One ring slot's layout for blocks of kRows rows of a and kBits-bit codes, and the ring: about 100 KB per block
+// (two per SM), so that fewer rows buy more stages in flight (the weight's bytes are what small m waits for).
+template <int kRows, int kBits>
 struct Ring {
+  static constexpr int kTileBytes = kTileK * kTileN * kBits / 8;  // one 16 x 64 tile of codes
   static constexpr int kA = 0;  // 1024-aligned: the swizzle repeats every 8 rows of 128 bytes
-  static constexpr int kCodes = kA + kRows * kStageK * 2;           // 4 slabs x 2 tiles x 512 bytes
-  static constexpr int kScales = kCodes + kStageK / kTileK * 2 * 512;  // 2 halves x 128 scales
-  static constexpr int kZeros = kScales + 2 * kBlockCols * 2;          // 2 halves x 16 words (uint4 only)
+  static constexpr int kCodes = kA + kRows * kStageK * 2;                    // 4 slabs x 2 tiles
+  static constexpr int kScales = kCodes + kStageK / kTileK * 2 * kTileBytes;  // 2 halves x 128 scales
+  static constexpr int kZeros = kScales + 2 * kBlockCols * 2;                   // 2 halves x 16 words (uint4 only)
   static constexpr int kStageBytes = (kZeros + 2 * kBlockCols / 8 * 4 + 1023) / 1024 * 1024;
-  static constexpr int kStages = kRows == 128 ? 5 : kRows == 64 ? 7 : kRows == 32 ? 10 : 12;
+  // 4-bit: the counts timed on the H100 (2026-12-07); 8-bit: as many as 110 KB hold.
+  static constexpr int kStages = kBits == 8 ? (110 * 1024 / kStageBytes < 12 ? 110 * 1024 / kStageBytes : 12)
+                                 : kRows == 128 ? 5 : kRows == 64 ? 7 : kRows == 32 ? 10 : 12;
   static constexpr int kSharedBytes = kStages * kStageBytes;
   // The block's float32 sums once the ring is drained, rows padded by 4 floats: the lanes of a warp that write
   // one register (8 columns, 4 row pairs) then hit 32 banks.
@@ -115,7 +120,9 @@ __device__ __forceinline__ void Pin(float& r) { asm volatile("" : "+f"(r)::"memo
 
 template <typename T, MarlinType kType, int kRows>
 __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p, int stages_per_split) {
-  using R = Ring<kRows>;
+  constexpr int kBits = kBitsOf<kType>;
+  constexpr int kVectors = kBits / 4;  // 16-byte vectors per lane in a tile
+  using R = Ring<kRows, kBits>;
   constexpr int kStages = R::kStages;
   constexpr bool kHasZeros = kType == MarlinType::kU4;
   extern __shared__ __align__(1024) char shared[];
@@ -127,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
   const int splits = gridDim.z, first = blockIdx.z * stages_per_split;  // this block's stages of K
   const int stages = min(p.k / kStageK - first, stages_per_split);      // at least one (HopperSplits)
   const int group_size = p.k / p.groups;
-  const size_t slab_bytes = static_cast<size_t>(p.n / kTileN) * 512;  // one 16-row slab of the whole weight
+  const size_t slab_bytes = static_cast<size_t>(p.n / kTileN) * R::kTileBytes;  // one 16-row slab of the weight
   const T* a = static_cast<const T*>(p.a);
   const T* scales = static_cast<const T*>(p.scales);
 
@@ -135,11 +142,16 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
     if (s < stages) {
       const uint32_t stage = shared_at + (s % kStages) * R::kStageBytes;
       const int ks = first + s;
-      {  // codes: 4 slabs x the block's two tiles, 16 bytes per thread
-        const int slab = tid >> 6, piece = tid & 63;
+#pragma unroll
+      for (int i = 0; i < kVectors; ++i) {  // codes: 4 slabs x the block's two tiles, 16 bytes per thread each
+        constexpr int kPieces = 2 * R::kTileBytes / 16;  // of a slab
+        const unsigned c = tid + i * kThreads, slab = c / kPieces, piece = c % kPieces;  // unsigned: shifts
+        const unsigned tile = piece / (kPieces / 2), lane_vector = piece % (kPieces / 2);
         const char* src = reinterpret_cast<const char*>(p.b_q) + (static_cast<size_t>(ks) * 4 + slab) * slab_bytes +
-                          static_cast<size_t>(n0 / kTileN) * 512 + piece * 16;
-        CopyAsync<16, true>(stage + R::kCodes + slab * 1024 + piece * 16, src, 16);
+                          static_cast<size_t>(n0 / kTileN) * R::kTileBytes + piece * 16;
+        // A lane's vector v lands at v * 512 + lane * 16 in its tile (the identity for 4-bit codes).
+        const unsigned at = tile * R::kTileBytes + (lane_vector % kVectors) * 512 + (lane_vector / kVectors) * 16;
+        CopyAsync<16, true>(stage + R::kCodes + slab * 2 * R::kTileBytes + at, src, 16);
       }
 #pragma unroll
       for (int i = 0; i < (kRows * 8 + kThreads - 1) / kThreads; ++i) {  // a: kRows x 8 pieces of 8 k
@@ -186,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
         const T s_value = p.per_channel ? row[32 * (warp >> 1) + 8 * ((g >> 1) & 3) + 4 * (warp & 1) + 2 * h + (g & 1)]
                                         : row[8 * g + 2 * warp + h];
         scale[half][h] = T2<T>{s_value, s_value};
-        float offset = kType == MarlinType::kU4B8 ? 8.0f : 0.0f;
+        float offset = kType == MarlinType::kU4B8 ? 8.0f : kType == MarlinType::kU8B128 ? 128.0f : 0.0f;
         if constexpr (kHasZeros) {
           const uint32_t word = reinterpret_cast<const uint32_t*>(stage + R::kZeros)[half * 16 + half_block * 8 + g];
           offset = static_cast<float>(ZeroNibble(word, 2 * warp + h));
@@ -197,9 +209,16 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
     }
   };
   auto dequantize = [&](int step) {
-    uint4 codes;  // the warp's word of the lane's vector, where RawFragments reads word 0
-    codes.x =
-        *reinterpret_cast<const uint32_t*>(stage + R::kCodes + step * 1024 + half_block * 512 + lane * 16 + warp * 4);
+    // The warp's word (4-bit) or words (8-bit) of the lane's vectors, where RawFragments reads them for w = 0.
+    const char* tile = stage + R::kCodes + step * 2 * R::kTileBytes + half_block * R::kTileBytes;
+    uint4 codes;
+    if constexpr (kBits == 4) {
+      codes.x = *reinterpret_cast<const uint32_t*>(tile + lane * 16 + warp * 4);
+    } else {
+      const uint2 words = *reinterpret_cast<const uint2*>(tile + (warp >> 1) * 512 + lane * 16 + (warp & 1) * 8);
+      codes.x = words.x;
+      codes.y = words.y;
+    }
     const int half = step >> 1;
     uint32_t b[2][2];
 #pragma unroll
@@ -299,12 +318,13 @@ int HopperSplits(int n, int k, int sm_count) {
 template <typename T, MarlinType kType, int kRows>
 cudaError_t Launch(const MarlinParams& p, int splits, cudaStream_t stream) {
   auto kernel = MarlinHopperKernel<T, kType, kRows>;
+  using R = Ring<kRows, kBitsOf<kType>>;
   static const cudaError_t configured =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ring<kRows>::kSharedBytes);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, R::kSharedBytes);
   if (configured != cudaSuccess) return configured;
   const int stages = p.k / kStageK;
   return LaunchKSplit(kernel, dim3(p.n / kBlockCols, static_cast<unsigned>((p.m + kRows - 1) / kRows), splits),
-                      kThreads, Ring<kRows>::kSharedBytes, stream, p, (stages + splits - 1) / splits);
+                      kThreads, R::kSharedBytes, stream, p, (stages + splits - 1) / splits);
 }
 
 // The fewest rows per block that hold m.
@@ -318,14 +338,25 @@ cudaError_t LaunchRows(const MarlinParams& p, int splits, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t DispatchType(const MarlinParams& p, int splits, cudaStream_t stream) {
-  if (p.weight == MarlinType::kU4B8) return LaunchRows<T, MarlinType::kU4B8>(p, splits, stream);
-  return LaunchRows<T, MarlinType::kU4>(p, splits, stream);
+  switch (p.weight) {
+    case MarlinType::kU4B8:
+      return LaunchRows<T, MarlinType::kU4B8>(p, splits, stream);
+    case MarlinType::kU4:
+      return LaunchRows<T, MarlinType::kU4>(p, splits, stream);
+    case MarlinType::kU8B128:
+      return LaunchRows<T, MarlinType::kU8B128>(p, splits, stream);
+    case MarlinType::kFp8E4M3:
+      return LaunchRows<T, MarlinType::kFp8E4M3>(p, splits, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
 
 bool MarlinHopperSupports(const MarlinParams& p) {
-  const bool type = p.weight == MarlinType::kU4B8 || p.weight == MarlinType::kU4;
+  const bool type = p.weight == MarlinType::kU4B8 || p.weight == MarlinType::kU4 ||
+                    p.weight == MarlinType::kU8B128 || p.weight == MarlinType::kFp8E4M3;
   const bool groups = p.groups == 1 || (p.k % p.groups == 0 && (p.k / p.groups) % 32 == 0);
   return type && groups && p.g_idx == nullptr && p.n % kBlockCols == 0 && p.k % kStageK == 0 &&
          (p.type == FloatType::kF16 || p.type == FloatType::kBF16);
