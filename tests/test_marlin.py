@@ -314,7 +314,7 @@ def test_hopper_dispatch(monkeypatch):
     assert takes("uint4b8", False, 1024, 384, 32) and takes("uint4", False, 1024, 384, 1)
     assert not takes("uint4b8", True, 1024, 384, 8)  # act-order
     assert takes("uint8b128", False, 1024, 384, 8) and takes("float8_e4m3fn", False, 1024, 384, 1)
-    assert not takes("nvfp4", False, 1024, 384, 64) and not takes("mxfp4", False, 1024, 384, 32)
+    assert takes("nvfp4", False, 1024, 384, 64) and takes("mxfp4", False, 1024, 384, 32)
     assert not takes("uint4b8", False, 1024, 320, 8)  # N not a multiple of 128
     assert not takes("uint4b8", False, 1040, 384, 1)  # K not a multiple of 64
     seen = []
@@ -623,11 +623,11 @@ def test_kernel_rows_are_batch_invariant_on_gpu(q_type):
             np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
         np.testing.assert_array_equal(np.asarray(f(a[5:6])).view(np.uint16), full[5:6])
     # By default rows 1-8 share one kernel (scales folded in float32) and 9-16 another (this weight's
-    # kernel_max_rows); more rows run the Hopper kernel (integer and fp8 weights) or dequantize + XLA's dot.
+    # kernel_max_rows); more rows run the Hopper kernel or dequantize + XLA's dot.
     assert marlin.kernel_max_rows(4096, 1024) == 16
     f = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))
     small = np.asarray(f(a[:8])).view(np.uint16)
-    if q_type == "nvfp4":  # FP4 has one form for every row count
+    if q_type == "nvfp4":  # FP4 has one decode-kernel form for all its rows
         np.testing.assert_array_equal(small, full[:8])
     for m in (1, 3):
         np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), small[:m])
@@ -638,7 +638,8 @@ def test_kernel_rows_are_batch_invariant_on_gpu(q_type):
 
 HOPPER_CASES = ([(q_type, group_size) for q_type in ("uint4b8", "uint4") for group_size in (32, 64, 128, -1)]
                 + [("uint8b128", group_size) for group_size in (32, 128, -1)]
-                + [("float8_e4m3fn", group_size) for group_size in (128, -1)])
+                + [("float8_e4m3fn", group_size) for group_size in (128, -1)]
+                + [(fp4, FP4_GROUPS[fp4]) for fp4 in FP4_GROUPS])
 
 
 @pytest.mark.gpu
@@ -650,6 +651,8 @@ def test_hopper_kernel_matches_reference_on_gpu(q_type, group_size, dtype):
     whole and with K split over clusters of 2 and 8 blocks; the lowering says which kernel ran."""
     if not marlin._hopper_gpu():
         pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    if q_type == "mxfp4" and dtype == jnp.float16:
+        pytest.skip("MXFP4 takes bfloat16 activations")
     rng = np.random.default_rng()
     for k, n in ((256, 4096), (1024, 384), (4096, 1024)):
         w = Weight(rng, q_type, k, n, group_size, dtype)
@@ -672,7 +675,7 @@ def test_hopper_kernel_matches_reference_on_gpu(q_type, group_size, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("q_type", ["uint4b8", "uint4", "uint8b128", "float8_e4m3fn"])
+@pytest.mark.parametrize("q_type", ["uint4b8", "uint4", "uint8b128", "float8_e4m3fn", "nvfp4"])
 def test_hopper_kernel_rows_are_batch_invariant_on_gpu(q_type):
     """A row's output is bit-identical whatever the batch, across the kernel's row blocks (16 to 128 rows), with
     and without a K split."""

@@ -162,16 +162,15 @@ def scaled_mm():
 
 
 def marlin_hopper():
-    """The Hopper (wgmma) kernel alone: its types (the integer and fp8 ones), both dtypes, grouped (32 and 128 rows) and per-channel
-    scales, each row block (16 to 128 rows) with tails, K split over clusters of 2 and 8 blocks and not, bias."""
+    """The Hopper (wgmma) kernel alone: every weight type, both dtypes, grouped (32 and 128 rows; FP4's own) and
+    per-channel scales, each row block (16 to 128 rows) with tails, K split over clusters of 2 and 8 blocks and
+    not, bias."""
     from jaxq.ops import marlin as ops
 
     rng = np.random.default_rng(0)
     for dtype in [jnp.dtype(d) for d in sys.argv[2:]] or (jnp.float16, jnp.bfloat16):
         for k, n, groups in ((512, 8704, 4), (256, 384, 8), (256, 4096, 1), (1024, 384, 8), (4096, 128, 32)):
             for q, s, weight_kw, _ in _marlin_weights(rng, k, n, groups, dtype):
-                if weight_kw["b_q_type"] == "float4_e2m1f":  # FP4 runs the decode kernel
-                    continue
                 _hopper_rows(rng, q, s, weight_kw, dtype, (1, 16, 20, 33, 64, 130, ops.HOPPER_MAX_ROWS))
     print("ran every marlin Hopper kernel variant")
 

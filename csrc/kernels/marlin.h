@@ -56,10 +56,10 @@ cudaError_t LaunchMarlinDequantize(const MarlinParams& p, cudaStream_t stream);
 // Needs sm_90 for K splits (their partial sums meet in a thread-block cluster's shared memory).
 cudaError_t LaunchMarlinGemm(const MarlinParams& p, cudaStream_t stream);
 
-// The wgmma kernel (sm_90a): integer and fp8 weights (uint4b8, uint4 with zero points, uint8b128, fp8) without
-// act-order, N a multiple of 128, K of 64, groups of 32 rows or more (or one), float16 or bfloat16. W rounded to
-// a's type as in LaunchMarlinGemm's second form, float32 sums; a row's result is the same for every m (its K split
-// is a function of K, N and the SM count).
+// The wgmma kernel (sm_90a): every weight type without act-order, N a multiple of 128, K of 64, groups of 32 rows
+// or more (or one; FP4: its format's), float16 or bfloat16 (MXFP4: bfloat16). W rounded to a's type as in
+// LaunchMarlinGemm's second form, float32 sums; a row's result is the same for every m (its K split is a function
+// of K, N and the SM count).
 bool MarlinHopperSupports(const MarlinParams& p);
 cudaError_t LaunchMarlinGemmHopper(const MarlinParams& p, cudaStream_t stream);
 

@@ -1,17 +1,18 @@
-// marlin_gemm on Hopper's tensor cores (wgmma, sm_90a): integer and fp8 weights (uint4b8, uint4 with zero points,
-// uint8b128, float8_e4m3fn) in the Marlin layout as it is stored, so that one copy of the weight serves every M.
+// marlin_gemm on Hopper's tensor cores (wgmma, sm_90a): integer, fp8 and FP4 weights (uint4b8, uint4 with zero
+// points, uint8b128, float8_e4m3fn, NVFP4, MXFP4) in the Marlin layout as it is stored, so that one copy of the
+// weight serves every M.
 //
 // out^T = W^T a^T. A block is two warpgroups, one 64-column Marlin tile each, and kRows (16, 32, 64 or 128) rows of
 // a, the fewest that hold m; W^T is wgmma's A operand from registers (warp w of a warpgroup takes word w of each
 // lane's 16-byte vector: that word holds the lane's register A fragment, marlin_fragments.cuh), dequantized there
 // and rounded to T as the reference does (an 8-bit tile's lane holds two vectors: warp w takes words 2w, 2w + 1,
 // and the copy puts the lanes' first vectors before their second ones, so that a warp's reads spread over the
-// banks); a^T is the B operand, kRows rows x 64 k per stage in shared memory with
-// the 128-byte swizzle (without it the wgmmas ran at half the rate on the H200). All 256 threads copy a stage
-// (codes, a, the scales and zero points of its two 32-row halves, since group 32 changes within it) with cp.async
-// into a ring, kStages - 2 stages ahead. Each k-step's wgmma is its own commit group with at most three in
-// flight, and a k-step's A registers are written after the wait that retires the wgmma that last read them
-// (ptxas serializes the wgmmas otherwise).
+// banks); a^T is the B operand, kRows rows x 64 k per stage in shared memory with the 128-byte swizzle (without
+// it the wgmmas ran at half the rate on the H200). All 256 threads copy a stage (codes, a, the scales and zero
+// points of its two 32-row halves, since group 32 changes within it; FP4's scale bytes of its four 16-row NVFP4
+// or two 32-row MXFP4 groups) with cp.async into a ring, kStages - 2 stages ahead. Each k-step's wgmma is its own
+// commit group with at most three in flight, and a k-step's A registers are written after the wait that retires
+// the wgmma that last read them (ptxas serializes the wgmmas otherwise).
 //
 // A weight with too few 128-column blocks to fill the GPU splits K over the blocks of a thread-block cluster
 // (HopperSplits: a function of K, N and the SM count only); the blocks' float32 sums meet in shared memory and are
@@ -48,7 +49,7 @@ struct Ring {
   static constexpr int kTileBytes = kTileK * kTileN * kBits / 8;  // one 16 x 64 tile of codes
   static constexpr int kA = 0;  // 1024-aligned: the swizzle repeats every 8 rows of 128 bytes
   static constexpr int kCodes = kA + kRows * kStageK * 2;                    // 4 slabs x 2 tiles
-  static constexpr int kScales = kCodes + kStageK / kTileK * 2 * kTileBytes;  // 2 halves x 128 scales
+  static constexpr int kScales = kCodes + kStageK / kTileK * 2 * kTileBytes;  // 2 halves x 128 scales (FP4: bytes)
   static constexpr int kZeros = kScales + 2 * kBlockCols * 2;                   // 2 halves x 16 words (uint4 only)
   static constexpr int kStageBytes = (kZeros + 2 * kBlockCols / 8 * 4 + 1023) / 1024 * 1024;
   // 4-bit: the counts timed on the H100 (2026-12-07); 8-bit: as many as 110 KB hold.
@@ -125,6 +126,7 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
   using R = Ring<kRows, kBits>;
   constexpr int kStages = R::kStages;
   constexpr bool kHasZeros = kType == MarlinType::kU4;
+  constexpr int kScaleRows = kType == MarlinType::kNvFp4 ? 4 : 2;  // groups (32-row halves) of a stage
   extern __shared__ __align__(1024) char shared[];
   const uint32_t shared_at = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
   const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3, half_block = tid >> 7;
@@ -164,7 +166,13 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
       }
       const int half = (tid >> 4) & 1;  // the 32-row half of the stage whose group this thread copies
       const size_t group = (ks * kStageK + half * 32) / group_size;
-      if (tid < 32) {
+      if constexpr (kFp4<kType>) {  // the block's 128 scale bytes of each of the stage's groups
+        if (tid < kScaleRows * 8) {
+          const size_t fp4_group = static_cast<size_t>(ks) * kScaleRows + (tid >> 3);
+          CopyAsync<16, false>(stage + R::kScales + tid * 16,
+                               static_cast<const uint8_t*>(p.scales) + fp4_group * p.n + n0 + (tid & 7) * 16, 16);
+        }
+      } else if (tid < 32) {
         CopyAsync<16, false>(stage + R::kScales + tid * 16, scales + group * p.n + n0 + (tid & 15) * 8, 16);
       } else if (kHasZeros && tid < 40) {
         const int piece = tid - 32, zero_half = piece >> 2;
@@ -178,9 +186,9 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
 
   float acc[kRows / 2];  // written first by a wgmma that does not accumulate: a plain store here would serialize them
   // A k-step's A registers; scale and minus-offset pairs of the lane's columns 16w + g (h = 0) and 16w + 8 + g
-  // (h = 1) for each 32-row half of the stage.
+  // (h = 1) for each 32-row half of the stage (scales: each group of an FP4 stage; FP4 takes no offset).
   uint32_t frag[4][4];
-  T2<T> scale[2][2], neg[2][2];
+  T2<T> scale[kScaleRows][2], neg[2][2]{};
   const char* stage = shared;
   auto begin_stage = [&](int s) {
     WaitAsync<kStages - 3>();
@@ -188,6 +196,18 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
     __syncthreads();
     issue(s + kStages - 2);  // into the slot of stage s - 2, whose wgmmas both warpgroups have retired
     stage = shared + (s % kStages) * R::kStageBytes;
+    if constexpr (kFp4<kType>) {
+      // vLLM's FP4 scale order puts column j = 2w + h of a lane's 8 at byte 8g + (0 2 1 3 4 6 5 7)[j] of a tile.
+      const uint8_t* bytes = reinterpret_cast<const uint8_t*>(stage + R::kScales) + half_block * kTileN + 8 * g;
+#pragma unroll
+      for (int row = 0; row < kScaleRows; ++row)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int j = 2 * warp + h, at = (j & 4) | ((j & 1) << 1) | ((j >> 1) & 1);
+          scale[row][h] = Fp4Scale<T, kType>(bytes[row * kBlockCols + at]);
+        }
+      return;
+    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const T* row = reinterpret_cast<const T*>(stage + R::kScales) + half * kBlockCols + half_block * kTileN;
@@ -219,11 +239,11 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
       codes.x = words.x;
       codes.y = words.y;
     }
-    const int half = step >> 1;
+    const int half = step >> 1, row = step * kScaleRows / 4;
     uint32_t b[2][2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      Dequantize<T, kType>(&codes, 0, h, neg[half][h], neg[half][h], scale[half][h], scale[half][h], b[h][0], b[h][1]);
+      Dequantize<T, kType>(&codes, 0, h, neg[half][h], neg[half][h], scale[row][h], scale[row][h], b[h][0], b[h][1]);
     }
     // wgmma's A fragment: W^T's rows g and g + 8 (columns 16w + g, 16w + 8 + g) at k 2t, 2t + 1, then 2t + 8, 2t + 9.
     frag[step][0] = b[0][0];
@@ -276,6 +296,8 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
   const float* first_sums = splits > 1 ? cluster.map_shared_rank(sums, 0) : sums;
   T* out = static_cast<T*>(p.out);
   const T* bias = static_cast<const T*>(p.bias);
+  // NVFP4's W in registers is W / kNvFp4Unscale (Fp4Scale), without the global scale.
+  const float global_scale = kType == MarlinType::kNvFp4 ? __ldg(p.global_scale) * kNvFp4Unscale<T> : 1.0f;
   const int live = static_cast<int>(p.m - m0 < kRows ? p.m - m0 : kRows) * (kBlockCols / 2);  // column pairs of rows < m
   for (int i = rank * kThreads + tid; i < live; i += splits * kThreads) {  // each rank writes its share
     const int r = i / (kBlockCols / 2), col = 2 * (i % (kBlockCols / 2)), at = r * R::kSumStride + col;
@@ -284,6 +306,10 @@ __global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p
       const float2 more = *reinterpret_cast<const float2*>(cluster.map_shared_rank(sums, q) + at);
       sum.x += more.x;
       sum.y += more.y;
+    }
+    if constexpr (kType == MarlinType::kNvFp4) {
+      sum.x *= global_scale;
+      sum.y *= global_scale;
     }
     if (bias != nullptr) {
       sum.x += ToFloat(bias[n0 + col]);
@@ -347,6 +373,11 @@ cudaError_t DispatchType(const MarlinParams& p, int splits, cudaStream_t stream)
       return LaunchRows<T, MarlinType::kU8B128>(p, splits, stream);
     case MarlinType::kFp8E4M3:
       return LaunchRows<T, MarlinType::kFp8E4M3>(p, splits, stream);
+    case MarlinType::kNvFp4:
+      return LaunchRows<T, MarlinType::kNvFp4>(p, splits, stream);
+    case MarlinType::kMxFp4:
+      if constexpr (kSupported<T, MarlinType::kMxFp4>) return LaunchRows<T, MarlinType::kMxFp4>(p, splits, stream);
+      return cudaErrorInvalidValue;
     default:
       return cudaErrorInvalidValue;
   }
@@ -355,9 +386,11 @@ cudaError_t DispatchType(const MarlinParams& p, int splits, cudaStream_t stream)
 }  // namespace
 
 bool MarlinHopperSupports(const MarlinParams& p) {
-  const bool type = p.weight == MarlinType::kU4B8 || p.weight == MarlinType::kU4 ||
-                    p.weight == MarlinType::kU8B128 || p.weight == MarlinType::kFp8E4M3;
-  const bool groups = p.groups == 1 || (p.k % p.groups == 0 && (p.k / p.groups) % 32 == 0);
+  const bool fp4 = p.weight == MarlinType::kNvFp4 || p.weight == MarlinType::kMxFp4;
+  const bool type = !(p.weight == MarlinType::kMxFp4 && p.type == FloatType::kF16);  // MXFP4: bfloat16 only
+  // FP4: groups of its format's rows (four or two per stage); else whole 32-row halves of a stage, or one group.
+  const bool groups = fp4 ? p.k == p.groups * (p.weight == MarlinType::kNvFp4 ? 16 : 32)
+                          : p.groups == 1 || (p.k % p.groups == 0 && (p.k / p.groups) % 32 == 0);
   return type && groups && p.g_idx == nullptr && p.n % kBlockCols == 0 && p.k % kStageK == 0 &&
          (p.type == FloatType::kF16 || p.type == FloatType::kBF16);
 }

@@ -94,14 +94,14 @@ def kernel_max_rows(k: int, n: int) -> int:
 # (hopper_kernel_takes): its blocks hold 16, 32, 64 or 128 rows (the fewest that hold M), and a weight with few
 # 128-column blocks splits K over a cluster, so every weight fills the GPU. Up to 16 rows the decode kernel
 # streams wide weights faster (narrow ones not: K4096 N4096 below; one rule for now); past 256 rows dequantize +
-# XLA's dot catches up. The 8-bit and fp8 weights take the 4-bit weights' rows until they are timed. Measured
+# XLA's dot catches up. The 8-bit, fp8 and FP4 weights take the 4-bit weights' rows until they are timed. Measured
 # (benchmarks/RESULTS.md, uint4b8 G128 bf16, µs): on the H100 (2026-12-07, tools/weight_only_ab), wgmma against the decode kernel,
 # K8192 N28672 M16 98 vs 74, M32 106 vs 113, M64 135 vs 199; K28672 N8192 M16 148 vs 83; K4096 N4096 M16 13
 # vs 19; on the H200 (2026-12-03, 128-row blocks without K splits) against dequantize + dot, K8192 N28672 M256
 # 291 vs 339, M512 512 vs 494.
 HOPPER_FIRST_ROWS = 17
 HOPPER_MAX_ROWS = 256
-_HOPPER_FORMS = ("uint4b8", "uint4", "uint8b128", "float8_e4m3fn")
+_HOPPER_FORMS = ("uint4b8", "uint4", "uint8b128", "float8_e4m3fn", "nvfp4", "mxfp4")
 _hopper_limits = contextvars.ContextVar("jaxq_hopper_limits", default=None)
 
 
@@ -142,11 +142,11 @@ def hopper_max_rows() -> int:
 
 
 def hopper_kernel_takes(form: str, act_order: bool, k: int, n: int, groups: int) -> bool:
-    """Whether the Hopper (wgmma) kernel takes this weight: integer or fp8 codes (uint4b8, uint4, uint8b128,
-    float8_e4m3fn; not FP4) without act-order, N a multiple of 128, K of 64, groups of 32 rows or more (or one),
-    on an sm_90 GPU."""
-    return (form in _HOPPER_FORMS and not act_order and n % 128 == 0 and k % 64 == 0
-            and (groups == 1 or (k % groups == 0 and (k // groups) % 32 == 0)) and _hopper_gpu())
+    """Whether the Hopper (wgmma) kernel takes this weight: every form (``uint4b8``, ``uint4``, ``uint8b128``,
+    ``float8_e4m3fn``, ``nvfp4``, ``mxfp4``) without act-order, N a multiple of 128, K of 64, groups of 32 rows or
+    more (or one; FP4: its format's), on an sm_90 GPU."""
+    whole_groups = form in ("nvfp4", "mxfp4") or groups == 1 or (k % groups == 0 and (k // groups) % 32 == 0)
+    return form in _HOPPER_FORMS and not act_order and n % 128 == 0 and k % 64 == 0 and whole_groups and _hopper_gpu()
 
 
 _batch_invariant = contextvars.ContextVar("jaxq_batch_invariant", default=False)
@@ -732,8 +732,8 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     reference does. Within each form a row's output is bit-identical in any batch (rows 1-8 share one,
     9-``kernel_max_rows`` the other; FP4 has one for all): every row is summed in the same order whatever M is
     (the K split depends on K, N and the GPU only). On an sm_90 GPU, from :func:`hopper_first_rows` (17) to
-    :data:`HOPPER_MAX_ROWS` rows, weights the wgmma kernel takes (:func:`hopper_kernel_takes`: integer and fp8
-    codes without act-order) run it instead: W rounded to ``a``'s dtype on Hopper's tensor cores with float32 sums,
+    :data:`HOPPER_MAX_ROWS` rows, weights the wgmma kernel takes (:func:`hopper_kernel_takes`: every type
+    without act-order) run it instead: W rounded to ``a``'s dtype on Hopper's tensor cores with float32 sums,
     its K split (if any) a function of K, N and the GPU only, so a row's output is bit-identical in any batch of
     that range too, whichever of its 16- to 128-row blocks runs it (a tensor-parallel shard it does not take,
     e.g. N not a multiple of 128, runs the decode kernel's second form there). Elsewhere above
