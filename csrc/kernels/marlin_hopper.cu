@@ -42,8 +42,9 @@ constexpr int kStageK = 64;             // four k-steps of 16
 constexpr int kMaxHopperSplits = 8;     // the portable cluster size
 constexpr int kMinSplitStages = 8;      // a split's pipeline needs a few stages to fill
 
-// One ring slot's layout for blocks of kRows rows of a and kBits-bit codes, and the ring: about 100 KB per block
-// (two per SM), so that fewer rows buy more stages in flight (the weight's bytes are what small m waits for).
+// One ring slot's layout for blocks of kRows rows of a and kBits-bit codes, and the ring: the SM's share of a block
+// (two per SM; four of up to 32 rows, which wait for the weight's bytes: on the H100, 2026-12-07, 16-row blocks ran
+// K28672 N8192 in 110 instead of 148 µs, K8192 N28672 in 94 instead of 99).
 template <int kRows, int kBits>
 struct Ring {
   static constexpr int kTileBytes = kTileK * kTileN * kBits / 8;  // one 16 x 64 tile of codes
@@ -52,14 +53,17 @@ struct Ring {
   static constexpr int kScales = kCodes + kStageK / kTileK * 2 * kTileBytes;  // 2 halves x 128 scales (FP4: bytes)
   static constexpr int kZeros = kScales + 2 * kBlockCols * 2;                   // 2 halves x 16 words (uint4 only)
   static constexpr int kStageBytes = (kZeros + 2 * kBlockCols / 8 * 4 + 1023) / 1024 * 1024;
-  // 4-bit: the counts timed on the H100 (2026-12-07); 8-bit: as many as 110 KB hold.
-  static constexpr int kStages = kBits == 8 ? (110 * 1024 / kStageBytes < 12 ? 110 * 1024 / kStageBytes : 12)
-                                 : kRows == 128 ? 5 : kRows == 64 ? 7 : kRows == 32 ? 10 : 12;
+  static constexpr int kBlocksPerSm = kRows <= 32 ? 4 : 2;
+  static constexpr int kShare = 228 * 1024 / kBlocksPerSm - 1024;  // an SM's shared memory, 1 KB per block reserved
+  // 4-bit: the counts timed on the H100 (2026-12-07); 8-bit: as many as the share holds.
+  static constexpr int kStages = kBits == 8 ? kShare / kStageBytes
+                                 : kRows == 128 ? 5 : kRows == 64 ? 7 : kRows == 32 ? 5 : 6;
   static constexpr int kSharedBytes = kStages * kStageBytes;
   // The block's float32 sums once the ring is drained, rows padded by 4 floats: the lanes of a warp that write
   // one register (8 columns, 4 row pairs) then hit 32 banks.
   static constexpr int kSumStride = kBlockCols + 4;
   static_assert(kRows * kSumStride * 4 <= kSharedBytes, "the sums reuse the ring");
+  static_assert(kStages >= 4 && kSharedBytes <= kShare, "a ring of at least four stages in the SM's share");
 };
 
 // Byte offset of a's element (row r, k) in a stage: a row's 64 k are 128 contiguous bytes whose 16-byte pieces
@@ -120,7 +124,8 @@ __device__ __forceinline__ void WgmmaWait() {
 __device__ __forceinline__ void Pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
 template <typename T, MarlinType kType, int kRows>
-__global__ void __launch_bounds__(kThreads, 2) MarlinHopperKernel(MarlinParams p, int stages_per_split) {
+__global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlocksPerSm))
+    MarlinHopperKernel(MarlinParams p, int stages_per_split) {
   constexpr int kBits = kBitsOf<kType>;
   constexpr int kVectors = kBits / 4;  // 16-byte vectors per lane in a tile
   using R = Ring<kRows, kBits>;
