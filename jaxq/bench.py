@@ -232,8 +232,9 @@ class WeightCase:
     def kernel(self, x, qweight, qzeros, scales):
         """The kernel alone, for any M (crossover measurements)."""
         if self.family == "awq":
-            return awq_ops._awq_gemm(x, qweight, qzeros, scales, split_k_hint=None)[0]
-        return gptq_ops._gptq_gemm(x, qweight, qzeros, scales, bits=self.bits, exllama=True, v2=False)[0]
+            return awq_ops._awq_gemm(x, qweight, qzeros, scales, split_k_hint=None, hopper_from_rows=0)[0]
+        return gptq_ops._gptq_gemm(x, qweight, qzeros, scales, bits=self.bits, exllama=True, v2=False,
+                                   hopper_from_rows=0)[0]
 
     def dequantize(self, qweight, qzeros, scales):
         if self.family == "awq":
@@ -281,7 +282,8 @@ def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy:
             if splits and case.family == "awq" and m <= 16:
                 for split in splits:  # the K-split choice of jaxq/ops/_weight_only.py, checked
                     row[f"split{split}_us"] = _time_per_call(
-                        lambda x, q, z, s, split=split: awq_ops._awq_gemm(x, q, z, s, split_k_hint=split)[0],
+                        lambda x, q, z, s, split=split: awq_ops._awq_gemm(x, q, z, s, split_k_hint=split,
+                                                                                   hopper_from_rows=0)[0],
                         make_input, moved) * 1e6
             if m >= 1024:  # against cuBLAS bf16 on an already dequantized weight
                 dense = functools.cache(lambda i, case=case: case.dequantize(*make_weight(i)))

@@ -251,6 +251,70 @@ def test_gptq_gemm_kernel_narrow_column_blocks(m, bits):
     _compare_close(f, x, qw, qz, sc, tol=_gemm_tol(dtype))
 
 
+def _gptq4_weight(rng, k, n, group_size, dtype, v2, act_order):
+    """Random 4-bit GPTQ tensors with every stored zero (v1's 15 is a zero of 16), act-order as GPTQ numbers its
+    groups: (qweight in exllama's layout, qzeros, scales, perm or empty, the oracle's W [K, N] in input order)."""
+    import oracle
+
+    groups = k // group_size
+    q = rng.integers(0, 16, (k, n))
+    stored = rng.integers(0, 16, (groups, n))
+    scales = jnp.asarray(rng.uniform(0.5, 2.0, (groups, n)) * 2.0**-6, dtype)
+    g_idx = (np.argsort(rng.permutation(k)) // group_size if act_order else np.arange(k) // group_size).astype(np.int32)
+    qweight, qzeros = oracle.bitstream_pack(q, 4, 0), oracle.bitstream_pack(stored, 4, 1)
+    w = oracle.gptq_dequantize(qweight, qzeros, np.asarray(scales, np.float32), g_idx, 4, v2)
+    perm = jnp.asarray(np.argsort(g_idx, kind="stable"), jnp.int32) if act_order else jnp.zeros((0,), jnp.int32)
+    return jaxq.gptq_shuffle(jnp.asarray(qweight), perm, 4), jnp.asarray(qzeros), scales, perm, w
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("group_size,v2,act_order", [(128, False, False), (32, True, False), (64, False, True),
+                                                     (-1, False, False)])
+def test_gptq_gemm_hopper_kernel(group_size, v2, act_order, dtype):
+    """4-bit GPTQ in exllama's layout on marlin_gemm's Hopper kernel, forced from one row (each row block of 16 to
+    128 rows and tails, K whole and split over clusters of 2 and 8 blocks): against the jnp reference and the NumPy
+    oracle, asymmetric zeros in v1 and v2, act-order through perm; the lowering says which kernel ran."""
+    from jaxq.ops import gptq as gptq_ops, marlin
+
+    if not marlin._hopper_gpu():
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    rng = np.random.default_rng()
+    for k, n in ((256, 4096), (1024, 384), (4096, 1024)):
+        qw, qz, sc, perm, w = _gptq4_weight(rng, k, n, k if group_size == -1 else group_size, dtype, v2, act_order)
+        f = lambda x, *weight: jaxq.gptq_gemm(x, *weight, use_exllama=True, use_v2_format=v2, bits=4)
+        reference = gptq_ops.gptq_dequantize_reference(qw, qz, sc, bits=4, exllama=True, v2=v2)  # rows in perm order
+        for m in (1, 16, 17, 33, 64, 65, 128, 200, 256):
+            x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+            with marlin.hopper_limits(first_rows=1, max_rows=marlin.HOPPER_MAX_ROWS):
+                lowered = jax.jit(f).lower(x, qw, qz, sc, perm)
+            assert "hopper_from_rows = 1 " in lowered.as_text(), (k, n, m)
+            got = lowered.compile()(x, qw, qz, sc, perm)
+            want = jnp.dot(jnp.take(x, perm, axis=1) if act_order else x, reference,
+                           preferred_element_type=jnp.float32).astype(dtype)
+            assert np.isfinite(np.asarray(got, np.float32)).all(), (k, n, m)
+            assert _rel_l2(got, want) <= _gemm_tol(dtype), (k, n, m, _rel_l2(got, want))
+            assert _rel_l2(got, np.asarray(x, np.float64) @ w) <= _gemm_tol(dtype), (k, n, m)
+
+
+def test_gptq_gemm_hopper_rows_are_batch_invariant():
+    """gptq_gemm's rows on the Hopper kernel (65 to hopper_max_rows by default) are bit-identical in any batch of
+    that range, with K whole and split over clusters."""
+    from jaxq.ops import gptq as gptq_ops, marlin
+
+    if not marlin._hopper_gpu():
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    rng = np.random.default_rng()
+    first = gptq_ops.GPTQ_GEMM_KERNEL_MAX_M + 1
+    for k, n in ((256, 4096), (4096, 1024)):
+        qw, qz, sc, perm, _ = _gptq4_weight(rng, k, n, 128, jnp.bfloat16, False, False)
+        f = jax.jit(lambda x, *weight: jaxq.gptq_gemm(x, *weight, use_exllama=True, bits=4))
+        x = jnp.asarray(rng.standard_normal((marlin.HOPPER_MAX_ROWS, k)), jnp.bfloat16)
+        full = np.asarray(f(x, qw, qz, sc, perm)).view(np.uint16)
+        for lo, hi in ((0, first), (0, 128), (0, 200), (first, 2 * first + 7), (100, 228)):
+            np.testing.assert_array_equal(np.asarray(f(x[lo:hi], qw, qz, sc, perm)).view(np.uint16), full[lo:hi],
+                                          err_msg=f"{k} {n} {lo}:{hi}")
+
+
 def test_weight_only_gemm_gradient_on_gpu():
     rng = np.random.default_rng(2)
     qw, sc, qz = formats.quantize_awq(jnp.asarray(rng.standard_normal((256, 128)), jnp.bfloat16), 64)

@@ -203,6 +203,50 @@ def test_dispatch_threshold_both_sides():
     assert "jaxq_gptq_dequantize_sharded" in _primitives(f, random_x(rng, (limit + 1, 128), jnp.float16))
 
 
+def test_gptq_gemm_hopper_dispatch(monkeypatch):
+    """Which gptq_gemm calls run marlin_gemm's Hopper kernel, decided at trace time without a GPU: 4-bit weights
+    in exllama's layout (act-order through perm too), from the row past gptq_gemm's own kernel up to
+    hopper_max_rows (the handler dispatches by rows, so every kernel call in that range carries the first row);
+    never for the checkpoint layout or other bit widths. The results stay the reference's."""
+    from jaxq.ops import marlin
+
+    monkeypatch.setattr(marlin, "_hopper_gpu", lambda: True)
+    seen = []
+    gemm = gptq_ops._gptq_gemm
+    monkeypatch.setattr(gptq_ops, "_gptq_gemm", lambda *a, **params: seen.append(params) or gemm(*a, **params))
+    rng = np.random.default_rng(8)
+    k, n = 256, 128
+    first = gptq_ops.GPTQ_GEMM_KERNEL_MAX_M + 1
+    x = random_x(rng, (marlin.HOPPER_MAX_ROWS + 1, k), jnp.bfloat16)
+    for act_order in (False, True):
+        qweight, qzeros, scales, g_idx = gptq_weight(rng, k, n, 4, 64, jnp.bfloat16, act_order=act_order,
+                                                     symmetric=False)
+        perm = jnp.argsort(g_idx).astype(jnp.int32) if act_order else jnp.zeros((0,), jnp.int32)
+        shuffled = jaxq.gptq_shuffle(qweight, perm, 4)
+        w = oracle.gptq_dequantize(np.asarray(qweight), np.asarray(qzeros), np.asarray(scales, np.float32),
+                                   np.asarray(g_idx), 4, False)
+        for m, hopper_from in ((1, first), (first - 1, first), (first, first), (marlin.HOPPER_MAX_ROWS, first),
+                               (marlin.HOPPER_MAX_ROWS + 1, None)):
+            seen.clear()
+            got = jaxq.gptq_gemm(x[:m], shuffled, qzeros, scales, perm, use_exllama=True)
+            assert [p["hopper_from_rows"] for p in seen] == ([] if hopper_from is None else [hopper_from]), m
+            assert rel_l2(got, np.asarray(x[:m], np.float64) @ w) < 1e-2, m
+    with marlin.hopper_limits(first_rows=1, max_rows=8):
+        for m, hopper_from in ((1, 1), (8, 1), (9, 0)):  # 9: gptq_gemm's own kernel, past the Hopper rows
+            seen.clear()
+            jaxq.gptq_gemm(x[:m], shuffled, qzeros, scales, perm, use_exllama=True)
+            assert [p["hopper_from_rows"] for p in seen] == [hopper_from], m
+    empty = jnp.zeros((0,), jnp.int32)
+    for bits, exllama in ((4, False), (8, True)):
+        qweight, qzeros, scales, _ = gptq_weight(rng, k, n, bits, 64, jnp.bfloat16)
+        qweight = jaxq.gptq_shuffle(qweight, empty, bits) if exllama else qweight
+        seen.clear()
+        jaxq.gptq_gemm(x[:first], qweight, qzeros, scales, empty, use_exllama=exllama, bits=bits)
+        assert seen == []  # dequantize + dot
+        jaxq.gptq_gemm(x[:1], qweight, qzeros, scales, empty, use_exllama=exllama, bits=bits)
+        assert [p["hopper_from_rows"] for p in seen] == [0]
+
+
 def test_split_k_choice_and_workspace():
     """The K split sizes the kernel's workspace (the kernel reads it back from there); on the CPU the
     reference ignores it, so the GPU tests check that results do not depend on it."""

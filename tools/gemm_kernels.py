@@ -8,7 +8,8 @@ compute-sanitizer.
   64, 130), grouped and per-channel scales, act-order (with corrupt g_idx entries, which the kernel must
   clamp), bias, K split over a cluster (N = 64) and not (N = 4096); then the Hopper kernel's rows (17, 130,
   256) and past them.
-* ``marlin_hopper``: the Hopper kernel's variants alone (the ``marlin`` set runs them too).
+* ``marlin_hopper``: the Hopper kernel's variants alone (the ``marlin`` set runs them too), and gptq_gemm's 4-bit
+  weights in exllama's layout on it.
 * ``scaled_mm``: int8 and fp8 W8A8 GEMMs in every M-bucket tile configuration, both output dtypes, scalar
   and vector scales, bias, both zero-point forms, fp8 fast accumulation; fp8 with block-wise scales in both
   of its tiles.
@@ -170,8 +171,17 @@ def marlin_hopper():
     rng = np.random.default_rng(0)
     for dtype in [jnp.dtype(d) for d in sys.argv[2:]] or (jnp.float16, jnp.bfloat16):
         for k, n, groups in ((512, 8704, 4), (256, 384, 8), (256, 4096, 1), (1024, 384, 8), (4096, 128, 32)):
+            rows = (1, 16, 20, 33, 64, 130, ops.HOPPER_MAX_ROWS)
             for q, s, weight_kw, _ in _marlin_weights(rng, k, n, groups, dtype):
-                _hopper_rows(rng, q, s, weight_kw, dtype, (1, 16, 20, 33, 64, 130, ops.HOPPER_MAX_ROWS))
+                _hopper_rows(rng, q, s, weight_kw, dtype, rows)
+            qw, qz, sc, _ = formats.quantize_gptq(jnp.asarray(rng.standard_normal((k, n)), dtype), 4, k // groups,
+                                                  symmetric=False)
+            qw, no_perm = jaxq.gptq_shuffle(qw, jnp.zeros((0,), jnp.int32), 4), jnp.zeros((0,), jnp.int32)
+            for m in rows:
+                x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+                with ops.hopper_limits(first_rows=1, max_rows=ops.HOPPER_MAX_ROWS):
+                    jax.block_until_ready(jax.jit(lambda x, *a: jaxq.gptq_gemm(x, *a, use_exllama=True, bits=4))(
+                        x, qw, qz, sc, no_perm))
     print("ran every marlin Hopper kernel variant")
 
 

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "ffi/common.h"
+#include "kernels/marlin.h"
 #include "kernels/weight_only.h"
 
 namespace ffi = xla::ffi;
@@ -48,10 +49,32 @@ ffi::Error BindWeights(WeightOnlyParams& p, int32_t format, int32_t bits, int32_
   return ffi::Error::Success();
 }
 
+// A 4-bit GPTQ weight in exllama's layout on marlin_gemm's Hopper kernel (the rows gptq_gemm gives it).
+ffi::Error GptqGemmHopper(cudaStream_t stream, const WeightOnlyParams& w) {
+  MarlinParams p;
+  p.type = w.type;
+  p.weight = MarlinType::kU4;
+  p.layout = WeightLayout::kGptqExllama;
+  p.zero_offset = w.zero_offset;
+  p.a = w.x;
+  p.b_q = w.qweight;
+  p.scales = w.scales;
+  p.zeros = w.qzeros;
+  p.out = w.out;
+  p.m = w.m;
+  p.k = static_cast<int>(w.k);
+  p.n = static_cast<int>(w.n);
+  p.groups = static_cast<int>(w.groups);
+  if (w.format != WeightFormat::kGptqExllama || w.bits != 4 || !MarlinHopperSupports(p)) {
+    return ffi::Error::InvalidArgument("jaxq: the Hopper kernel does not take this GPTQ weight");
+  }
+  return FromCuda(LaunchMarlinGemmHopper(p, stream), "GPTQ GEMM (Hopper kernel) launch");
+}
+
 ffi::Error WeightOnlyGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer qweight, ffi::AnyBuffer qzeros,
                           ffi::AnyBuffer scales, ffi::Result<ffi::AnyBuffer> out,
                           ffi::Result<ffi::Buffer<ffi::U32>> workspace, int32_t format, int32_t bits,
-                          int32_t zero_offset) {
+                          int32_t zero_offset, int64_t hopper_from_rows) {
   WeightOnlyParams p;
   if (auto err = BindWeights(p, format, bits, zero_offset, qweight, qzeros, scales); err.failure()) return err;
   auto xd = x.dimensions();
@@ -60,6 +83,12 @@ ffi::Error WeightOnlyGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
   }
   p.m = xd[0];
   if (auto err = ExpectShape("out", *out, x.element_type(), {}, 0, {p.m, p.n}); err.failure()) return err;
+  if (hopper_from_rows > 0 && p.m >= hopper_from_rows) {
+    p.x = x.untyped_data();
+    p.out = out->untyped_data();
+    PoisonIfRequested(stream, p.out, out->size_bytes());
+    return GptqGemmHopper(stream, p);
+  }
   if (!WeightOnlyGemmSupports(p)) return ffi::Error::InvalidArgument("jaxq: the GEMM kernel does not tile this weight");
   // The split is chosen in Python (jaxq/ops/_weight_only.py) and sized into the workspace.
   const int64_t words = static_cast<int64_t>(workspace->element_count());
@@ -115,7 +144,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqWeightOnlyGemm, jaxq::WeightOnlyGemm,
                                   .Ret<ffi::Buffer<ffi::U32>>()
                                   .Attr<int32_t>("format")
                                   .Attr<int32_t>("bits")
-                                  .Attr<int32_t>("zero_offset"),
+                                  .Attr<int32_t>("zero_offset")
+                                  .Attr<int64_t>("hopper_from_rows"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqWeightDequantize, jaxq::WeightDequantize,

@@ -514,7 +514,7 @@ MarlinPlan PlanMarlin(int n, int k, int sm_count) {
 
 namespace {
 bool ValidShape(const MarlinParams& p) {
-  if (p.k % kTileK != 0 || p.n % kTileN != 0 || p.groups < 1 || (p.weight == MarlinType::kU4) != (p.zeros != nullptr)) {
+  if (p.layout != WeightLayout::kMarlin || p.k % kTileK != 0 || p.n % kTileN != 0 || p.groups < 1 || (p.weight == MarlinType::kU4) != (p.zeros != nullptr)) {
     return false;
   }
   if (p.weight == MarlinType::kNvFp4 || p.weight == MarlinType::kMxFp4) {  // vLLM's grouped order, 16 or 32 rows

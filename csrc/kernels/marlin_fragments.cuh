@@ -120,6 +120,12 @@ __device__ __forceinline__ uint32_t Fp4Pair(uint32_t x) {
 
 // The two fragments b0 (rows 2t, 2t + 1) and b1 (rows 2t + 8, 2t + 9) of column j = 2w + h of a tile as the codes
 // give them, exact in T: magic + code (4-bit codes, float16's 8-bit codes), or the value (kRawIsValue).
+// Two 4-bit codes at bits 0..3 and 16..19 of x as a pair of T: magic + code, exact.
+template <typename T>
+__device__ __forceinline__ uint32_t RawPair4(uint32_t x) {
+  return MaskOr<0x000f000fu, Pair<T>::kMagic>(x);
+}
+
 template <typename T, MarlinType kType>
 __device__ __forceinline__ void RawFragments(const uint4* codes, int w, int h, uint32_t& b0, uint32_t& b1) {
   if constexpr (kFp4<kType>) {
@@ -129,8 +135,8 @@ __device__ __forceinline__ void RawFragments(const uint4* codes, int w, int h, u
     b1 = Fp4Pair<T>(word << (8 - 8 * h));
   } else if constexpr (kBitsOf<kType> == 4) {
     const uint32_t word = (w == 0 ? codes[0].x : w == 1 ? codes[0].y : w == 2 ? codes[0].z : codes[0].w) >> (8 * h);
-    b0 = MaskOr<0x000f000fu, Pair<T>::kMagic>(word);
-    b1 = MaskOr<0x000f000fu, Pair<T>::kMagic>(word >> 4);
+    b0 = RawPair4<T>(word);
+    b1 = RawPair4<T>(word >> 4);
   } else {
     const uint4& v = codes[w >> 1];
     const int e = 2 * (w & 1) + h;
@@ -152,25 +158,25 @@ __device__ __forceinline__ void RawFragments(const uint4* codes, int w, int h, u
   }
 }
 
-// The fragments of W itself: the raw fragments minus their offsets (`neg01` / `neg89`, exact), times the scales,
-// rounded to T once, as the reference dequantizes.
+// A pair of W itself from a raw fragment: minus its offset (`neg`, exact), times the scales, rounded to T once, as
+// the reference dequantizes.
+template <typename T, MarlinType kType>
+__device__ __forceinline__ uint32_t FromRaw(uint32_t raw, T2<T> neg, T2<T> scale) {
+  T2<T> v = AsPair<T>(raw);
+  // MXFP4: e2m1 itself first (times 2**126), as its scale alone may not fit T's range.
+  if constexpr (kType == MarlinType::kMxFp4) v = __hmul2(v, AsPair<T>(0x7e807e80u));
+  if constexpr (!kRawIsValue<T, kType>) v = __hadd2(v, neg);
+  return Bits<T>(__hmul2(v, scale));
+}
+
+// The fragments of W itself (FromRaw of the raw fragments).
 template <typename T, MarlinType kType>
 __device__ __forceinline__ void Dequantize(const uint4* codes, int w, int h, T2<T> neg01, T2<T> neg89,
                                            T2<T> scale01, T2<T> scale89, uint32_t& b0, uint32_t& b1) {
   uint32_t r0, r1;
   RawFragments<T, kType>(codes, w, h, r0, r1);
-  T2<T> v01 = AsPair<T>(r0), v89 = AsPair<T>(r1);
-  if constexpr (kType == MarlinType::kMxFp4) {  // e2m1 itself first: its scale alone may not fit T's range
-    const T2<T> unbias = AsPair<T>(0x7e807e80u);  // 2**126
-    v01 = __hmul2(v01, unbias);
-    v89 = __hmul2(v89, unbias);
-  }
-  if constexpr (!kRawIsValue<T, kType>) {
-    v01 = __hadd2(v01, neg01);
-    v89 = __hadd2(v89, neg89);
-  }
-  b0 = Bits<T>(__hmul2(v01, scale01));
-  b1 = Bits<T>(__hmul2(v89, scale89));
+  b0 = FromRaw<T, kType>(r0, neg01, scale01);
+  b1 = FromRaw<T, kType>(r1, neg89, scale89);
 }
 
 // The offset a raw fragment carries for a zero point (or bias) z: magic + z.

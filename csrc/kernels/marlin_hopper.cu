@@ -1,6 +1,7 @@
 // marlin_gemm on Hopper's tensor cores (wgmma, sm_90a): integer, fp8 and FP4 weights (uint4b8, uint4 with zero
 // points, uint8b128, float8_e4m3fn, NVFP4, MXFP4) in the Marlin layout as it is stored, so that one copy of the
-// weight serves every M.
+// weight serves every M; also 4-bit GPTQ weights as gptq_gemm holds them (exllama's layout, WeightLayout), whose
+// rows past gptq_gemm's own kernel run here.
 //
 // out^T = W^T a^T. A block is two warpgroups, one 64-column Marlin tile each, and kRows (16, 32, 64 or 128) rows of
 // a, the fewest that hold m; W^T is wgmma's A operand from registers (warp w of a warpgroup takes word w of each
@@ -123,9 +124,10 @@ __device__ __forceinline__ void WgmmaWait() {
 // Keeps the compiler from moving reads or writes of `r` across the asynchronous wgmmas.
 __device__ __forceinline__ void Pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-template <typename T, MarlinType kType, int kRows>
+template <typename T, MarlinType kType, int kRows, WeightLayout kLayout>
 __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlocksPerSm))
     MarlinHopperKernel(MarlinParams p, int stages_per_split) {
+  constexpr bool kGptq = kLayout == WeightLayout::kGptqExllama;  // 4-bit with zero points (MarlinHopperSupports)
   constexpr int kBits = kBitsOf<kType>;
   constexpr int kVectors = kBits / 4;  // 16-byte vectors per lane in a tile
   using R = Ring<kRows, kBits>;
@@ -149,8 +151,13 @@ __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlock
     if (s < stages) {
       const uint32_t stage = shared_at + (s % kStages) * R::kStageBytes;
       const int ks = first + s;
+      if constexpr (kGptq) {  // codes: the stage's 8 rows of words x the block's 128 columns
+        const int word_row = tid >> 5, piece = tid & 31;
+        CopyAsync<16, true>(stage + R::kCodes + word_row * kBlockCols * 4 + piece * 16,
+                            p.b_q + (static_cast<size_t>(ks) * 8 + word_row) * p.n + n0 + piece * 4, 16);
+      }
 #pragma unroll
-      for (int i = 0; i < kVectors; ++i) {  // codes: 4 slabs x the block's two tiles, 16 bytes per thread each
+      for (int i = 0; i < (kGptq ? 0 : kVectors); ++i) {  // codes: 4 slabs x the block's two tiles, 16 bytes each
         constexpr int kPieces = 2 * R::kTileBytes / 16;  // of a slab
         const unsigned c = tid + i * kThreads, slab = c / kPieces, piece = c % kPieces;  // unsigned: shifts
         const unsigned tile = piece / (kPieces / 2), lane_vector = piece % (kPieces / 2);
@@ -220,11 +227,17 @@ __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlock
       for (int h = 0; h < 2; ++h) {
         // vLLM's grouped permutation puts column 16w + 8h + g of a tile at 8g + 2w + h; its per-channel one
         // scatters them (LoadScales).
-        const T s_value = p.per_channel ? row[32 * (warp >> 1) + 8 * ((g >> 1) & 3) + 4 * (warp & 1) + 2 * h + (g & 1)]
-                                        : row[8 * g + 2 * warp + h];
+        // (GPTQ's are in column order.)
+        const T s_value = kGptq           ? row[16 * warp + 8 * h + g]
+                          : p.per_channel ? row[32 * (warp >> 1) + 8 * ((g >> 1) & 3) + 4 * (warp & 1) + 2 * h + (g & 1)]
+                                          : row[8 * g + 2 * warp + h];
         scale[half][h] = T2<T>{s_value, s_value};
         float offset = kType == MarlinType::kU4B8 ? 8.0f : kType == MarlinType::kU8B128 ? 128.0f : 0.0f;
-        if constexpr (kHasZeros) {
+        if constexpr (kGptq) {  // nibble c % 8 of word c / 8 for column c
+          const uint32_t word =
+              reinterpret_cast<const uint32_t*>(stage + R::kZeros)[half * 16 + half_block * 8 + 2 * warp + h];
+          offset = static_cast<float>(((word >> (4 * g)) & 0xfu) + p.zero_offset);
+        } else if constexpr (kHasZeros) {
           const uint32_t word = reinterpret_cast<const uint32_t*>(stage + R::kZeros)[half * 16 + half_block * 8 + g];
           offset = static_cast<float>(ZeroNibble(word, 2 * warp + h));
         }
@@ -234,6 +247,20 @@ __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlock
     }
   };
   auto dequantize = [&](int step) {
+    const int half = step >> 1, row = step * kScaleRows / 4;
+    if constexpr (kGptq) {
+      // Rows 16 step + 2t, + 1 of columns 16w + g (h = 0) and + 8 (h = 1) are values 2t, 2t + 1 of word row
+      // 2 step, at bits 4t and 16 + 4t; rows 16 step + 8 + 2t, + 1 the same of word row 2 step + 1.
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(stage + R::kCodes) + 2 * step * kBlockCols +
+                              half_block * kTileN + 16 * warp + g;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        frag[step][h] = FromRaw<T, kType>(RawPair4<T>(words[8 * h] >> (4 * t)), neg[half][h], scale[row][h]);
+        frag[step][2 + h] =
+            FromRaw<T, kType>(RawPair4<T>(words[kBlockCols + 8 * h] >> (4 * t)), neg[half][h], scale[row][h]);
+      }
+      return;
+    }
     // The warp's word (4-bit) or words (8-bit) of the lane's vectors, where RawFragments reads them for w = 0.
     const char* tile = stage + R::kCodes + step * 2 * R::kTileBytes + half_block * R::kTileBytes;
     uint4 codes;
@@ -244,7 +271,6 @@ __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlock
       codes.x = words.x;
       codes.y = words.y;
     }
-    const int half = step >> 1, row = step * kScaleRows / 4;
     uint32_t b[2][2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -346,9 +372,9 @@ int HopperSplits(int n, int k, int sm_count) {
   return splits;
 }
 
-template <typename T, MarlinType kType, int kRows>
+template <typename T, MarlinType kType, int kRows, WeightLayout kLayout>
 cudaError_t Launch(const MarlinParams& p, int splits, cudaStream_t stream) {
-  auto kernel = MarlinHopperKernel<T, kType, kRows>;
+  auto kernel = MarlinHopperKernel<T, kType, kRows, kLayout>;
   using R = Ring<kRows, kBitsOf<kType>>;
   static const cudaError_t configured =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, R::kSharedBytes);
@@ -359,16 +385,19 @@ cudaError_t Launch(const MarlinParams& p, int splits, cudaStream_t stream) {
 }
 
 // The fewest rows per block that hold m.
-template <typename T, MarlinType kType>
+template <typename T, MarlinType kType, WeightLayout kLayout = WeightLayout::kMarlin>
 cudaError_t LaunchRows(const MarlinParams& p, int splits, cudaStream_t stream) {
-  if (p.m <= 16) return Launch<T, kType, 16>(p, splits, stream);
-  if (p.m <= 32) return Launch<T, kType, 32>(p, splits, stream);
-  if (p.m <= 64) return Launch<T, kType, 64>(p, splits, stream);
-  return Launch<T, kType, 128>(p, splits, stream);
+  if (p.m <= 16) return Launch<T, kType, 16, kLayout>(p, splits, stream);
+  if (p.m <= 32) return Launch<T, kType, 32, kLayout>(p, splits, stream);
+  if (p.m <= 64) return Launch<T, kType, 64, kLayout>(p, splits, stream);
+  return Launch<T, kType, 128, kLayout>(p, splits, stream);
 }
 
 template <typename T>
 cudaError_t DispatchType(const MarlinParams& p, int splits, cudaStream_t stream) {
+  if (p.layout == WeightLayout::kGptqExllama) {
+    return LaunchRows<T, MarlinType::kU4, WeightLayout::kGptqExllama>(p, splits, stream);
+  }
   switch (p.weight) {
     case MarlinType::kU4B8:
       return LaunchRows<T, MarlinType::kU4B8>(p, splits, stream);
@@ -396,7 +425,9 @@ bool MarlinHopperSupports(const MarlinParams& p) {
   // FP4: groups of its format's rows (four or two per stage); else whole 32-row halves of a stage, or one group.
   const bool groups = fp4 ? p.k == p.groups * (p.weight == MarlinType::kNvFp4 ? 16 : 32)
                           : p.groups == 1 || (p.k % p.groups == 0 && (p.k / p.groups) % 32 == 0);
-  return type && groups && p.g_idx == nullptr && p.n % kBlockCols == 0 && p.k % kStageK == 0 &&
+  const bool layout = p.layout == WeightLayout::kMarlin ||
+                      (p.layout == WeightLayout::kGptqExllama && p.weight == MarlinType::kU4 && !p.per_channel);
+  return type && groups && layout && p.g_idx == nullptr && p.n % kBlockCols == 0 && p.k % kStageK == 0 &&
          (p.type == FloatType::kF16 || p.type == FloatType::kBF16);
 }
 

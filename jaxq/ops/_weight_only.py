@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxq._op import Op, ShardingRule, map_batching
 
 FORMAT_AWQ, FORMAT_GPTQ, FORMAT_GPTQ_EXLLAMA = 0, 1, 2  # == jaxq::WeightFormat in csrc/kernels/weight_only.h
@@ -101,7 +102,9 @@ def gemm_op(
     def shapes(x, qweight, qzeros, scales, **params):
         return (jax.ShapeDtypeStruct((x.shape[0], scales.shape[-1]), x.dtype),)
 
-    def reference(x, qweight, qzeros, scales, **params):
+    # hopper_from_rows (0 or the first row from which the CUDA handler runs marlin_gemm's Hopper kernel instead
+    # of the family's own) picks a kernel only: the reference and the gradient do not see it.
+    def reference(x, qweight, qzeros, scales, hopper_from_rows, **params):
         return (dot_f32(x, dequantize(qweight, qzeros, scales, **params)),)
 
     def workspace(x, qweight, qzeros, scales, **params):
@@ -119,7 +122,7 @@ def gemm_op(
             granularity=granularity,
         )
 
-    def vjp(args, cotangents, **params):
+    def vjp(args, cotangents, hopper_from_rows, **params):
         x, qweight, qzeros, scales = args
         (dy,) = cotangents
         w = dequantize_op(qweight, qzeros, scales, **params)
@@ -131,7 +134,8 @@ def gemm_op(
         reference=reference,
         sharding_rule=sharding_rule,
         ffi_target="jaxq_weight_only_gemm",
-        ffi_attributes=ffi_attributes,
+        ffi_attributes=lambda hopper_from_rows, **params: dict(ffi_attributes(**params),
+                                                               hopper_from_rows=np.int64(hopper_from_rows)),
         batching_rule=gemm_batching,
         vjp=vjp,
         workspace=workspace,

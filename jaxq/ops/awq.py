@@ -119,7 +119,7 @@ def awq_gemm(x, qweight, scales, qzeros, *, split_k_iters: int | None = None):
         raise ValueError(f"{fn}: split_k_iters must be a positive int; got {split_k_iters!r}")
     n = scales.shape[1]
     return wo.matmul(
-        lambda rows: _awq_gemm(rows, qweight, qzeros, scales, split_k_hint=split_k_iters)[0],
+        lambda rows: _awq_gemm(rows, qweight, qzeros, scales, split_k_hint=split_k_iters, hopper_from_rows=0)[0],
         lambda: awq_dequantize(qweight, scales, qzeros),
         x, AWQ_GEMM_KERNEL_MAX_M, n, tiles_weight=True,
     )

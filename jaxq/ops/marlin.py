@@ -94,11 +94,11 @@ def kernel_max_rows(k: int, n: int) -> int:
 # (hopper_kernel_takes): its blocks hold 16, 32, 64 or 128 rows (the fewest that hold M), and a weight with few
 # 128-column blocks splits K over a cluster, so every weight fills the GPU. Up to 16 rows the decode kernel
 # streams wide weights faster (narrow ones not: K4096 N4096 below; one rule for now); past 256 rows dequantize +
-# XLA's dot catches up. The 8-bit, fp8 and FP4 weights take the 4-bit weights' rows until they are timed. Measured
-# (benchmarks/RESULTS.md, uint4b8 G128 bf16, µs): on the H100 (2026-12-07, tools/weight_only_ab), wgmma against the decode kernel,
-# K8192 N28672 M16 98 vs 74, M32 106 vs 113, M64 135 vs 199; K28672 N8192 M16 148 vs 83; K4096 N4096 M16 13
-# vs 19; on the H200 (2026-12-03, 128-row blocks without K splits) against dequantize + dot, K8192 N28672 M256
-# 291 vs 339, M512 512 vs 494.
+# XLA's dot catches up. The 8-bit, fp8 and FP4 weights take the 4-bit weights' rows until they are timed.
+# Measured (benchmarks/RESULTS.md, uint4b8 G128 bf16, µs): on the H100 (2026-12-07, tools/weight_only_ab), wgmma
+# against the decode kernel, K8192 N28672 M16 98 vs 74, M32 106 vs 113, M64 135 vs 199; K28672 N8192 M16 148 vs
+# 83; K4096 N4096 M16 13 vs 19; on the H200 (2026-12-03, 128-row blocks without K splits) against dequantize +
+# dot, K8192 N28672 M256 291 vs 339, M512 512 vs 494.
 HOPPER_FIRST_ROWS = 17
 HOPPER_MAX_ROWS = 256
 _HOPPER_FORMS = ("uint4b8", "uint4", "uint8b128", "float8_e4m3fn", "nvfp4", "mxfp4")
@@ -126,12 +126,15 @@ def _hopper_gpu() -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
-def hopper_first_rows(k: int, n: int) -> int:
+def hopper_first_rows(k: int, n: int, own_kernel_rows: int | None = None) -> int:
     """The fewest rows of ``a`` with which ``marlin_gemm`` runs the Hopper kernel on a ``[k, n]`` weight it
     takes (up to :func:`hopper_max_rows`): :data:`HOPPER_FIRST_ROWS`, or past :func:`kernel_max_rows` where the
-    decode kernel stops sooner."""
+    decode kernel stops sooner; for a caller with a kernel of its own (``gptq_gemm``), past its
+    ``own_kernel_rows``."""
     limits = _hopper_limits.get()
-    return limits[0] if limits else min(HOPPER_FIRST_ROWS, kernel_max_rows(k, n) + 1)
+    if limits:
+        return limits[0]
+    return own_kernel_rows + 1 if own_kernel_rows is not None else min(HOPPER_FIRST_ROWS, kernel_max_rows(k, n) + 1)
 
 
 def hopper_max_rows() -> int:
