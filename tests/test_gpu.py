@@ -315,6 +315,44 @@ def test_gptq_gemm_hopper_rows_are_batch_invariant():
                                           err_msg=f"{k} {n} {lo}:{hi}")
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_awq_gemm_hopper_kernel(group_size, dtype):
+    """AutoAWQ weights on marlin_gemm's Hopper kernel, forced from one row (each row block and tails, K whole and
+    split over clusters): against the jnp reference and the NumPy oracle, every zero point; then a row's result
+    is bit-identical in any batch of the default Hopper rows."""
+    import oracle
+    from jaxq.ops import awq as awq_ops, marlin
+
+    if not marlin._hopper_gpu():
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    rng = np.random.default_rng()
+    f = jax.jit(lambda x, *weight: jaxq.awq_gemm(x, *weight))
+    for k, n in ((256, 4096), (1024, 384), (4096, 1024)):
+        groups = 1 if group_size == -1 else k // group_size
+        q, zeros = rng.integers(0, 16, (k, n)), rng.integers(0, 16, (groups, n))
+        scales = jnp.asarray(rng.uniform(0.5, 2.0, (groups, n)) * 2.0**-6, dtype)
+        qw, qz = formats.pack_awq(jnp.asarray(q)), formats.pack_awq(jnp.asarray(zeros))
+        w = oracle.awq_dequantize(np.asarray(qw), np.asarray(scales, np.float32), np.asarray(qz))
+        reference = awq_ops.awq_dequantize_reference(qw, qz, scales)
+        for m in (1, 16, 17, 33, 64, 65, 128, 200, 256):
+            x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+            with marlin.hopper_limits(first_rows=1, max_rows=marlin.HOPPER_MAX_ROWS):
+                lowered = jax.jit(lambda x, *weight: jaxq.awq_gemm(x, *weight)).lower(x, qw, scales, qz)
+            assert "hopper_from_rows = 1 " in lowered.as_text(), (k, n, m)
+            got = lowered.compile()(x, qw, scales, qz)
+            want = jnp.dot(x, reference, preferred_element_type=jnp.float32).astype(dtype)
+            assert np.isfinite(np.asarray(got, np.float32)).all(), (k, n, m)
+            assert _rel_l2(got, want) <= _gemm_tol(dtype), (k, n, m, _rel_l2(got, want))
+            assert _rel_l2(got, np.asarray(x, np.float64) @ w) <= _gemm_tol(dtype), (k, n, m)
+        x = jnp.asarray(rng.standard_normal((marlin.HOPPER_MAX_ROWS, k)), dtype)
+        full = np.asarray(f(x, qw, scales, qz)).view(np.uint16)
+        first = awq_ops.AWQ_GEMM_KERNEL_MAX_M + 1
+        for lo, hi in ((0, first), (0, 200), (first, 2 * first + 7), (100, 228)):
+            np.testing.assert_array_equal(np.asarray(f(x[lo:hi], qw, scales, qz)).view(np.uint16), full[lo:hi],
+                                          err_msg=f"{k} {n} {lo}:{hi}")
+
+
 def test_weight_only_gemm_gradient_on_gpu():
     rng = np.random.default_rng(2)
     qw, sc, qz = formats.quantize_awq(jnp.asarray(rng.standard_normal((256, 128)), jnp.bfloat16), 64)

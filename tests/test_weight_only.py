@@ -247,6 +247,30 @@ def test_gptq_gemm_hopper_dispatch(monkeypatch):
         assert [p["hopper_from_rows"] for p in seen] == [0]
 
 
+def test_awq_gemm_hopper_dispatch(monkeypatch):
+    """awq_gemm's calls from the row past its own kernel up to hopper_max_rows carry the Hopper kernel's first
+    row (decided at trace time, without a GPU); the results stay the reference's."""
+    from jaxq.ops import marlin
+
+    monkeypatch.setattr(marlin, "_hopper_gpu", lambda: True)
+    seen = []
+    gemm = awq_ops._awq_gemm
+    monkeypatch.setattr(awq_ops, "_awq_gemm", lambda *a, **params: seen.append(params) or gemm(*a, **params))
+    rng = np.random.default_rng(9)
+    first = awq_ops.AWQ_GEMM_KERNEL_MAX_M + 1
+    for n, hopper in ((256, True), (96, False)):  # N not a multiple of 128: not the Hopper kernel's
+        qweight, scales, qzeros = awq_weight(rng, 256, n, 64, jnp.float16)
+        w = oracle.awq_dequantize(np.asarray(qweight), np.asarray(scales, np.float32), np.asarray(qzeros))
+        x = random_x(rng, (marlin.HOPPER_MAX_ROWS + 1, 256), jnp.float16)
+        for m, hopper_from in ((1, first), (first, first), (marlin.HOPPER_MAX_ROWS, first),
+                               (marlin.HOPPER_MAX_ROWS + 1, None)):
+            hopper_from = hopper_from if hopper else (0 if m < first else None)
+            seen.clear()
+            got = jaxq.awq_gemm(x[:m], qweight, scales, qzeros)
+            assert [p["hopper_from_rows"] for p in seen] == ([] if hopper_from is None else [hopper_from]), (n, m)
+            assert rel_l2(got, np.asarray(x[:m], np.float64) @ w) < 3e-3, (n, m)
+
+
 def test_split_k_choice_and_workspace():
     """The K split sizes the kernel's workspace (the kernel reads it back from there); on the CPU the
     reference ignores it, so the GPU tests check that results do not depend on it."""

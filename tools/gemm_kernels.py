@@ -9,7 +9,7 @@ compute-sanitizer.
   clamp), bias, K split over a cluster (N = 64) and not (N = 4096); then the Hopper kernel's rows (17, 130,
   256) and past them.
 * ``marlin_hopper``: the Hopper kernel's variants alone (the ``marlin`` set runs them too), and gptq_gemm's 4-bit
-  weights in exllama's layout on it.
+  weights in exllama's layout and awq_gemm's on it.
 * ``scaled_mm``: int8 and fp8 W8A8 GEMMs in every M-bucket tile configuration, both output dtypes, scalar
   and vector scales, bias, both zero-point forms, fp8 fast accumulation; fp8 with block-wise scales in both
   of its tiles.
@@ -177,11 +177,13 @@ def marlin_hopper():
             qw, qz, sc, _ = formats.quantize_gptq(jnp.asarray(rng.standard_normal((k, n)), dtype), 4, k // groups,
                                                   symmetric=False)
             qw, no_perm = jaxq.gptq_shuffle(qw, jnp.zeros((0,), jnp.int32), 4), jnp.zeros((0,), jnp.int32)
+            awq = formats.quantize_awq(jnp.asarray(rng.standard_normal((k, n)), dtype), k // groups)
             for m in rows:
                 x = jnp.asarray(rng.standard_normal((m, k)), dtype)
                 with ops.hopper_limits(first_rows=1, max_rows=ops.HOPPER_MAX_ROWS):
                     jax.block_until_ready(jax.jit(lambda x, *a: jaxq.gptq_gemm(x, *a, use_exllama=True, bits=4))(
                         x, qw, qz, sc, no_perm))
+                    jax.block_until_ready(jax.jit(jaxq.awq_gemm)(x, *awq))
     print("ran every marlin Hopper kernel variant")
 
 

@@ -49,12 +49,13 @@ ffi::Error BindWeights(WeightOnlyParams& p, int32_t format, int32_t bits, int32_
   return ffi::Error::Success();
 }
 
-// A 4-bit GPTQ weight in exllama's layout on marlin_gemm's Hopper kernel (the rows gptq_gemm gives it).
-ffi::Error GptqGemmHopper(cudaStream_t stream, const WeightOnlyParams& w) {
+// A 4-bit AWQ weight, or GPTQ's in exllama's layout, on marlin_gemm's Hopper kernel (the rows gptq_gemm and
+// awq_gemm give it).
+ffi::Error WeightOnlyGemmHopper(cudaStream_t stream, const WeightOnlyParams& w) {
   MarlinParams p;
   p.type = w.type;
   p.weight = MarlinType::kU4;
-  p.layout = WeightLayout::kGptqExllama;
+  p.layout = w.format == WeightFormat::kAwq ? WeightLayout::kAwq : WeightLayout::kGptqExllama;
   p.zero_offset = w.zero_offset;
   p.a = w.x;
   p.b_q = w.qweight;
@@ -65,10 +66,10 @@ ffi::Error GptqGemmHopper(cudaStream_t stream, const WeightOnlyParams& w) {
   p.k = static_cast<int>(w.k);
   p.n = static_cast<int>(w.n);
   p.groups = static_cast<int>(w.groups);
-  if (w.format != WeightFormat::kGptqExllama || w.bits != 4 || !MarlinHopperSupports(p)) {
-    return ffi::Error::InvalidArgument("jaxq: the Hopper kernel does not take this GPTQ weight");
+  if (w.format == WeightFormat::kGptq || w.bits != 4 || !MarlinHopperSupports(p)) {
+    return ffi::Error::InvalidArgument("jaxq: the Hopper kernel does not take this weight");
   }
-  return FromCuda(LaunchMarlinGemmHopper(p, stream), "GPTQ GEMM (Hopper kernel) launch");
+  return FromCuda(LaunchMarlinGemmHopper(p, stream), "weight-only GEMM (Hopper kernel) launch");
 }
 
 ffi::Error WeightOnlyGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer qweight, ffi::AnyBuffer qzeros,
@@ -87,7 +88,7 @@ ffi::Error WeightOnlyGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
     p.x = x.untyped_data();
     p.out = out->untyped_data();
     PoisonIfRequested(stream, p.out, out->size_bytes());
-    return GptqGemmHopper(stream, p);
+    return WeightOnlyGemmHopper(stream, p);
   }
   if (!WeightOnlyGemmSupports(p)) return ffi::Error::InvalidArgument("jaxq: the GEMM kernel does not tile this weight");
   // The split is chosen in Python (jaxq/ops/_weight_only.py) and sized into the workspace.

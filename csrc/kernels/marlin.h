@@ -12,10 +12,12 @@ namespace jaxq {
 // scale) and MXFP4 (e8m0 exponents per 32 rows; bfloat16 activations).
 enum class MarlinType : int32_t { kU4B8 = 0, kU4 = 1, kU8B128 = 2, kFp8E4M3 = 3, kNvFp4 = 4, kMxFp4 = 5 };
 
-// How the weight's tensors are laid out: vLLM's Marlin layout (below), or a 4-bit GPTQ checkpoint's after
-// exllama's shuffle (b_q [k / 8, n]: eight rows of a column per word, even rows in the low half-word; scales
-// [groups, n] and zero points [groups, n / 8] in column order), which the Hopper kernel reads for gptq_gemm.
-enum class WeightLayout : int32_t { kMarlin = 0, kGptqExllama = 1 };
+// How the weight's tensors are laid out: vLLM's Marlin layout (below); a 4-bit GPTQ checkpoint's after exllama's
+// shuffle (b_q [k / 8, n]: eight rows of a column per word, even rows in the low half-word; zero points
+// [groups, n / 8] in column order); or AutoAWQ's (b_q [k, n / 8] and zero points [groups, n / 8]: eight columns
+// per word in AWQ's order). Both with scales [groups, n] in column order; the Hopper kernel reads them for
+// gptq_gemm and awq_gemm.
+enum class WeightLayout : int32_t { kMarlin = 0, kGptqExllama = 1, kAwq = 2 };
 
 struct MarlinParams {
   FloatType type = FloatType::kBF16;  // of a, the scales, the bias and the output
@@ -39,7 +41,7 @@ struct MarlinParams {
   // m from this many rows runs the Hopper kernel (LaunchMarlinGemmHopper) where it supports the weight and the
   // GPU is an sm_90; 0: never. marlin_gemm's Python side sets it, so that the dispatch buckets are its own.
   int64_t hopper_from_rows = 0;
-  WeightLayout layout = WeightLayout::kMarlin;  // kGptqExllama: the Hopper kernel only, kU4 with zero points
+  WeightLayout layout = WeightLayout::kMarlin;  // the others: the Hopper kernel only, kU4 with zero points
   int zero_offset = 0;                          // added to the zero points (GPTQ v1 checkpoints store zero - 1)
 };
 

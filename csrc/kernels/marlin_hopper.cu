@@ -1,7 +1,7 @@
 // marlin_gemm on Hopper's tensor cores (wgmma, sm_90a): integer, fp8 and FP4 weights (uint4b8, uint4 with zero
 // points, uint8b128, float8_e4m3fn, NVFP4, MXFP4) in the Marlin layout as it is stored, so that one copy of the
-// weight serves every M; also 4-bit GPTQ weights as gptq_gemm holds them (exllama's layout, WeightLayout), whose
-// rows past gptq_gemm's own kernel run here.
+// weight serves every M; also 4-bit GPTQ and AWQ weights as gptq_gemm (exllama's layout) and awq_gemm hold them
+// (WeightLayout), whose rows past those ops' own kernels run here.
 //
 // out^T = W^T a^T. A block is two warpgroups, one 64-column Marlin tile each, and kRows (16, 32, 64 or 128) rows of
 // a, the fewest that hold m; W^T is wgmma's A operand from registers (warp w of a warpgroup takes word w of each
@@ -121,6 +121,10 @@ template <int kPending>
 __device__ __forceinline__ void WgmmaWait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
 }
+// The nibble of its word that AutoAWQ gives column c of eight (its order 0 2 4 6 1 3 5 7 holds column c at
+// nibble c / 2 + 4 (c % 2)).
+__device__ __forceinline__ int AwqNibble(int c) { return (c >> 1) | ((c & 1) << 2); }
+
 // Keeps the compiler from moving reads or writes of `r` across the asynchronous wgmmas.
 __device__ __forceinline__ void Pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
@@ -128,6 +132,8 @@ template <typename T, MarlinType kType, int kRows, WeightLayout kLayout>
 __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlocksPerSm))
     MarlinHopperKernel(MarlinParams p, int stages_per_split) {
   constexpr bool kGptq = kLayout == WeightLayout::kGptqExllama;  // 4-bit with zero points (MarlinHopperSupports)
+  constexpr bool kAwq = kLayout == WeightLayout::kAwq;             // the same
+  constexpr bool kColumnOrder = kGptq || kAwq;                     // scales and zero points
   constexpr int kBits = kBitsOf<kType>;
   constexpr int kVectors = kBits / 4;  // 16-byte vectors per lane in a tile
   using R = Ring<kRows, kBits>;
@@ -155,9 +161,15 @@ __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlock
         const int word_row = tid >> 5, piece = tid & 31;
         CopyAsync<16, true>(stage + R::kCodes + word_row * kBlockCols * 4 + piece * 16,
                             p.b_q + (static_cast<size_t>(ks) * 8 + word_row) * p.n + n0 + piece * 4, 16);
+      } else if constexpr (kAwq) {
+        // The stage's 64 rows x the block's 16 words, a row's four 16-byte pieces swizzled by (row / 2) % 4: the
+        // lanes that read rows 2t and 2t + 1 (t = 0..3) then hit four different pieces' banks.
+        const int k_row = tid >> 2, piece = tid & 3;
+        CopyAsync<16, true>(stage + R::kCodes + k_row * 64 + ((piece ^ (k_row >> 1)) & 3) * 16,
+                            p.b_q + (static_cast<size_t>(ks) * kStageK + k_row) * (p.n / 8) + n0 / 8 + piece * 4, 16);
       }
 #pragma unroll
-      for (int i = 0; i < (kGptq ? 0 : kVectors); ++i) {  // codes: 4 slabs x the block's two tiles, 16 bytes each
+      for (int i = 0; i < (kColumnOrder ? 0 : kVectors); ++i) {  // codes: 4 slabs x the block's two tiles, 16 bytes each
         constexpr int kPieces = 2 * R::kTileBytes / 16;  // of a slab
         const unsigned c = tid + i * kThreads, slab = c / kPieces, piece = c % kPieces;  // unsigned: shifts
         const unsigned tile = piece / (kPieces / 2), lane_vector = piece % (kPieces / 2);
@@ -227,16 +239,16 @@ __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlock
       for (int h = 0; h < 2; ++h) {
         // vLLM's grouped permutation puts column 16w + 8h + g of a tile at 8g + 2w + h; its per-channel one
         // scatters them (LoadScales).
-        // (GPTQ's are in column order.)
-        const T s_value = kGptq           ? row[16 * warp + 8 * h + g]
+        // (GPTQ's and AWQ's are in column order.)
+        const T s_value = kColumnOrder    ? row[16 * warp + 8 * h + g]
                           : p.per_channel ? row[32 * (warp >> 1) + 8 * ((g >> 1) & 3) + 4 * (warp & 1) + 2 * h + (g & 1)]
                                           : row[8 * g + 2 * warp + h];
         scale[half][h] = T2<T>{s_value, s_value};
         float offset = kType == MarlinType::kU4B8 ? 8.0f : kType == MarlinType::kU8B128 ? 128.0f : 0.0f;
-        if constexpr (kGptq) {  // nibble c % 8 of word c / 8 for column c
+        if constexpr (kColumnOrder) {  // column c in word c / 8: nibble c % 8 (GPTQ) or AWQ's AwqNibble(c % 8)
           const uint32_t word =
               reinterpret_cast<const uint32_t*>(stage + R::kZeros)[half * 16 + half_block * 8 + 2 * warp + h];
-          offset = static_cast<float>(((word >> (4 * g)) & 0xfu) + p.zero_offset);
+          offset = static_cast<float>(((word >> (4 * (kAwq ? AwqNibble(g) : g))) & 0xfu) + p.zero_offset);
         } else if constexpr (kHasZeros) {
           const uint32_t word = reinterpret_cast<const uint32_t*>(stage + R::kZeros)[half * 16 + half_block * 8 + g];
           offset = static_cast<float>(ZeroNibble(word, 2 * warp + h));
@@ -259,6 +271,22 @@ __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlock
         frag[step][2 + h] =
             FromRaw<T, kType>(RawPair4<T>(words[kBlockCols + 8 * h] >> (4 * t)), neg[half][h], scale[row][h]);
       }
+      return;
+    }
+    if constexpr (kAwq) {
+      // Column 16w + 8h + g of the tile is nibble AwqNibble(g) of word 2w + h of the tile's 8 in a row: one 8-byte
+      // read per row (both h) of rows 2t, 2t + 1, 2t + 8, 2t + 9 of the k-step.
+      const int shift = 4 * AwqNibble(g);
+      auto words = [&](int r) {
+        const int k_row = 16 * step + r, piece = ((half_block * 2 + (warp >> 1)) ^ (k_row >> 1)) & 3;
+        return *reinterpret_cast<const uint2*>(stage + R::kCodes + k_row * 64 + piece * 16 + (warp & 1) * 8);
+      };
+      const uint2 r0 = words(2 * t), r1 = words(2 * t + 1), r8 = words(2 * t + 8), r9 = words(2 * t + 9);
+      auto pair = [&](uint32_t lo, uint32_t hi) { return RawPair4<T>(((lo >> shift) & 0xfu) | ((hi >> shift) << 16)); };
+      frag[step][0] = FromRaw<T, kType>(pair(r0.x, r1.x), neg[half][0], scale[row][0]);
+      frag[step][1] = FromRaw<T, kType>(pair(r0.y, r1.y), neg[half][1], scale[row][1]);
+      frag[step][2] = FromRaw<T, kType>(pair(r8.x, r9.x), neg[half][0], scale[row][0]);
+      frag[step][3] = FromRaw<T, kType>(pair(r8.y, r9.y), neg[half][1], scale[row][1]);
       return;
     }
     // The warp's word (4-bit) or words (8-bit) of the lane's vectors, where RawFragments reads them for w = 0.
@@ -398,6 +426,7 @@ cudaError_t DispatchType(const MarlinParams& p, int splits, cudaStream_t stream)
   if (p.layout == WeightLayout::kGptqExllama) {
     return LaunchRows<T, MarlinType::kU4, WeightLayout::kGptqExllama>(p, splits, stream);
   }
+  if (p.layout == WeightLayout::kAwq) return LaunchRows<T, MarlinType::kU4, WeightLayout::kAwq>(p, splits, stream);
   switch (p.weight) {
     case MarlinType::kU4B8:
       return LaunchRows<T, MarlinType::kU4B8>(p, splits, stream);
@@ -426,7 +455,8 @@ bool MarlinHopperSupports(const MarlinParams& p) {
   const bool groups = fp4 ? p.k == p.groups * (p.weight == MarlinType::kNvFp4 ? 16 : 32)
                           : p.groups == 1 || (p.k % p.groups == 0 && (p.k / p.groups) % 32 == 0);
   const bool layout = p.layout == WeightLayout::kMarlin ||
-                      (p.layout == WeightLayout::kGptqExllama && p.weight == MarlinType::kU4 && !p.per_channel);
+                      ((p.layout == WeightLayout::kGptqExllama || p.layout == WeightLayout::kAwq) &&
+                       p.weight == MarlinType::kU4 && !p.per_channel);
   return type && groups && layout && p.g_idx == nullptr && p.n % kBlockCols == 0 && p.k % kStageK == 0 &&
          (p.type == FloatType::kF16 || p.type == FloatType::kBF16);
 }

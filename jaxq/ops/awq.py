@@ -9,6 +9,8 @@ dtype. jaxq needs the group size ``G`` to be a multiple of 32 (AutoAWQ uses 32, 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +18,11 @@ import numpy as np
 from jaxq import formats
 from jaxq._op import Op, ShardingRule, map_batching
 from jaxq.ops import _weight_only as wo
+from jaxq.ops import marlin
 
 # Rows of x up to which awq_gemm runs its own kernel; above, dequantize + XLA's dot is faster
-# (measured crossover on H100, benchmarks/RESULTS.md).
+# (measured crossover on H100, benchmarks/RESULTS.md), or on an sm_90 GPU marlin_gemm's Hopper kernel (up to
+# marlin.hopper_max_rows()).
 AWQ_GEMM_KERNEL_MAX_M = 64
 _SLAB_K = 32  # K rows of one warp step of the kernel (WeightOnlySlabK in csrc/kernels/weight_only.cu)
 
@@ -109,17 +113,23 @@ def awq_gemm(x, qweight, scales, qzeros, *, split_k_iters: int | None = None):
         results do not depend on it beyond rounding). Default: chosen from the shapes.
 
     Returns ``[..., N]`` in x's dtype. Up to ``AWQ_GEMM_KERNEL_MAX_M`` rows (and ``N % 32 == 0``) jaxq's
-    kernel runs (on CUDA; the jnp reference elsewhere); above, ``awq_dequantize`` + ``jnp.dot``.
-    Differentiable with respect to ``x`` only.
+    kernel runs (on CUDA; the jnp reference elsewhere), which applies each group's zero and scale to float32 sums
+    of the codes. On an sm_90 GPU (N a multiple of 128, K of 64) marlin_gemm's Hopper kernel runs from 65 rows up
+    to :func:`jaxq.ops.marlin.hopper_max_rows`, reading the weight as it is stored: W rounded to x's dtype, as
+    the reference does, float32 sums, a row's result the same in any batch of that range. Above,
+    ``awq_dequantize`` + ``jnp.dot``. Differentiable with respect to ``x`` only.
     """
     fn = "awq_gemm"
     _check(fn, qweight, scales, qzeros, getattr(x, "dtype", None))
     wo.check_activations(fn, x, qweight.shape[0])
     if split_k_iters is not None and (not isinstance(split_k_iters, int) or split_k_iters < 1):
         raise ValueError(f"{fn}: split_k_iters must be a positive int; got {split_k_iters!r}")
-    n = scales.shape[1]
+    k, n = qweight.shape[0], scales.shape[1]
+    hopper_from = marlin.hopper_rows_past_own_kernel(math.prod(x.shape[:-1]), k, n, scales.shape[0],
+                                                     AWQ_GEMM_KERNEL_MAX_M)
     return wo.matmul(
-        lambda rows: _awq_gemm(rows, qweight, qzeros, scales, split_k_hint=split_k_iters, hopper_from_rows=0)[0],
+        lambda rows: _awq_gemm(rows, qweight, qzeros, scales, split_k_hint=split_k_iters,
+                               hopper_from_rows=hopper_from)[0],
         lambda: awq_dequantize(qweight, scales, qzeros),
-        x, AWQ_GEMM_KERNEL_MAX_M, n, tiles_weight=True,
+        x, max(AWQ_GEMM_KERNEL_MAX_M, marlin.hopper_max_rows() if hopper_from else 0), n, tiles_weight=True,
     )

@@ -100,18 +100,6 @@ def _dequantize_shapes(qweight, qzeros, scales, g_idx, **params):
     return (jax.ShapeDtypeStruct((qweight.shape[0] * 32 // params["bits"], scales.shape[1]), scales.dtype),)
 
 
-def hopper_from_rows(m: int, k: int, n: int, groups: int, *, bits: int, exllama: bool) -> int:
-    """The first row of ``x`` from which ``gptq_gemm``'s kernel call runs marlin_gemm's Hopper (wgmma) kernel
-    on this weight, read in exllama's layout (:func:`jaxq.ops.marlin.hopper_first_rows` past this family's own
-    kernel), or 0: not for a call of ``m`` rows (more than :func:`jaxq.ops.marlin.hopper_max_rows`), not for
-    this weight (4-bit in exllama's layout, N a multiple of 128, K of 64) or not on this GPU (sm_90)."""
-    if bits != 4 or not exllama or not marlin.hopper_kernel_takes("uint4", False, k, n, groups):
-        return 0
-    if m > marlin.hopper_max_rows():
-        return 0
-    return marlin.hopper_first_rows(k, n, own_kernel_rows=GPTQ_GEMM_KERNEL_MAX_M)
-
-
 def _dequantize_reference(qweight, qzeros, scales, g_idx, *, bits, exllama, v2, act_order):
     return (gptq_dequantize_reference(qweight, qzeros, scales, g_idx if act_order else None,
                                       bits=bits, exllama=exllama, v2=v2),)
@@ -232,7 +220,7 @@ def gptq_gemm(x, qweight, qzeros, scales, g_idx, *, use_exllama: bool, use_v2_fo
     the jnp reference elsewhere) where it tiles the weight: ``N % 32 == 0`` and groups of at least 64
     (2-bit) or 128 (3-bit) rows; it multiplies the codes and applies each group's zero and scale to the float32
     sums. On an sm_90 GPU, 4-bit weights in exllama's layout (N a multiple of 128, K of 64) run marlin_gemm's
-    Hopper kernel from 65 rows up to :func:`jaxq.ops.marlin.hopper_max_rows` (:func:`hopper_from_rows`): W
+    Hopper kernel from 65 rows up to :func:`jaxq.ops.marlin.hopper_max_rows` (the weight as it is stored): W
     rounded to x's dtype, as the reference does, float32 sums, a row's result the same in any batch of that
     range. Otherwise, and for act-order without exllama (whose rows pick groups at random), dequantize +
     ``jnp.dot``. Differentiable with respect to ``x`` only.
@@ -244,8 +232,10 @@ def gptq_gemm(x, qweight, qzeros, scales, g_idx, *, use_exllama: bool, use_v2_fo
     params = dict(bits=bits, exllama=bool(use_exllama), v2=bool(use_v2_format))
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
-    rows = math.prod(x.shape[:-1])
-    hopper_from = 0 if act_order else hopper_from_rows(rows, k, n, scales.shape[0], bits=bits, exllama=use_exllama)
+    hopper_from = 0  # the first row from which the kernel call runs the Hopper kernel
+    if bits == 4 and use_exllama:  # act-order in exllama's layout: x's columns were permuted above
+        hopper_from = marlin.hopper_rows_past_own_kernel(math.prod(x.shape[:-1]), k, n, scales.shape[0],
+                                                         GPTQ_GEMM_KERNEL_MAX_M)
     max_m = -1 if act_order else max(GPTQ_GEMM_KERNEL_MAX_M, marlin.hopper_max_rows() if hopper_from else 0)
     return wo.matmul(
         lambda rows: _gptq_gemm(rows, qweight, qzeros, scales, **params, hopper_from_rows=hopper_from)[0],

@@ -137,6 +137,16 @@ def hopper_first_rows(k: int, n: int, own_kernel_rows: int | None = None) -> int
     return own_kernel_rows + 1 if own_kernel_rows is not None else min(HOPPER_FIRST_ROWS, kernel_max_rows(k, n) + 1)
 
 
+def hopper_rows_past_own_kernel(m: int, k: int, n: int, groups: int, own_kernel_rows: int) -> int:
+    """For ``gptq_gemm`` and ``awq_gemm``, whose 4-bit weights the Hopper kernel reads as they hold them and which
+    run a kernel of their own up to ``own_kernel_rows`` rows: the first row from which a call of ``m`` rows on a
+    ``[k, n]`` weight of ``groups`` groups runs the Hopper kernel (the handler dispatches by rows), or 0 where it
+    does not (``m`` past :func:`hopper_max_rows`, a weight it does not take, not an sm_90 GPU)."""
+    if m > hopper_max_rows() or not hopper_kernel_takes("uint4", False, k, n, groups):
+        return 0
+    return hopper_first_rows(k, n, own_kernel_rows)
+
+
 def hopper_max_rows() -> int:
     """The most rows of ``a`` with which ``marlin_gemm`` runs the Hopper kernel: :data:`HOPPER_MAX_ROWS`
     (outside :func:`hopper_limits`)."""
