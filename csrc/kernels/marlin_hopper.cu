@@ -165,11 +165,11 @@ __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlock
         // The stage's 64 rows x the block's 16 words, a row's four 16-byte pieces swizzled by (row / 2) % 4: the
         // lanes that read rows 2t and 2t + 1 (t = 0..3) then hit four different pieces' banks.
         const int k_row = tid >> 2, piece = tid & 3;
-        CopyAsync<16, true>(stage + R::kCodes + k_row * 64 + ((piece ^ (k_row >> 1)) & 3) * 16,
-                            p.b_q + (static_cast<size_t>(ks) * kStageK + k_row) * (p.n / 8) + n0 / 8 + piece * 4, 16);
+        const uint32_t* src = p.b_q + (static_cast<size_t>(ks) * kStageK + k_row) * (p.n / 8) + n0 / 8 + piece * 4;
+        CopyAsync<16, true>(stage + R::kCodes + k_row * 64 + ((piece ^ (k_row >> 1)) & 3) * 16, src, 16);
       }
 #pragma unroll
-      for (int i = 0; i < (kColumnOrder ? 0 : kVectors); ++i) {  // codes: 4 slabs x the block's two tiles, 16 bytes each
+      for (int i = 0; i < (kColumnOrder ? 0 : kVectors); ++i) {  // codes: 4 slabs x the block's two tiles
         constexpr int kPieces = 2 * R::kTileBytes / 16;  // of a slab
         const unsigned c = tid + i * kThreads, slab = c / kPieces, piece = c % kPieces;  // unsigned: shifts
         const unsigned tile = piece / (kPieces / 2), lane_vector = piece % (kPieces / 2);
@@ -238,8 +238,7 @@ __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlock
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         // vLLM's grouped permutation puts column 16w + 8h + g of a tile at 8g + 2w + h; its per-channel one
-        // scatters them (LoadScales).
-        // (GPTQ's and AWQ's are in column order.)
+        // scatters them (LoadScales); GPTQ's and AWQ's are in column order.
         const T s_value = kColumnOrder    ? row[16 * warp + 8 * h + g]
                           : p.per_channel ? row[32 * (warp >> 1) + 8 * ((g >> 1) & 3) + 4 * (warp & 1) + 2 * h + (g & 1)]
                                           : row[8 * g + 2 * warp + h];
@@ -282,7 +281,9 @@ __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlock
         return *reinterpret_cast<const uint2*>(stage + R::kCodes + k_row * 64 + piece * 16 + (warp & 1) * 8);
       };
       const uint2 r0 = words(2 * t), r1 = words(2 * t + 1), r8 = words(2 * t + 8), r9 = words(2 * t + 9);
-      auto pair = [&](uint32_t lo, uint32_t hi) { return RawPair4<T>(((lo >> shift) & 0xfu) | ((hi >> shift) << 16)); };
+      auto pair = [&](uint32_t lo, uint32_t hi) {
+        return RawPair4<T>(((lo >> shift) & 0xfu) | ((hi >> shift) << 16));
+      };
       frag[step][0] = FromRaw<T, kType>(pair(r0.x, r1.x), neg[half][0], scale[row][0]);
       frag[step][1] = FromRaw<T, kType>(pair(r0.y, r1.y), neg[half][1], scale[row][1]);
       frag[step][2] = FromRaw<T, kType>(pair(r8.x, r9.x), neg[half][0], scale[row][0]);
@@ -457,7 +458,9 @@ bool MarlinHopperSupports(const MarlinParams& p) {
   const bool layout = p.layout == WeightLayout::kMarlin ||
                       ((p.layout == WeightLayout::kGptqExllama || p.layout == WeightLayout::kAwq) &&
                        p.weight == MarlinType::kU4 && !p.per_channel);
-  return type && groups && layout && p.g_idx == nullptr && p.n % kBlockCols == 0 && p.k % kStageK == 0 &&
+  const bool operands = (p.weight == MarlinType::kU4) == (p.zeros != nullptr) &&
+                        (p.weight == MarlinType::kNvFp4) == (p.global_scale != nullptr);
+  return type && groups && layout && operands && p.g_idx == nullptr && p.n % kBlockCols == 0 && p.k % kStageK == 0 &&
          (p.type == FloatType::kF16 || p.type == FloatType::kBF16);
 }
 
