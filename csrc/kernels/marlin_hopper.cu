@@ -230,30 +230,32 @@ __global__ void __launch_bounds__(kThreads, (Ring<kRows, kBitsOf<kType>>::kBlock
           const int j = 2 * warp + h, at = (j & 4) | ((j & 1) << 1) | ((j >> 1) & 1);
           scale[row][h] = Fp4Scale<T, kType>(bytes[row * kBlockCols + at]);
         }
-      return;
-    }
+    } else {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const T* row = reinterpret_cast<const T*>(stage + R::kScales) + half * kBlockCols + half_block * kTileN;
+      for (int half = 0; half < 2; ++half) {
+        const T* row = reinterpret_cast<const T*>(stage + R::kScales) + half * kBlockCols + half_block * kTileN;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        // vLLM's grouped permutation puts column 16w + 8h + g of a tile at 8g + 2w + h; its per-channel one
-        // scatters them (LoadScales); GPTQ's and AWQ's are in column order.
-        const T s_value = kColumnOrder    ? row[16 * warp + 8 * h + g]
-                          : p.per_channel ? row[32 * (warp >> 1) + 8 * ((g >> 1) & 3) + 4 * (warp & 1) + 2 * h + (g & 1)]
-                                          : row[8 * g + 2 * warp + h];
-        scale[half][h] = T2<T>{s_value, s_value};
-        float offset = kType == MarlinType::kU4B8 ? 8.0f : kType == MarlinType::kU8B128 ? 128.0f : 0.0f;
-        if constexpr (kColumnOrder) {  // column c in word c / 8: nibble c % 8 (GPTQ) or AWQ's AwqNibble(c % 8)
-          const uint32_t word =
-              reinterpret_cast<const uint32_t*>(stage + R::kZeros)[half * 16 + half_block * 8 + 2 * warp + h];
-          offset = static_cast<float>(((word >> (4 * (kAwq ? AwqNibble(g) : g))) & 0xfu) + p.zero_offset);
-        } else if constexpr (kHasZeros) {
-          const uint32_t word = reinterpret_cast<const uint32_t*>(stage + R::kZeros)[half * 16 + half_block * 8 + g];
-          offset = static_cast<float>(ZeroNibble(word, 2 * warp + h));
+        for (int h = 0; h < 2; ++h) {
+          // vLLM's grouped permutation puts column 16w + 8h + g of a tile at 8g + 2w + h; its per-channel one
+          // scatters them (LoadScales); GPTQ's and AWQ's are in column order.
+          const T s_value =
+              kColumnOrder    ? row[16 * warp + 8 * h + g]
+              : p.per_channel ? row[32 * (warp >> 1) + 8 * ((g >> 1) & 3) + 4 * (warp & 1) + 2 * h + (g & 1)]
+                              : row[8 * g + 2 * warp + h];
+          scale[half][h] = T2<T>{s_value, s_value};
+          float offset = kType == MarlinType::kU4B8 ? 8.0f : kType == MarlinType::kU8B128 ? 128.0f : 0.0f;
+          if constexpr (kColumnOrder) {  // column c in word c / 8: nibble c % 8 (GPTQ) or AWQ's AwqNibble(c % 8)
+            const uint32_t word =
+                reinterpret_cast<const uint32_t*>(stage + R::kZeros)[half * 16 + half_block * 8 + 2 * warp + h];
+            offset = static_cast<float>(((word >> (4 * (kAwq ? AwqNibble(g) : g))) & 0xfu) + p.zero_offset);
+          } else if constexpr (kHasZeros) {
+            const uint32_t word =
+                reinterpret_cast<const uint32_t*>(stage + R::kZeros)[half * 16 + half_block * 8 + g];
+            offset = static_cast<float>(ZeroNibble(word, 2 * warp + h));
+          }
+          T2<T> unused;
+          Offsets<T, kType>(offset, offset, offset, offset, neg[half][h], unused);
         }
-        T2<T> unused;
-        Offsets<T, kType>(offset, offset, offset, offset, neg[half][h], unused);
       }
     }
   };
