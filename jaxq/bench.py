@@ -282,10 +282,9 @@ def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy:
             if splits and case.family == "awq" and m <= 16:
                 for split in splits:  # the K-split choice of jaxq/ops/_weight_only.py, checked
                     row[f"split{split}_us"] = _time_per_call(
-                        lambda x, q, z, s, split=split: awq_ops._awq_gemm(x, q, z, s, split_k_hint=split,
-                                                                                   hopper_from_rows=0)[0],
-                        make_input, moved) * 1e6
-            if m >= 1024:  # against cuBLAS bf16 on an already dequantized weight
+                        lambda x, q, z, s, split=split: awq_ops._awq_gemm(
+                            x, q, z, s, split_k_hint=split, hopper_from_rows=0)[0], make_input, moved) * 1e6
+            if m >= 64:  # against cuBLAS bf16 on an already dequantized weight (from 65 rows: the Hopper kernel)
                 dense = functools.cache(lambda i, case=case: case.dequantize(*make_weight(i)))
                 bf16 = _time_per_call(lambda x, w: jnp.dot(x, w),
                                       lambda i, m=m, case=case: (make_input(i)[0], dense(i)), moved * 4)
