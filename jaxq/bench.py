@@ -252,6 +252,8 @@ class WeightCase:
 
 def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy: float,
                     splits: list[int] = ()) -> list[dict]:
+    from jaxq.ops import marlin
+
     cases = [WeightCase("awq", 4, k, n) for k, n in WEIGHT_SHAPES]
     cases += [WeightCase("gptq", 4, k, n) for k, n in WEIGHT_SHAPES]
     cases += [WeightCase("gptq", 8, 8192, 28672)]
@@ -279,6 +281,13 @@ def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy:
                 row["kernel_us"] = _time_per_call(case.kernel, make_input, moved) * 1e6
                 row["dequant_dot_us"] = _time_per_call(
                     lambda x, *w, case=case: jnp.dot(x, case.dequantize(*w)), make_input, moved) * 1e6
+            if case.bits == 4 and m <= 256 and marlin.hopper_kernel_takes("uint4", False, case.k, case.n,
+                                                                          case.k // case.group_size):
+                def hopper(*args, case=case):  # marlin_gemm's wgmma kernel on this layout, at any M up to 256
+                    with marlin.hopper_limits(first_rows=1, max_rows=256):
+                        return case.ours(*args)
+
+                row["hopper_us"] = _time_per_call(hopper, make_input, moved) * 1e6
             if splits and case.family == "awq" and m <= 16:
                 for split in splits:  # the K-split choice of jaxq/ops/_weight_only.py, checked
                     row[f"split{split}_us"] = _time_per_call(
@@ -294,7 +303,8 @@ def run_weight_only(families: set[str], rows: list[int], sweep: list[int], copy:
     _print_table(out, [("µs", "us", "{:.1f}"), ("weight GB/s", "gbps", "{:.0f}"), ("% of copy BW", "pct_copy", "{:.1f}%"),
                        ("XLA jnp µs", "xla_us", "{:.1f}"), ("vs XLA", "speedup", "{:.2f}x"),
                        ("kernel µs", "kernel_us", "{:.1f}"), ("dequant+dot µs", "dequant_dot_us", "{:.1f}"),
-                       ("bf16 dot µs", "bf16_dot_us", "{:.1f}"), ("time / bf16 dot", "vs_bf16", "{:.3f}x")])
+                       ("Hopper kernel µs", "hopper_us", "{:.1f}"), ("bf16 dot µs", "bf16_dot_us", "{:.1f}"),
+                       ("time / bf16 dot", "vs_bf16", "{:.3f}x")])
     return out
 
 
