@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The project's GPU checks, the same every time: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
-#   stages: tests sanitizer bench nn layer ncu ncu_gemm sweep (default: tests sanitizer bench). The
-#   build runs first every time (BUILD=0 skips it).
+#   stages: sanitizer_ab tests sanitizer bench nn layer ncu ncu_gemm sweep (default: tests sanitizer bench). The
+#   build runs first every time (BUILD=0 skips it); sanitizer_ab (compute-sanitizer memcheck and racecheck over
+#   the Marlin harness, tools/weight_only_ab/bin/marlin_new built here and carried) needs no package, so it runs
+#   beside the build and is reported where it stands in the list (put it first).
 #   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin; marlin_hopper alone),
 #   SANITIZER_TOOLS and BENCH_ARGS narrow a run. JAXQ_COMMIT (the caller's `git rev-parse --short HEAD`) names
 #   the tree in the bench's markdown: the device's copy has no .git. BUILD=0 reuses the package a previous
@@ -25,6 +27,18 @@ echo "=== environment"
 export JAXQ_MARLIN_PEER_SRC=$REPO/.peers/ist-marlin
 if [ -f "$JAXQ_MARLIN_PEER_SRC/marlin_cuda_kernel.cu" ] && python3 -c "import torch" 2>/dev/null; then
   python3 -m jaxq.bench_torch --build-marlin > "$OUT/marlin_peer_build.log" 2>&1 &
+fi
+
+# compute-sanitizer on a program outside XLA: memcheck under the XLA process crashed inside compute-sanitizer
+# (rc 139 at start, the H100 on 2026-12-07). Every Marlin variant for memcheck, the Hopper kernel's for racecheck.
+ab_bin=$REPO/tools/weight_only_ab/bin/marlin_new
+if [[ " $stages " == *" sanitizer_ab "* ]]; then
+  [ -x "$ab_bin" ] || { echo "sanitizer_ab: build $ab_bin here first (tools/weight_only_ab/run.sh build marlin)"; exit 1; }
+  ( cd /tmp && MARLIN_AB_SANITIZE=1 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 "$ab_bin" \
+      > "$OUT/sanitizer_ab_memcheck.log" 2>&1; echo "rc=$?" >> "$OUT/sanitizer_ab_memcheck.log"
+    MARLIN_AB_SANITIZE=hopper compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 "$ab_bin" \
+      > "$OUT/sanitizer_ab_racecheck.log" 2>&1; echo "rc=$?" >> "$OUT/sanitizer_ab_racecheck.log" ) &
+  ab_sanitizer=$!
 fi
 
 if [ "${BUILD:-1}" = 1 ]; then
@@ -57,6 +71,14 @@ for stage in $stages; do
     (cd /tmp && python3 -m pytest -m gpu -q -p no:cacheprovider "$REPO/tests" ${TESTS_FILTER:+-k "$TESTS_FILTER"} 2>&1) \
       | tee "$OUT/gpu_tests.log" | tail -15
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+  sanitizer_ab)
+    echo "=== compute-sanitizer on the Marlin harness (every variant: memcheck; the Hopper kernel's: racecheck)"
+    wait "$ab_sanitizer"
+    for tool in memcheck racecheck; do
+      log=$OUT/sanitizer_ab_$tool.log
+      echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|ran every|^rc=' "$log" | tr '\n' ' ')"
+      grep -q "^rc=0" "$log" || status=1
+    done ;;
   sanitizer)
     echo "=== compute-sanitizer on the kernels"
     # Each buffer its own cudaMalloc (no pool), so memcheck sees accesses past a buffer's end.

@@ -3,7 +3,8 @@
 // TAG_CASE.bin for compare.py, its time (CUDA events, best of 5 x 30 calls on three rotated weight copies) and its
 // share of the copy bandwidth measured in the same process (codes, scales and zero points read once).
 // JAXQ_MARLIN_PLAN="tiles,splits" forces a launch plan, as in the package; MARLIN_AB_CASE="hopper" runs the cases
-// whose name holds it (e.g. under ncu); MARLIN_AB_SANITIZE=1 runs every kernel variant once instead (Sanitize, below).
+// whose name holds it (e.g. under ncu); MARLIN_AB_SANITIZE=1 runs every kernel variant once instead, =hopper the
+// Hopper kernel's alone (Sanitize, below). BASE needs WeightLayout (jaxq from 2026-12-07 on).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -51,7 +52,16 @@ struct Case {
   bool bf16;
   int m, k, n, group;  // group -1: one group (FP4: 16 for NVFP4, 32 for MXFP4)
   int64_t hopper_from_rows = 0;  // as marlin_gemm sets it: from these rows the Hopper kernel runs where it applies
+  // gptq_gemm's (exllama) or awq_gemm's layout: the Hopper kernel called directly, as their handler does (the
+  // words are random either way; the layout decides how they are read).
+  jaxq::WeightLayout layout = jaxq::WeightLayout::kMarlin;
 };
+
+// The launch a case times: marlin_gemm's dispatch, or for a checkpoint layout the Hopper kernel itself.
+cudaError_t Launch(const jaxq::MarlinParams& p) {
+  return p.layout == jaxq::WeightLayout::kMarlin ? jaxq::LaunchMarlinGemm(p, nullptr)
+                                                 : jaxq::LaunchMarlinGemmHopper(p, nullptr);
+}
 
 // The Hopper rows of a version that names them by their first row, and of one that named the row before it
 // (whose kernel took two rows or more).
@@ -115,12 +125,14 @@ void Run(const char* tag, const Case& c, double bandwidth) {
   p.groups = groups;
   p.per_channel = groups == 1;
   SetHopperRows(p, c.hopper_from_rows, 0);
+  p.layout = c.layout;
+  p.zero_offset = c.layout == jaxq::WeightLayout::kGptqExllama;  // GPTQ v1's stored zero - 1
   auto run = [&](int i) {
     p.b_q = codes[i];
-    CHECK(jaxq::LaunchMarlinGemm(p, nullptr));
+    CHECK(Launch(p));
   };
   p.b_q = codes[0];
-  if (jaxq::LaunchMarlinGemm(p, nullptr) == cudaErrorInvalidValue) {  // a version without this type
+  if (Launch(p) == cudaErrorInvalidValue) {  // a version without this type or layout
     std::printf("[%s] %-34s unsupported\n", tag, c.name);
     return;
   }
@@ -154,20 +166,36 @@ void Run(const char* tag, const Case& c, double bandwidth) {
 // Every kernel variant once on small weights, for compute-sanitizer (no timing): each type and activation dtype,
 // grouped and per-channel scales, act-order with corrupt group indices (the kernel clamps them), bias on every
 // other row count, rows in every bucket and both forms of up to 8 rows, K split over a cluster (N = 64) and
-// not, and the dequantize kernel. Exact placements (cudaMalloc each buffer) so that memcheck sees overruns.
-void Sanitize() {
+// not, the dequantize kernel, and the Hopper kernel on gptq_gemm's and awq_gemm's layouts. Exact placements
+// (cudaMalloc each buffer) so that memcheck sees overruns. `hopper_only`: the Hopper kernel's launches alone,
+// bfloat16 (racecheck over every variant outlasts a device call).
+void Sanitize(bool hopper_only) {
   using jaxq::MarlinType;
+  using jaxq::WeightLayout;
+  struct Variant {
+    MarlinType type;
+    WeightLayout layout;
+  };
   std::mt19937 rng(11);
   for (bool bf16 : {true, false}) {
-    for (MarlinType type : {MarlinType::kU4B8, MarlinType::kU4, MarlinType::kU8B128, MarlinType::kFp8E4M3,
-                            MarlinType::kNvFp4, MarlinType::kMxFp4}) {
+    if (hopper_only && !bf16) continue;
+    for (const Variant variant :
+         {Variant{MarlinType::kU4B8, WeightLayout::kMarlin}, Variant{MarlinType::kU4, WeightLayout::kMarlin},
+          Variant{MarlinType::kU8B128, WeightLayout::kMarlin}, Variant{MarlinType::kFp8E4M3, WeightLayout::kMarlin},
+          Variant{MarlinType::kNvFp4, WeightLayout::kMarlin}, Variant{MarlinType::kMxFp4, WeightLayout::kMarlin},
+          Variant{MarlinType::kU4, WeightLayout::kGptqExllama}, Variant{MarlinType::kU4, WeightLayout::kAwq}}) {
+      const MarlinType type = variant.type;
+      const bool checkpoint_layout = variant.layout != WeightLayout::kMarlin;  // the Hopper kernel only
       if (type == MarlinType::kMxFp4 && !bf16) continue;
       // The last weight splits K over a cluster of 8 in the Hopper kernel.
       for (auto [k, n, groups] : {std::tuple{1024, 64, 8}, std::tuple{256, 4096, 1}, std::tuple{512, 8704, 4},
                                   std::tuple{4096, 128, 32}}) {
+        if (checkpoint_layout && n % 128 != 0) continue;  // not the Hopper kernel's
         if (IsFp4(type)) groups = k / (type == MarlinType::kNvFp4 ? 16 : 32);
         for (bool act_order : {false, true}) {
-          if (act_order && (type == MarlinType::kFp8E4M3 || IsFp4(type) || groups == 1)) continue;
+          if (act_order && (type == MarlinType::kFp8E4M3 || IsFp4(type) || groups == 1 || checkpoint_layout)) {
+            continue;
+          }
           const int bits = jaxq::MarlinBits(type);
           auto upload = [&](size_t words) {
             std::vector<uint32_t> host(words);
@@ -195,6 +223,8 @@ void Sanitize() {
           p.n = n;
           p.groups = groups;
           p.per_channel = groups == 1;
+          p.layout = variant.layout;
+          p.zero_offset = variant.layout == WeightLayout::kGptqExllama;
           p.b_q = static_cast<const uint32_t*>(upload(static_cast<size_t>(k) * n * bits / 32));
           p.scales = Upload(ScaleBytes(type, static_cast<size_t>(groups) * n, rng, [&] {
             return tool_timing::HalfBits(std::ldexp(static_cast<float>(rng() % 2001) - 1000.f, -10), bf16);
@@ -219,22 +249,25 @@ void Sanitize() {
                 std::tuple{64, false, false}, std::tuple{130, false, false}, std::tuple{1, false, true},
                 std::tuple{16, false, true}, std::tuple{20, false, true}, std::tuple{40, false, true},
                 std::tuple{64, false, true}, std::tuple{130, false, true}, std::tuple{256, false, true}}) {
+            if ((hopper_only || checkpoint_layout) && !hopper) continue;
             p.m = m;
             p.batch_invariant = invariant;
             SetHopperRows(p, hopper ? 1 : 0, 0);
             p.a = halves(static_cast<size_t>(m) * k);
             p.bias = m % 2 == 0 ? halves(n) : nullptr;
             CHECK(cudaMalloc(&p.out, static_cast<size_t>(m) * n * 2));
-            CHECK(jaxq::LaunchMarlinGemm(p, nullptr));
+            CHECK(Launch(p));
             CHECK(cudaDeviceSynchronize());
             CHECK(cudaFree(const_cast<void*>(p.a)));
             if (p.bias) CHECK(cudaFree(const_cast<void*>(p.bias)));
             CHECK(cudaFree(p.out));
           }
-          CHECK(cudaMalloc(&p.out, static_cast<size_t>(k) * n * 2));
-          CHECK(jaxq::LaunchMarlinDequantize(p, nullptr));
-          CHECK(cudaDeviceSynchronize());
-          CHECK(cudaFree(p.out));
+          if (!hopper_only && !checkpoint_layout) {
+            CHECK(cudaMalloc(&p.out, static_cast<size_t>(k) * n * 2));
+            CHECK(jaxq::LaunchMarlinDequantize(p, nullptr));
+            CHECK(cudaDeviceSynchronize());
+            CHECK(cudaFree(p.out));
+          }
           CHECK(cudaFree(const_cast<uint32_t*>(p.b_q)));
           CHECK(cudaFree(const_cast<void*>(p.scales)));
           if (p.global_scale) CHECK(cudaFree(const_cast<float*>(p.global_scale)));
@@ -251,8 +284,8 @@ void Sanitize() {
 
 int main(int argc, char** argv) {
   using jaxq::MarlinType;
-  if (std::getenv("MARLIN_AB_SANITIZE") != nullptr) {
-    Sanitize();
+  if (const char* sanitize = std::getenv("MARLIN_AB_SANITIZE")) {
+    Sanitize(std::strcmp(sanitize, "hopper") == 0);
     return 0;
   }
   const char* tag = argc > 1 ? argv[1] : "ab";
@@ -308,6 +341,35 @@ int main(int argc, char** argv) {
       {"hopper u4b8 M16 K4096 N1024", MarlinType::kU4B8, true, 16, 4096, 1024, 128, 1},
       {"hopper u4b8 M16 K4096 N6144", MarlinType::kU4B8, true, 16, 4096, 6144, 128, 1},
       {"hopper u4b8 M16 K14336 N4096", MarlinType::kU4B8, true, 16, 14336, 4096, 128, 1},
+      // Where the Hopper kernel should start for the other types (the decode kernel runs them up to 64 rows
+      // here) and on gptq_gemm's and awq_gemm's layouts (their own kernel: up to 64 rows).
+      {"u8b128 M32", MarlinType::kU8B128, true, 32, 8192, 28672, 128},
+      {"u8b128 M64", MarlinType::kU8B128, true, 64, 8192, 28672, 128},
+      {"fp8 M32 channel", MarlinType::kFp8E4M3, true, 32, 8192, 28672, -1},
+      {"fp8 M64 channel", MarlinType::kFp8E4M3, true, 64, 8192, 28672, -1},
+      {"nvfp4 M32", MarlinType::kNvFp4, true, 32, 8192, 28672, 16},
+      {"nvfp4 M64", MarlinType::kNvFp4, true, 64, 8192, 28672, 16},
+      {"hopper u8b128 M16", MarlinType::kU8B128, true, 16, 8192, 28672, 128, 1},
+      {"hopper u8b128 M32", MarlinType::kU8B128, true, 32, 8192, 28672, 128, 1},
+      {"hopper u8b128 M64", MarlinType::kU8B128, true, 64, 8192, 28672, 128, 1},
+      {"hopper u8b128 M128", MarlinType::kU8B128, true, 128, 8192, 28672, 128, 1},
+      {"hopper fp8 M16 channel", MarlinType::kFp8E4M3, true, 16, 8192, 28672, -1, 1},
+      {"hopper fp8 M32 channel", MarlinType::kFp8E4M3, true, 32, 8192, 28672, -1, 1},
+      {"hopper fp8 M64 channel", MarlinType::kFp8E4M3, true, 64, 8192, 28672, -1, 1},
+      {"hopper fp8 M128 channel", MarlinType::kFp8E4M3, true, 128, 8192, 28672, -1, 1},
+      {"hopper nvfp4 M16", MarlinType::kNvFp4, true, 16, 8192, 28672, 16, 1},
+      {"hopper nvfp4 M32", MarlinType::kNvFp4, true, 32, 8192, 28672, 16, 1},
+      {"hopper nvfp4 M64", MarlinType::kNvFp4, true, 64, 8192, 28672, 16, 1},
+      {"hopper nvfp4 M128", MarlinType::kNvFp4, true, 128, 8192, 28672, 16, 1},
+      {"hopper mxfp4 M128", MarlinType::kMxFp4, true, 128, 8192, 28672, 32, 1},
+      {"hopper gptq M64", MarlinType::kU4, true, 64, 8192, 28672, 128, 1, jaxq::WeightLayout::kGptqExllama},
+      {"hopper gptq M128", MarlinType::kU4, true, 128, 8192, 28672, 128, 1, jaxq::WeightLayout::kGptqExllama},
+      {"hopper gptq M256", MarlinType::kU4, true, 256, 8192, 28672, 128, 1, jaxq::WeightLayout::kGptqExllama},
+      {"hopper awq M64", MarlinType::kU4, true, 64, 8192, 28672, 128, 1, jaxq::WeightLayout::kAwq},
+      {"hopper awq M128", MarlinType::kU4, true, 128, 8192, 28672, 128, 1, jaxq::WeightLayout::kAwq},
+      {"hopper awq M256", MarlinType::kU4, true, 256, 8192, 28672, 128, 1, jaxq::WeightLayout::kAwq},
+      {"hopper u4 M64", MarlinType::kU4, true, 64, 8192, 28672, 128, 1},
+      {"hopper u4 M256", MarlinType::kU4, true, 256, 8192, 28672, 128, 1},
   };
   const double bandwidth = tool_timing::CopyBandwidth();
   std::printf("[%s] copy %.0f GB/s\n", tag, bandwidth / 1e9);
