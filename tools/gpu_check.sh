@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The project's GPU checks, the same every time: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
-#   stages: sanitizer_ab tests sanitizer bench nn layer ncu ncu_gemm sweep (default: tests sanitizer bench). The
-#   build runs first every time (BUILD=0 skips it); sanitizer_ab (compute-sanitizer memcheck and racecheck over
-#   the Marlin harness, tools/weight_only_ab/bin/marlin_new built here and carried) needs no package, so it runs
-#   beside the build and is reported where it stands in the list (put it first).
+#   stages: sanitizer_bin tests sanitizer bench nn layer ncu ncu_gemm sweep (default: tests sanitizer bench). The
+#   build runs first every time (BUILD=0 skips it); sanitizer_bin (compute-sanitizer on binaries built here from
+#   this tree and carried: the Marlin harness tools/weight_only_ab/bin/marlin_new, memcheck over every variant and
+#   racecheck over the Hopper kernel's; tools/sanitize/bin/activation_kernels, memcheck) needs no package, so it
+#   runs beside the build and is reported where it stands in the list (put it first).
 #   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin; marlin_hopper alone),
 #   SANITIZER_TOOLS and BENCH_ARGS narrow a run. JAXQ_COMMIT (the caller's `git rev-parse --short HEAD`) names
 #   the tree in the bench's markdown: the device's copy has no .git. BUILD=0 reuses the package a previous
@@ -29,16 +30,23 @@ if [ -f "$JAXQ_MARLIN_PEER_SRC/marlin_cuda_kernel.cu" ] && python3 -c "import to
   python3 -m jaxq.bench_torch --build-marlin > "$OUT/marlin_peer_build.log" 2>&1 &
 fi
 
-# compute-sanitizer on a program outside XLA: memcheck under the XLA process crashed inside compute-sanitizer
-# (rc 139 at start, the H100 on 2026-12-07). Every Marlin variant for memcheck, the Hopper kernel's for racecheck.
-ab_bin=$REPO/tools/weight_only_ab/bin/marlin_new
-if [[ " $stages " == *" sanitizer_ab "* ]]; then
-  [ -x "$ab_bin" ] || { echo "sanitizer_ab: build $ab_bin here first (tools/weight_only_ab/run.sh build marlin)"; exit 1; }
-  ( cd /tmp && MARLIN_AB_SANITIZE=1 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 "$ab_bin" \
-      > "$OUT/sanitizer_ab_memcheck.log" 2>&1; echo "rc=$?" >> "$OUT/sanitizer_ab_memcheck.log"
-    MARLIN_AB_SANITIZE=hopper compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 "$ab_bin" \
-      > "$OUT/sanitizer_ab_racecheck.log" 2>&1; echo "rc=$?" >> "$OUT/sanitizer_ab_racecheck.log" ) &
-  ab_sanitizer=$!
+# compute-sanitizer on programs outside XLA: memcheck under the XLA process crashed inside compute-sanitizer
+# (rc 139 at start, the H100 on 2026-12-07).
+sanitized_bins=()
+if [[ " $stages " == *" sanitizer_bin "* ]]; then
+  marlin_bin=$REPO/tools/weight_only_ab/bin/marlin_new activation_bin=$REPO/tools/sanitize/bin/activation_kernels
+  [ -x "$marlin_bin" ] && sanitized_bins+=("marlin memcheck 1" "marlin racecheck hopper")
+  [ -x "$activation_bin" ] && sanitized_bins+=("activation memcheck -")
+  [ ${#sanitized_bins[@]} -gt 0 ] || { echo "sanitizer_bin: build $marlin_bin or $activation_bin here first"; exit 1; }
+  ( cd /tmp
+    for run in "${sanitized_bins[@]}"; do
+      set -- $run
+      bin=$marlin_bin; [ $1 = activation ] && bin=$activation_bin
+      log=$OUT/sanitizer_bin_$1_$2.log
+      MARLIN_AB_SANITIZE=$3 compute-sanitizer --tool $2 --error-exitcode 1 --print-limit 20 "$bin" > "$log" 2>&1
+      echo "rc=$?" >> "$log"
+    done ) &
+  bin_sanitizer=$!
 fi
 
 if [ "${BUILD:-1}" = 1 ]; then
@@ -71,12 +79,13 @@ for stage in $stages; do
     (cd /tmp && python3 -m pytest -m gpu -q -p no:cacheprovider "$REPO/tests" ${TESTS_FILTER:+-k "$TESTS_FILTER"} 2>&1) \
       | tee "$OUT/gpu_tests.log" | tail -15
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
-  sanitizer_ab)
-    echo "=== compute-sanitizer on the Marlin harness (every variant: memcheck; the Hopper kernel's: racecheck)"
-    wait "$ab_sanitizer"
-    for tool in memcheck racecheck; do
-      log=$OUT/sanitizer_ab_$tool.log
-      echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|ran every|^rc=' "$log" | tr '\n' ' ')"
+  sanitizer_bin)
+    echo "=== compute-sanitizer on standalone binaries (Marlin harness, activation kernels)"
+    wait "$bin_sanitizer"
+    for run in "${sanitized_bins[@]}"; do
+      set -- $run
+      log=$OUT/sanitizer_bin_$1_$2.log
+      echo "$1 $2: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|ran every|^rc=' "$log" | tr '\n' ' ')"
       grep -q "^rc=0" "$log" || status=1
     done ;;
   sanitizer)
