@@ -16,15 +16,7 @@
 
 #include "kernels/group_quant.h"
 #include "kernels/nvfp4_quant.h"
-
-#define CHECK(call)                                                                      \
-  do {                                                                                   \
-    cudaError_t e_ = (call);                                                             \
-    if (e_ != cudaSuccess) {                                                             \
-      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
+#include "../weight_only_ab/timing.cuh"  // CHECK
 
 namespace {
 
