@@ -161,4 +161,7 @@ for stage in $stages; do
   *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
+# The device tool returns at most 8 files: the logs go into one archive (a later call in the same command appends
+# to it), the benchmark's markdown tables stay beside it.
+(cd "$OUT" && loose=$(ls | grep -vE '^(logs\.tar|bench.*\.md)$') && tar -rf logs.tar $loose && rm -f $loose)
 exit $status
