@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The project's GPU checks, the same every time: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
-#   stages: sanitizer_bin tests sanitizer bench nn layer ncu ncu_gemm sweep (default: tests sanitizer bench). The
-#   build runs first every time (BUILD=0 skips it); sanitizer_bin (compute-sanitizer on binaries built here from
-#   this tree and carried: the Marlin harness tools/weight_only_ab/bin/marlin_new, memcheck over every variant and
-#   racecheck over the Hopper kernel's; tools/sanitize/bin/activation_kernels, memcheck) needs no package, so it
-#   runs beside the build and is reported where it stands in the list (put it first).
+#   stages: sanitizer_bin tests sanitizer bench nn layer ncu ncu_gemm ncu_hopper sweep (default: tests sanitizer
+#   bench). The build runs first every time (BUILD=0 skips it); sanitizer_bin (compute-sanitizer on binaries built
+#   here from this tree and carried: the Marlin harness tools/weight_only_ab/bin/marlin_new, memcheck over every
+#   variant and racecheck over the Hopper kernel's; tools/sanitize/bin/activation_kernels, memcheck) needs no
+#   package, so it runs beside the build and is reported where it stands in the list (put it first); ncu_hopper
+#   profiles the wgmma kernel through the Marlin harness.
 #   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin; marlin_hopper alone),
 #   SANITIZER_TOOLS and BENCH_ARGS narrow a run. JAXQ_COMMIT (the caller's `git rev-parse --short HEAD`) names
 #   the tree in the bench's markdown: the device's copy has no .git. BUILD=0 reuses the package a previous
@@ -32,9 +33,9 @@ fi
 
 # compute-sanitizer on programs outside XLA: memcheck under the XLA process crashed inside compute-sanitizer
 # (rc 139 at start, the H100 on 2026-12-07).
+marlin_bin=$REPO/tools/weight_only_ab/bin/marlin_new activation_bin=$REPO/tools/sanitize/bin/activation_kernels
 sanitized_bins=()
 if [[ " $stages " == *" sanitizer_bin "* ]]; then
-  marlin_bin=$REPO/tools/weight_only_ab/bin/marlin_new activation_bin=$REPO/tools/sanitize/bin/activation_kernels
   [ -x "$marlin_bin" ] && sanitized_bins+=("marlin memcheck 1" "marlin racecheck hopper")
   [ -x "$activation_bin" ] && sanitized_bins+=("activation memcheck -")
   [ ${#sanitized_bins[@]} -gt 0 ] || { echo "sanitizer_bin: build $marlin_bin or $activation_bin here first"; exit 1; }
@@ -128,6 +129,15 @@ for stage in $stages; do
          --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active \
          python3 -m jaxq.bench --rows 16384 --ops $op 2>&1) > "$OUT/ncu_$op.log"
       echo "--- $op"; grep -E "^\s+(gpu__|dram__|sm__)" "$OUT/ncu_$op.log" | tail -8
+    done ;;
+  ncu_hopper)
+    echo "=== ncu: the wgmma kernel (Marlin harness, uint4b8 G128 bf16, K8192 N28672) at M128 and M256 (clocks as found)"
+    for m in 128 256; do
+      (cd /tmp && MARLIN_AB_CASE="hopper u4b8 M$m" ncu --clock-control none -k regex:MarlinHopper -c 1 \
+         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis "$marlin_bin" ncu 2>&1) > "$OUT/ncu_hopper_$m.log"
+      echo "--- M$m"; grep -E "Duration|Throughput|Issued Ipc|No Eligible|Stall|Achieved Occupancy|Registers Per|Pipe" \
+        "$OUT/ncu_hopper_$m.log" | head -40
     done ;;
   ncu_gemm)
     echo "=== ncu: weight-only GEMM kernels at M=1 and M=16, K=8192 N=28672 (clocks as found)"
