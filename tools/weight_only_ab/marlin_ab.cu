@@ -168,7 +168,8 @@ void Run(const char* tag, const Case& c, double bandwidth) {
 // other row count, rows in every bucket and both forms of up to 8 rows, K split over a cluster (N = 64) and
 // not, the dequantize kernel, and the Hopper kernel on gptq_gemm's and awq_gemm's layouts. Exact placements
 // (cudaMalloc each buffer) so that memcheck sees overruns. `hopper_only`: the Hopper kernel's launches alone,
-// bfloat16 (racecheck over every variant outlasts a device call).
+// bfloat16, one row count per row block, on a weight run whole and one split over a cluster of 8 (racecheck over
+// every variant outlasts a device call).
 void Sanitize(bool hopper_only) {
   using jaxq::MarlinType;
   using jaxq::WeightLayout;
@@ -190,10 +191,12 @@ void Sanitize(bool hopper_only) {
       // The last weight splits K over a cluster of 8 in the Hopper kernel.
       for (auto [k, n, groups] : {std::tuple{1024, 64, 8}, std::tuple{256, 4096, 1}, std::tuple{512, 8704, 4},
                                   std::tuple{4096, 128, 32}}) {
-        if (checkpoint_layout && n % 128 != 0) continue;  // not the Hopper kernel's
+        if ((checkpoint_layout || hopper_only) && n % 128 != 0) continue;  // not the Hopper kernel's
+        if (hopper_only && n == 8704) continue;
         if (IsFp4(type)) groups = k / (type == MarlinType::kNvFp4 ? 16 : 32);
         for (bool act_order : {false, true}) {
-          if (act_order && (type == MarlinType::kFp8E4M3 || IsFp4(type) || groups == 1 || checkpoint_layout)) {
+          if (act_order &&
+              (type == MarlinType::kFp8E4M3 || IsFp4(type) || groups == 1 || checkpoint_layout || hopper_only)) {
             continue;
           }
           const int bits = jaxq::MarlinBits(type);
@@ -250,6 +253,7 @@ void Sanitize(bool hopper_only) {
                 std::tuple{16, false, true}, std::tuple{20, false, true}, std::tuple{40, false, true},
                 std::tuple{64, false, true}, std::tuple{130, false, true}, std::tuple{256, false, true}}) {
             if ((hopper_only || checkpoint_layout) && !hopper) continue;
+            if (hopper_only && (m == 1 || m == 40 || m == 256)) continue;  // 16, 20, 64, 130: each row block
             p.m = m;
             p.batch_invariant = invariant;
             SetHopperRows(p, hopper ? 1 : 0, 0);
