@@ -6,7 +6,7 @@
 #   here from this tree and carried: the Marlin harness tools/weight_only_ab/bin/marlin_new, memcheck over every
 #   variant and racecheck over the Hopper kernel's; tools/sanitize/bin/activation_kernels, memcheck) needs no
 #   package, so it runs beside the build and is reported where it stands in the list (put it first); ncu_hopper
-#   profiles the wgmma kernel through the Marlin harness.
+#   profiles the wgmma kernel through the Marlin harness, and removal times it without one part of its loop.
 #   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin; marlin_hopper alone),
 #   SANITIZER_TOOLS and BENCH_ARGS narrow a run. JAXQ_COMMIT (the caller's `git rev-parse --short HEAD`) names
 #   the tree in the bench's markdown: the device's copy has no .git. BUILD=0 reuses the package a previous
@@ -139,6 +139,15 @@ for stage in $stages; do
       echo "--- M$m"; grep -E "Duration|Throughput|Issued Ipc|No Eligible|Stall|Achieved Occupancy|Registers Per|Pipe" \
         "$OUT/ncu_hopper_$m.log" | head -40
     done ;;
+  removal)
+    echo "=== the wgmma kernel without one part of its loop (tools/weight_only_ab/removal_study.py; timing only)"
+    for case in "hopper u4b8 M128" "hopper u4b8 M16" "hopper u4b8 M256"; do
+      for bin in "$marlin_bin" "$REPO"/tools/weight_only_ab/bin/marlin_no_*; do
+        (cd /tmp && MARLIN_AB_CASE="$case" "$bin" "$(basename "$bin" | sed 's/^marlin_//')" 2>&1 | grep -v "copy ") \
+          | tee -a "$OUT/removal.log"
+      done
+    done
+    rm -f /tmp/*.bin ;;
   ncu_gemm)
     echo "=== ncu: weight-only GEMM kernels at M=1 and M=16, K=8192 N=28672 (clocks as found)"
     for args in "gptq 4 1" "awq 4 1" "gptq 4 16"; do
