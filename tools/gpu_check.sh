@@ -143,7 +143,7 @@ for stage in $stages; do
     echo "=== the wgmma kernel without one part of its loop (tools/weight_only_ab/removal_study.py; timing only)"
     for case in "hopper u4b8 M128" "hopper u4b8 M16" "hopper u4b8 M256"; do
       for bin in "$marlin_bin" "$REPO"/tools/weight_only_ab/bin/marlin_no_*; do
-        (cd /tmp && MARLIN_AB_CASE="$case" "$bin" "$(basename "$bin" | sed 's/^marlin_//')" 2>&1 | grep -v "copy ") \
+        (cd /tmp && MARLIN_AB_CASE="$case" "$bin" "$(basename "$bin" | sed 's/^marlin_//')" 2>&1 | grep -v "\] copy ") \
           | tee -a "$OUT/removal.log"
       done
     done
