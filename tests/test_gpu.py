@@ -58,6 +58,30 @@ def test_group_quant_kernel(m, k, dtype, variant):
     _compare(lambda x: jaxq.per_token_group_fp8_quant(x, 128, **GROUP_VARIANTS[variant]), x)
 
 
+def _every_value_below(rng, dtype, maxima):
+    """Rows of 128: each starts with its group's maximum, then every finite value of ``dtype`` from maximum / 2^12
+    up to it, of both signs, for each of ``maxima`` random maxima (the last row filled with zeros)."""
+    every = np.arange(0x7C00 if dtype == jnp.float16 else 0x7F80, dtype=np.uint16).view(jnp.dtype(dtype))
+    every = every.astype(np.float32)
+    rows = []
+    for amax in rng.choice(every[(every > 2.0 ** -24) & (every < 2.0 ** 14)], maxima):
+        values = every[(every >= amax / 4096) & (every <= amax)]
+        values = np.concatenate([values, -values])
+        values = np.pad(values, (0, -len(values) % 127))
+        rows.append(np.concatenate([np.full((len(values) // 127, 1), amax, np.float32), values.reshape(-1, 127)], 1))
+    return jnp.asarray(np.concatenate(rows), dtype)
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.float8_e4m3fn, jnp.int8])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_group_quant_kernel_every_value_below_the_group_max(dtype, out_dtype):
+    """Every 16-bit value a group with one of 40 random maxima can hold (down to 2^-12 of it): each quotient x /
+    scale the kernel computes, so every fp8 and int8 tie its division could get wrong, against the reference's
+    IEEE division."""
+    x = _every_value_below(np.random.default_rng(), dtype, 40)
+    _compare(lambda x: jaxq.per_token_group_fp8_quant(x, 128, out_dtype=out_dtype), x)
+
+
 @pytest.mark.parametrize("group_size", [16, 32, 96, 1024, 3072])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_group_quant_kernel_group_sizes(group_size, dtype):
