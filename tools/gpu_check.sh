@@ -5,7 +5,8 @@
 #   bench). The build runs first every time (BUILD=0 skips it); sanitizer_bin (compute-sanitizer on binaries built
 #   here from this tree and carried: the Marlin harness tools/weight_only_ab/bin/marlin_new, memcheck over every
 #   variant and racecheck over the Hopper kernel's; tools/sanitize/bin/activation_kernels, memcheck) needs no
-#   package, so it runs beside the build and is reported where it stands in the list (put it first); ncu_hopper
+#   package, so it runs beside the build and is reported where it stands in the list (put it first; each run stops
+#   after SANITIZER_BIN_LIMIT seconds, 300 unless set, rc=124 in its log); ncu_hopper
 #   profiles the wgmma kernel through the Marlin harness, and removal times it without one part of its loop.
 #   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin; marlin_hopper alone),
 #   SANITIZER_TOOLS and BENCH_ARGS narrow a run. JAXQ_COMMIT (the caller's `git rev-parse --short HEAD`) names
@@ -36,15 +37,16 @@ fi
 marlin_bin=$REPO/tools/weight_only_ab/bin/marlin_new activation_bin=$REPO/tools/sanitize/bin/activation_kernels
 sanitized_bins=()
 if [[ " $stages " == *" sanitizer_bin "* ]]; then
-  [ -x "$marlin_bin" ] && sanitized_bins+=("marlin memcheck 1" "marlin racecheck hopper")
   [ -x "$activation_bin" ] && sanitized_bins+=("activation memcheck -")
+  [ -x "$marlin_bin" ] && sanitized_bins+=("marlin racecheck hopper" "marlin memcheck 1")
   [ ${#sanitized_bins[@]} -gt 0 ] || { echo "sanitizer_bin: build $marlin_bin or $activation_bin here first"; exit 1; }
   ( cd /tmp
     for run in "${sanitized_bins[@]}"; do
       set -- $run
       bin=$marlin_bin; [ $1 = activation ] && bin=$activation_bin
       log=$OUT/sanitizer_bin_$1_$2.log
-      MARLIN_AB_SANITIZE=$3 compute-sanitizer --tool $2 --error-exitcode 1 --print-limit 20 "$bin" > "$log" 2>&1
+      MARLIN_AB_SANITIZE=$3 timeout "${SANITIZER_BIN_LIMIT:-300}" compute-sanitizer --tool $2 --error-exitcode 1 \
+        --print-limit 20 "$bin" > "$log" 2>&1
       echo "rc=$?" >> "$log"
     done ) &
   bin_sanitizer=$!
