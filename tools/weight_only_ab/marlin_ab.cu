@@ -251,9 +251,10 @@ void Sanitize(bool hopper_only) {
                 std::tuple{12, false, false}, std::tuple{20, false, false}, std::tuple{40, false, false},
                 std::tuple{64, false, false}, std::tuple{130, false, false}, std::tuple{1, false, true},
                 std::tuple{16, false, true}, std::tuple{20, false, true}, std::tuple{40, false, true},
-                std::tuple{64, false, true}, std::tuple{130, false, true}, std::tuple{256, false, true}}) {
+                std::tuple{64, false, true}, std::tuple{100, false, true}, std::tuple{130, false, true},
+                std::tuple{256, false, true}}) {
             if ((hopper_only || checkpoint_layout) && !hopper) continue;
-            if (hopper_only && (m == 1 || m == 40 || m == 256)) continue;  // 16, 20, 64, 130: each row block
+            if (hopper_only && (m == 1 || m == 40 || m == 256)) continue;  // 16, 20, 64, 100, 130: each row block
             p.m = m;
             p.batch_invariant = invariant;
             SetHopperRows(p, hopper ? 1 : 0, 0);
@@ -330,6 +331,8 @@ int main(int argc, char** argv) {
       {"hopper u4b8 M64", MarlinType::kU4B8, true, 64, 8192, 28672, 128, 1},
       {"hopper u4b8 M128", MarlinType::kU4B8, true, 128, 8192, 28672, 128, 1},
       {"hopper u4b8 M256", MarlinType::kU4B8, true, 256, 8192, 28672, 128, 1},
+      {"hopper u4b8 M192", MarlinType::kU4B8, true, 192, 8192, 28672, 128, 1},
+      {"hopper u4b8 M512", MarlinType::kU4B8, true, 512, 8192, 28672, 128, 1},
       {"hopper u4b8 M200 fp16 g32", MarlinType::kU4B8, false, 200, 8192, 28672, 32, 1},
       {"hopper u4 M16", MarlinType::kU4, true, 16, 8192, 28672, 128, 1},
       {"hopper u4 M128", MarlinType::kU4, true, 128, 8192, 28672, 128, 1},
