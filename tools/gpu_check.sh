@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The project's GPU checks, the same every time: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
-#   stages: sanitizer_bin tests sanitizer bench nn layer ncu ncu_gemm ncu_hopper sweep (default: tests sanitizer
+#   stages: sanitizer_bin tests sanitizer bench nn layer ncu ncu_gemm ncu_hopper removal ab sweep (default: tests sanitizer
 #   bench). The build runs first every time (BUILD=0 skips it); sanitizer_bin (compute-sanitizer on binaries built
 #   here from this tree and carried: the Marlin harness tools/weight_only_ab/bin/marlin_new, memcheck over every
 #   variant and racecheck over the Hopper kernel's; tools/sanitize/bin/activation_kernels, memcheck) needs no
 #   package, so it runs beside the build and is reported where it stands in the list (put it first; each run stops
 #   after SANITIZER_BIN_LIMIT seconds, 300 unless set, rc=124 in its log); ncu_hopper
-#   profiles the wgmma kernel through the Marlin harness, and removal times it without one part of its loop.
+#   profiles the wgmma kernel through the Marlin harness, removal times it without one part of its loop, and ab
+#   times two builds of it (tools/weight_only_ab/run.sh build marlin BASE) and compares their outputs (AB_CASE).
 #   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin; marlin_hopper alone),
 #   SANITIZER_TOOLS and BENCH_ARGS narrow a run. JAXQ_COMMIT (the caller's `git rev-parse --short HEAD`) names
 #   the tree in the bench's markdown: the device's copy has no .git. BUILD=0 reuses the package a previous
@@ -19,6 +20,11 @@ OUT=${OUT:-$REPO/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=${*:-tests sanitizer bench}
+# The harness stages run binaries built on the CPU machine and carried: without another stage, no package.
+package=0
+for stage in $stages; do
+  case $stage in sanitizer_bin|ab|removal|ncu_hopper) ;; *) package=1 ;; esac
+done
 status=0
 
 echo "=== environment"
@@ -28,7 +34,7 @@ echo "=== environment"
 # The original Marlin kernel, a peer in the benchmark, compiles beside jaxq when its sources were carried in
 # .peers/ist-marlin (tools/marlin_peer.md); the benchmark waits for it.
 export JAXQ_MARLIN_PEER_SRC=$REPO/.peers/ist-marlin
-if [ -f "$JAXQ_MARLIN_PEER_SRC/marlin_cuda_kernel.cu" ] && python3 -c "import torch" 2>/dev/null; then
+if [ "$package" = 1 ] && [ -f "$JAXQ_MARLIN_PEER_SRC/marlin_cuda_kernel.cu" ] && python3 -c "import torch" 2>/dev/null; then
   python3 -m jaxq.bench_torch --build-marlin > "$OUT/marlin_peer_build.log" 2>&1 &
 fi
 
@@ -52,7 +58,7 @@ if [[ " $stages " == *" sanitizer_bin "* ]]; then
   bin_sanitizer=$!
 fi
 
-if [ "${BUILD:-1}" = 1 ]; then
+if [ "$package" = 1 ] && [ "${BUILD:-1}" = 1 ]; then
   # CUTLASS's headers (nvidia-cutlass, a build requirement) are not on the device machine: carry its wheel in .whl.
   if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -64,7 +70,7 @@ if [ "${BUILD:-1}" = 1 ]; then
   python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   echo "built in $((SECONDS - start)) s"
 fi
-(cd /tmp && python3 -c "import jaxq; assert jaxq.cuda_available(), 'kernels not usable'; print('cuda_available: True')") || exit 1
+[ "$package" = 0 ] || (cd /tmp && python3 -c "import jaxq; assert jaxq.cuda_available(), 'kernels not usable'; print('cuda_available: True')") || exit 1
 # Peers and writers the machine lacks, carried as wheels in .whl: compressed-tensors (with loguru, pydantic and
 # pydantic-core for the machine's Python, ...) for the equivalence tests, qwix (with opt_einsum, absl-py) for the
 # decoder-layer benchmark. Without them those parts skip.
@@ -141,6 +147,14 @@ for stage in $stages; do
       echo "--- M$m"; grep -E "Duration|Throughput|Issued Ipc|No Eligible|Stall|Achieved Occupancy|Registers Per|Pipe" \
         "$OUT/ncu_hopper_$m.log" | head -40
     done ;;
+  ab)
+    echo "=== Marlin A/B: tools/weight_only_ab/bin/marlin_base against marlin_new (built here by run.sh build marlin BASE)"
+    # AB_CASE picks the cases whose name holds it (default: the wgmma kernel's); outputs compared by rel L2.
+    (cd "$REPO/tools/weight_only_ab/bin" && export MARLIN_AB_CASE="${AB_CASE:-hopper}" &&
+      ./marlin_base base > "$OUT/ab_base.txt" 2>&1 && ./marlin_new new > "$OUT/ab_new.txt" 2>&1 &&
+      paste "$OUT/ab_base.txt" "$OUT/ab_new.txt" | cut -c1-200 && python3 ../compare.py base new | tee "$OUT/ab_compare.txt")
+    [ $? -eq 0 ] || status=1
+    rm -f "$REPO"/tools/weight_only_ab/bin/*.bin ;;
   removal)
     echo "=== the wgmma kernel without one part of its loop (tools/weight_only_ab/removal_study.py; timing only)"
     for case in "hopper u4b8 M128" "hopper u4b8 M16" "hopper u4b8 M256"; do
