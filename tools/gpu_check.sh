@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's GPU checks, the same every time: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
-#   stages: sanitizer_bin tests sanitizer bench nn layer ncu ncu_gemm ncu_hopper removal ab sweep (default: tests sanitizer
-#   bench). The build runs first every time (BUILD=0 skips it); sanitizer_bin (compute-sanitizer on binaries built
+#   stages: build sanitizer_bin tests sanitizer bench nn layer ncu ncu_gemm ncu_hopper removal ab sweep (default: tests
+#   sanitizer bench). The build runs first every time (BUILD=0 skips it; the stage build alone does nothing else); sanitizer_bin (compute-sanitizer on binaries built
 #   here from this tree and carried: the Marlin harness tools/weight_only_ab/bin/marlin_new, memcheck over every
 #   variant and racecheck over the Hopper kernel's; tools/sanitize/bin/activation_kernels, memcheck) needs no
 #   package, so it runs beside the build and is reported where it stands in the list (put it first; each run stops
@@ -82,6 +82,7 @@ fi
 # Tests run from outside the checkout, so that the installed package (with its compiled module) is imported.
 for stage in $stages; do
   case $stage in
+  build) ;;
   tests)
     echo "=== pytest -m gpu"
     # TESTS_FILTER (a pytest -k expression) narrows the run while iterating on one kernel.
