@@ -2,9 +2,9 @@
 # The project's GPU checks, the same every time: build, GPU tests, compute-sanitizer, benchmark.
 # Usage on the device machine, from the repo root:  bash tools/gpu_check.sh [STAGE...]
 #   stages: build sanitizer_bin tests sanitizer bench nn layer ncu ncu_gemm ncu_hopper removal ab sweep (default: tests
-#   sanitizer bench). The build runs first every time (BUILD=0 skips it; the stage build alone does nothing else); sanitizer_bin (compute-sanitizer on binaries built
-#   here from this tree and carried: the Marlin harness tools/weight_only_ab/bin/marlin_new, memcheck over every
-#   variant and racecheck over the Hopper kernel's; tools/sanitize/bin/activation_kernels, memcheck) needs no
+#   sanitizer bench). The build runs first every time (BUILD=0 skips it; the stage build alone does only that);
+#   sanitizer_bin (compute-sanitizer on binaries built here from this tree and carried: the Marlin harness
+#   tools/weight_only_ab/bin/marlin_new, memcheck over every variant and racecheck over the Hopper kernel's; tools/sanitize/bin/activation_kernels, memcheck) needs no
 #   package, so it runs beside the build and is reported where it stands in the list (put it first; each run stops
 #   after SANITIZER_BIN_LIMIT seconds, 300 unless set, rc=124 in its log); ncu_hopper
 #   profiles the wgmma kernel through the Marlin harness, removal times it without one part of its loop, and ab
@@ -151,9 +151,14 @@ for stage in $stages; do
   ab)
     echo "=== Marlin A/B: tools/weight_only_ab/bin/marlin_base against marlin_new (built here by run.sh build marlin BASE)"
     # AB_CASE picks the cases whose name holds it (default: the wgmma kernel's); outputs compared by rel L2.
+    # AB_EXTRA: tags of more builds in bin/ (marlin_TAG), timed and compared after them.
     (cd "$REPO/tools/weight_only_ab/bin" && export MARLIN_AB_CASE="${AB_CASE:-hopper}" &&
       ./marlin_base base > "$OUT/ab_base.txt" 2>&1 && ./marlin_new new > "$OUT/ab_new.txt" 2>&1 &&
-      paste "$OUT/ab_base.txt" "$OUT/ab_new.txt" | cut -c1-200 && python3 ../compare.py base new | tee "$OUT/ab_compare.txt")
+      paste "$OUT/ab_base.txt" "$OUT/ab_new.txt" | cut -c1-200 && python3 ../compare.py base new | tee "$OUT/ab_compare.txt" &&
+      for tag in ${AB_EXTRA:-}; do  # more builds of the kernel, bin/marlin_TAG, each against the base
+        ./marlin_$tag $tag > "$OUT/ab_$tag.txt" 2>&1 && cat "$OUT/ab_$tag.txt" &&
+          python3 ../compare.py base $tag | tee -a "$OUT/ab_compare.txt" || exit 1
+      done)
     [ $? -eq 0 ] || status=1
     rm -f "$REPO"/tools/weight_only_ab/bin/*.bin ;;
   removal)
