@@ -4,9 +4,10 @@
 #   stages: build sanitizer_bin tests sanitizer bench nn layer ncu ncu_gemm ncu_hopper removal ab sweep (default: tests
 #   sanitizer bench). The build runs first every time (BUILD=0 skips it; the stage build alone does only that);
 #   sanitizer_bin (compute-sanitizer on binaries built here from this tree and carried: the Marlin harness
-#   tools/weight_only_ab/bin/marlin_new, memcheck over every variant and racecheck over the Hopper kernel's; tools/sanitize/bin/activation_kernels, memcheck) needs no
-#   package, so it runs beside the build and is reported where it stands in the list (put it first; each run stops
-#   after SANITIZER_BIN_LIMIT seconds, 300 unless set, rc=124 in its log); ncu_hopper
+#   tools/weight_only_ab/bin/marlin_new, memcheck over every variant and racecheck over the Hopper kernel's;
+#   tools/sanitize/bin/activation_kernels, memcheck) needs no package, so it runs beside the build and is
+#   reported where it stands in the list (put it first; each run stops after SANITIZER_BIN_LIMIT seconds, 300
+#   unless set, rc=124 in its log); ncu_hopper
 #   profiles the wgmma kernel through the Marlin harness, removal times it without one part of its loop, and ab
 #   times two builds of it (tools/weight_only_ab/run.sh build marlin BASE) and compares their outputs (AB_CASE).
 #   TESTS_FILTER (pytest -k), SANITIZER_SETS (activation weight_only scaled_mm marlin; marlin_hopper alone),
