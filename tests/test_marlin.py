@@ -544,6 +544,8 @@ def test_fp4_gradient_carries_the_global_scale():
 
 
 GPU_CASES = CASES + [("uint4", 128, False), ("float8_e4m3fn", 128, False)] + FP4_CASES
+# hopper_limits that keep the decode kernel on weights the Hopper kernel would take at these rows.
+DECODE_KERNEL_ONLY = dict(first_rows=1 << 30, max_rows=1 << 30)
 
 
 @pytest.mark.gpu
@@ -565,7 +567,7 @@ def test_kernel_matches_reference_on_gpu(q_type, group_size, act_order, dtype):
             want = marlin._reference(*_operands(w, a, bias), **_params(w, bias))[0]
             oracle = w.oracle_gemm(np.asarray(a, np.float64), bias)
             for invariant in (False, True) if m <= 8 else (True,):
-                with jaxq.batch_invariant(invariant):
+                with jaxq.batch_invariant(invariant), marlin.hopper_limits(**DECODE_KERNEL_ONLY):
                     got = jax.jit(lambda a, b: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, b_bias=b,
                                                                   **w.kwargs()))(a, bias)
                 err = rel_l2(got, want)
@@ -622,18 +624,19 @@ def test_kernel_rows_are_batch_invariant_on_gpu(q_type):
         for m in (1, 3, 16, 64, 65, 128):
             np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
         np.testing.assert_array_equal(np.asarray(f(a[5:6])).view(np.uint16), full[5:6])
-    # By default rows 1-8 share one kernel (scales folded in float32) and 9-16 another (this weight's
-    # kernel_max_rows); more rows run the Hopper kernel or dequantize + XLA's dot.
+    # Outside that mode the decode kernel's rows 1-8 share one form (scales folded in float32) and 9-16 another
+    # (this weight's kernel_max_rows); on an sm_90 GPU the Hopper kernel takes them unless told not to.
     assert marlin.kernel_max_rows(4096, 1024) == 16
-    f = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))
-    small = np.asarray(f(a[:8])).view(np.uint16)
-    if q_type == "nvfp4":  # FP4 has one decode-kernel form for all its rows
-        np.testing.assert_array_equal(small, full[:8])
-    for m in (1, 3):
-        np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), small[:m])
-    np.testing.assert_array_equal(np.asarray(f(a[5:6])).view(np.uint16), small[5:6])
-    for m in (9, 12, 16):
-        np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
+    with marlin.hopper_limits(**DECODE_KERNEL_ONLY):  # read when f traces each shape
+        f = jax.jit(lambda a: marlin.marlin_gemm(a, w.b_q_weight, w.b_scales, **w.kwargs()))
+        small = np.asarray(f(a[:8])).view(np.uint16)
+        if q_type == "nvfp4":  # FP4 has one decode-kernel form for all its rows
+            np.testing.assert_array_equal(small, full[:8])
+        for m in (1, 3):
+            np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), small[:m])
+        np.testing.assert_array_equal(np.asarray(f(a[5:6])).view(np.uint16), small[5:6])
+        for m in (9, 12, 16):
+            np.testing.assert_array_equal(np.asarray(f(a[:m])).view(np.uint16), full[:m])
 
 
 @pytest.mark.gpu
