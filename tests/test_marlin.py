@@ -302,6 +302,11 @@ def test_hopper_dispatch(monkeypatch):
     assert marlin.hopper_kernel_takes("uint4b8", False, 1024, 384, 1) == marlin._hopper_gpu()
     for k, n in ((8192, 28672), (4096, 14336), (28672, 8192), (4096, 4096), (4096, 1024)):
         assert marlin.hopper_first_rows(k, n) == marlin.HOPPER_FIRST_ROWS == 17, (k, n)
+        for form in ("uint4b8", "uint4", "uint8b128", "float8_e4m3fn", "nvfp4", "mxfp4"):
+            # 4-bit integer weights under 2**26 elements from 9 rows, the other weights from 17.
+            small = form in ("uint4b8", "uint4") and k * n < 1 << 26
+            assert marlin.hopper_first_rows(k, n, form=form) == (9 if small else 17), (k, n, form)
+    assert marlin.hopper_first_rows(4096, 4096, own_kernel_rows=64, form="uint4") == 65  # gptq_gemm's own kernel
     with marlin.hopper_limits(first_rows=1, max_rows=512):
         assert marlin.hopper_first_rows(4096, 4096) == 1 and marlin.hopper_max_rows() == 512
     assert marlin.hopper_max_rows() == marlin.HOPPER_MAX_ROWS
@@ -323,9 +328,10 @@ def test_hopper_dispatch(monkeypatch):
     rng = np.random.default_rng(3)
     w = Weight(rng, "uint4b8", 1024, 384, 128, jnp.bfloat16)
     rows = marlin.kernel_max_rows(1024, 384)
-    # The kernel gets the first Hopper row with every call within the Hopper rows (it dispatches by m); past
+    first = marlin.HOPPER_SMALL_WEIGHT_FIRST_ROWS  # a small 4-bit weight
+    # The kernel gets the first Hopper row with every call within the kernels' rows (it dispatches by m); past
     # HOPPER_MAX_ROWS the call is dequantize + dot.
-    for m, hopper_from in ((rows, rows + 1), (rows + 1, rows + 1), (marlin.HOPPER_MAX_ROWS, rows + 1),
+    for m, hopper_from in ((first - 1, first), (first, first), (rows + 1, first), (marlin.HOPPER_MAX_ROWS, first),
                            (marlin.HOPPER_MAX_ROWS + 1, None)):
         seen.clear()
         out = marlin.marlin_gemm(random_a(rng, (m, 1024), jnp.bfloat16), w.b_q_weight, w.b_scales, **w.kwargs())

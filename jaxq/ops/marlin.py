@@ -93,14 +93,24 @@ def kernel_max_rows(k: int, n: int) -> int:
 # From HOPPER_FIRST_ROWS to HOPPER_MAX_ROWS rows, a Hopper GPU runs the wgmma kernel where it takes the weight
 # (hopper_kernel_takes): its blocks hold 16, 32, 64 or 128 rows (the fewest that hold M), and a weight with few
 # 128-column blocks splits K over a cluster, so every weight fills the GPU. Up to 16 rows the decode kernel
-# streams wide weights faster (narrow ones not: K4096 N4096 below; one rule for now); past 256 rows dequantize +
-# XLA's dot catches up. The 8-bit, fp8 and FP4 weights take the 4-bit weights' rows until they are timed.
+# streams large weights faster (small ones not: HOPPER_SMALL_WEIGHT below); past 256 rows dequantize + XLA's dot
+# catches up. The 8-bit, fp8 and FP4 weights take the 4-bit weights' rows until they are timed.
 # Measured (benchmarks/RESULTS.md, uint4b8 G128 bf16, µs): on the H100 (2026-12-07, tools/weight_only_ab), wgmma
 # against the decode kernel, K8192 N28672 M16 98 vs 74, M32 106 vs 113, M64 135 vs 199; K28672 N8192 M16 148 vs
 # 83; K4096 N4096 M16 13 vs 19; on the H200 (2026-12-03, 128-row blocks without K splits) against dequantize +
 # dot, K8192 N28672 M256 291 vs 339, M512 512 vs 494.
 HOPPER_FIRST_ROWS = 17
 HOPPER_MAX_ROWS = 256
+# Weights of fewer than 2**26 elements with 4-bit integer codes (a 7B-class model's attention and down projections,
+# and tensor-parallel shards) run it from 9 rows, past the decode kernel's folded rows: its K split fills the GPU
+# where the decode kernel's plans leave SMs short. Measured on the H100 (2026-12-08, tools/weight_only_ab, uint4b8
+# G128 bf16, M16, µs), wgmma against the decode kernel: K4096 N14336 27.9 vs 34.1, K4096 N4096 11.8 vs 19.1, K4096
+# N1024 8.5 vs 11.5; above it, K8192 N28672 94.0 vs 72.9 and K28672 N8192 109.1 vs 82.6 (K4096 N28672, 2**26.8,
+# not timed). The 8-bit, fp8 and FP4 weights keep the rule above: the wgmma kernel streams them slower (K8192
+# N28672 M16: uint8b128 180 vs 101 µs fp16, NVFP4 108 vs 96).
+HOPPER_SMALL_WEIGHT = 1 << 26
+HOPPER_SMALL_WEIGHT_FIRST_ROWS = 9
+_HOPPER_SMALL_WEIGHT_FORMS = ("uint4b8", "uint4")
 _HOPPER_FORMS = ("uint4b8", "uint4", "uint8b128", "float8_e4m3fn", "nvfp4", "mxfp4")
 _hopper_limits = contextvars.ContextVar("jaxq_hopper_limits", default=None)
 
@@ -126,15 +136,21 @@ def _hopper_gpu() -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
-def hopper_first_rows(k: int, n: int, own_kernel_rows: int | None = None) -> int:
-    """The fewest rows of ``a`` with which ``marlin_gemm`` runs the Hopper kernel on a ``[k, n]`` weight it
-    takes (up to :func:`hopper_max_rows`): :data:`HOPPER_FIRST_ROWS`, or past :func:`kernel_max_rows` where the
-    decode kernel stops sooner; for a caller with a kernel of its own (``gptq_gemm``), past its
+def hopper_first_rows(k: int, n: int, own_kernel_rows: int | None = None, form: str | None = None) -> int:
+    """The fewest rows of ``a`` with which ``marlin_gemm`` runs the Hopper kernel on a ``[k, n]`` weight of
+    type ``form`` (a ``b_q_type`` as marlin_gemm names it: ``uint4b8``, ``nvfp4``, ...) that it takes (up to
+    :func:`hopper_max_rows`): :data:`HOPPER_SMALL_WEIGHT_FIRST_ROWS` for a 4-bit integer weight of fewer than
+    :data:`HOPPER_SMALL_WEIGHT` elements, else :data:`HOPPER_FIRST_ROWS`, or past :func:`kernel_max_rows` where
+    the decode kernel stops sooner; for a caller with a kernel of its own (``gptq_gemm``), past its
     ``own_kernel_rows``."""
     limits = _hopper_limits.get()
     if limits:
         return limits[0]
-    return own_kernel_rows + 1 if own_kernel_rows is not None else min(HOPPER_FIRST_ROWS, kernel_max_rows(k, n) + 1)
+    if own_kernel_rows is not None:
+        return own_kernel_rows + 1
+    if form in _HOPPER_SMALL_WEIGHT_FORMS and k * n < HOPPER_SMALL_WEIGHT:
+        return HOPPER_SMALL_WEIGHT_FIRST_ROWS
+    return min(HOPPER_FIRST_ROWS, kernel_max_rows(k, n) + 1)
 
 
 def hopper_rows_past_own_kernel(m: int, k: int, n: int, groups: int, own_kernel_rows: int) -> int:
@@ -744,8 +760,8 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     and act-order, and inside :func:`batch_invariant`) it multiplies W rounded to ``a``'s dtype, as the
     reference does. Within each form a row's output is bit-identical in any batch (rows 1-8 share one,
     9-``kernel_max_rows`` the other; FP4 has one for all): every row is summed in the same order whatever M is
-    (the K split depends on K, N and the GPU only). On an sm_90 GPU, from :func:`hopper_first_rows` (17) to
-    :data:`HOPPER_MAX_ROWS` rows, weights the wgmma kernel takes (:func:`hopper_kernel_takes`: every type
+    (the K split depends on K, N and the GPU only). On an sm_90 GPU, from :func:`hopper_first_rows` (17; 9 for
+    ``uint4b8`` and ``uint4`` weights of fewer than 2**26 elements) to :data:`HOPPER_MAX_ROWS` rows, weights the wgmma kernel takes (:func:`hopper_kernel_takes`: every type
     without act-order) run it instead: W rounded to ``a``'s dtype on Hopper's tensor cores with float32 sums,
     its K split (if any) a function of K, N and the GPU only, so a row's output is bit-identical in any batch of
     that range too, whichever of its 16- to 128-row blocks runs it (a tensor-parallel shard it does not take,
@@ -838,7 +854,7 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     hopper_from_rows = 0  # the kernel runs the Hopper kernel from this many rows (0: not for this call)
     if (not _batch_invariant.get() and hopper_kernel_takes(form, act_order, k, n, groups)
             and m <= hopper_max_rows()):
-        hopper_from_rows = hopper_first_rows(k, n)
+        hopper_from_rows = hopper_first_rows(k, n, form=form)
     if use_kernel(m, k, n) or (hopper_from_rows and hopper_from_rows <= m):
         out = _marlin_gemm(rows, *weight, *true_global_scale, *([b_bias] if b_bias is not None else []), **params,
                            has_bias=b_bias is not None, per_channel=per_channel,

@@ -6,7 +6,10 @@ outputs are wrong by design: they are for the Marlin harness's timing cases only
   cd tools/weight_only_ab/bin && for b in marlin_new marlin_no_*; do MARLIN_AB_CASE="hopper u4b8 M128" ./$b ${b#marlin_}; done
 
 Variants: no_dequant (the codes' words go to the tensor cores unconverted), no_a_copy (a's cp.async left out),
-no_sync (the per-stage block barrier left out), no_wgmma (no tensor-core work).
+no_sync (the per-stage block barrier left out), no_wgmma (no tensor-core work). A part whose results nothing reads
+any more takes its producers with it: without the wgmmas the dequantization and the shared-memory reads of the
+codes are dead code too, so no_wgmma times the copy pipeline alone (a mma.sync build timed 2026-12-08 showed the
+wgmmas themselves cost little at 16 rows).
 """
 
 import pathlib
