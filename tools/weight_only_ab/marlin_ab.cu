@@ -377,6 +377,20 @@ int main(int argc, char** argv) {
       {"hopper awq M256", MarlinType::kU4, true, 256, 8192, 28672, 128, 1, jaxq::WeightLayout::kAwq},
       {"hopper u4 M64", MarlinType::kU4, true, 64, 8192, 28672, 128, 1},
       {"hopper u4 M256", MarlinType::kU4, true, 256, 8192, 28672, 128, 1},
+      // A Llama-3-8B layer's fused projections (q/k/v K4096 N6144, o K4096 N4096, gate/up K4096 N28672, down
+      // K14336 N4096) on both kernels at decode rows: where marlin_gemm should start the Hopper kernel.
+      {"layer u4b8 M16 K4096 N6144", MarlinType::kU4B8, true, 16, 4096, 6144, 128},
+      {"layer u4b8 M16 K14336 N4096", MarlinType::kU4B8, true, 16, 14336, 4096, 128},
+      {"layer u4b8 M16 K4096 N28672", MarlinType::kU4B8, true, 16, 4096, 28672, 128},
+      {"layer hopper u4b8 M16 K4096 N28672", MarlinType::kU4B8, true, 16, 4096, 28672, 128, 1},
+      {"layer u4b8 M1 K4096 N6144", MarlinType::kU4B8, true, 1, 4096, 6144, 128},
+      {"layer hopper u4b8 M1 K4096 N6144", MarlinType::kU4B8, true, 1, 4096, 6144, 128, 1},
+      {"layer u4b8 M1 K14336 N4096", MarlinType::kU4B8, true, 1, 14336, 4096, 128},
+      {"layer hopper u4b8 M1 K14336 N4096", MarlinType::kU4B8, true, 1, 14336, 4096, 128, 1},
+      {"layer u4b8 M1 K4096 N4096", MarlinType::kU4B8, true, 1, 4096, 4096, 128},
+      {"layer hopper u4b8 M1 K4096 N4096", MarlinType::kU4B8, true, 1, 4096, 4096, 128, 1},
+      {"layer u4b8 M1 K4096 N28672", MarlinType::kU4B8, true, 1, 4096, 28672, 128},
+      {"layer hopper u4b8 M1 K4096 N28672", MarlinType::kU4B8, true, 1, 4096, 28672, 128, 1},
   };
   const double bandwidth = tool_timing::CopyBandwidth();
   std::printf("[%s] copy %.0f GB/s\n", tag, bandwidth / 1e9);
