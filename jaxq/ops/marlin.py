@@ -761,8 +761,9 @@ def marlin_gemm(a, b_q_weight, b_scales, *, b_q_type: str, b_zeros=None, g_idx=N
     reference does. Within each form a row's output is bit-identical in any batch (rows 1-8 share one,
     9-``kernel_max_rows`` the other; FP4 has one for all): every row is summed in the same order whatever M is
     (the K split depends on K, N and the GPU only). On an sm_90 GPU, from :func:`hopper_first_rows` (17; 9 for
-    ``uint4b8`` and ``uint4`` weights of fewer than 2**26 elements) to :data:`HOPPER_MAX_ROWS` rows, weights the wgmma kernel takes (:func:`hopper_kernel_takes`: every type
-    without act-order) run it instead: W rounded to ``a``'s dtype on Hopper's tensor cores with float32 sums,
+    ``uint4b8`` and ``uint4`` weights of fewer than 2**26 elements, whose rows 9-256 then share one form) to
+    :data:`HOPPER_MAX_ROWS` rows, weights the wgmma kernel takes (:func:`hopper_kernel_takes`: every type without
+    act-order) run it instead: W rounded to ``a``'s dtype on Hopper's tensor cores with float32 sums,
     its K split (if any) a function of K, N and the GPU only, so a row's output is bit-identical in any batch of
     that range too, whichever of its 16- to 128-row blocks runs it (a tensor-parallel shard it does not take,
     e.g. N not a multiple of 128, runs the decode kernel's second form there). Elsewhere above
